@@ -1,0 +1,12 @@
+"""pagedjax: a pure-JAX LLM inference engine with a paged KV cache and continuous batching."""
+
+from .api import EngineCache, clear_engine_cache, generate
+from .config import EngineConfig
+from .llm import LLM
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "CompletionOutput", "EngineCache", "EngineConfig", "RequestMetrics",
+           "RequestOutput", "SamplingParams", "clear_engine_cache", "generate"]

@@ -1,0 +1,185 @@
+"""BlockManager: host-side allocator of fixed-size KV-cache pages (PagedAttention blocks).
+
+Plain Python + numpy on purpose: the allocator runs once per step on the host and must never
+be traced or jitted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .request import Request
+
+NULL_BLOCK = 0
+"""Page 0 is never handed out: padded token slots write there and padded sequences point there."""
+
+
+class BlockManager:
+    """Hands out KV-cache pages of `block_size` token slots from a pool of `num_blocks` pages.
+
+    Page 0 is the reserved null page, so `num_blocks - 1` pages are usable. Pages are
+    reference counted (int32 numpy array) so that `fork` can share them between sequences;
+    a page returns to the free list when its count drops to 0.
+
+    The free list is FIFO: a freed page goes to the back and is reused last. That keeps a
+    just-freed page's contents intact for as long as possible, which is what prefix-cache
+    reuse will want later, and it spreads writes over the whole pool.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int):
+        _check_int("num_blocks", num_blocks, minimum=2)
+        _check_int("block_size", block_size, minimum=1)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._ref_counts = np.zeros(num_blocks, dtype=np.int32)
+        self._free: deque[int] = deque(range(1, num_blocks))
+
+    # ------------------------------------------------------------------ sizes and stats
+
+    @property
+    def num_usable_blocks(self) -> int:
+        """Pages that can ever be handed out (all but the null page)."""
+        return self.num_blocks - 1
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Pages currently on the free list."""
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Pages currently referenced by at least one sequence."""
+        return self.num_usable_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of usable pages in use, in [0, 1]."""
+        return self.num_used_blocks / self.num_usable_blocks
+
+    def ref_count(self, block_id: int) -> int:
+        """How many sequences reference `block_id` (0 when it is free)."""
+        return int(self._ref_counts[block_id])
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """Pages needed to hold `num_tokens` tokens (ceiling division)."""
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        return -(-num_tokens // self.block_size)
+
+    def waste(self, requests: Iterable[Request]) -> float:
+        """Fraction of the KV slots allocated to `requests` that hold no token.
+
+        `waste = 1 - tokens_held / slots_allocated`, where a request's slots are
+        `len(block_ids) * block_size` and it holds `min(num_computed_tokens, slots)` tokens.
+        Only the unfilled tail of each sequence's last page should count, so a healthy
+        engine keeps this small. Returns 0.0 when nothing is allocated.
+        """
+        slots = 0
+        held = 0
+        for request in requests:
+            request_slots = len(request.block_ids) * self.block_size
+            slots += request_slots
+            held += min(request.num_computed_tokens, request_slots)
+        if slots == 0:
+            return 0.0
+        return 1.0 - held / slots
+
+    # ------------------------------------------------------------------ allocation
+
+    def can_allocate(self, n_blocks: int) -> bool:
+        """True when `n_blocks` pages are free right now."""
+        return n_blocks <= len(self._free)
+
+    def allocate(self, n_blocks: int) -> list[int]:
+        """Take `n_blocks` pages off the free list, each with reference count 1.
+
+        Raises RuntimeError when fewer than `n_blocks` pages are free (nothing is taken).
+        """
+        if n_blocks < 0:
+            raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
+        if not self.can_allocate(n_blocks):
+            raise RuntimeError(
+                f"out of KV blocks: asked for {n_blocks}, {len(self._free)} free "
+                f"of {self.num_usable_blocks} usable")
+        block_ids = [self._free.popleft() for _ in range(n_blocks)]
+        self._ref_counts[block_ids] = 1
+        return block_ids
+
+    def ensure_capacity(self, request: Request, num_tokens: int) -> bool:
+        """Grow `request.block_ids` so it can hold `num_tokens` tokens.
+
+        Returns False, allocating nothing, when the pool has too few free pages. Never
+        shrinks. Appending into a page shared through `fork` is not copy-on-write yet: callers
+        that fork must only share full pages.
+        """
+        missing = self.blocks_needed(num_tokens) - len(request.block_ids)
+        if missing <= 0:
+            return True
+        if not self.can_allocate(missing):
+            return False
+        request.block_ids.extend(self.allocate(missing))
+        return True
+
+    def fork(self, block_ids: Sequence[int]) -> list[int]:
+        """Share already-allocated pages with another sequence; returns a copy of the ids.
+
+        Each page's reference count goes up by one, so it stays allocated until every sharer
+        has freed it.
+        """
+        block_ids = list(block_ids)
+        for block_id in block_ids:
+            self._check_live(block_id)
+        np.add.at(self._ref_counts, block_ids, 1)
+        return block_ids
+
+    def free_blocks(self, block_ids: Sequence[int]) -> None:
+        """Drop one reference to each page; pages reaching 0 go back on the free list."""
+        # Validate everything before mutating so a bad call leaves the books untouched; a page
+        # named twice counts as two frees and needs two references.
+        for block_id, times in Counter(block_ids).items():
+            self._check_live(block_id)
+            if self._ref_counts[block_id] < times:
+                raise RuntimeError(
+                    f"block {block_id} freed {times} times but has "
+                    f"{int(self._ref_counts[block_id])} references (double free?)")
+        for block_id in block_ids:
+            self._ref_counts[block_id] -= 1
+            if self._ref_counts[block_id] == 0:
+                self._free.append(block_id)
+
+    def free(self, request: Request) -> None:
+        """Release every page of `request` and clear its `block_ids`."""
+        self.free_blocks(request.block_ids)
+        request.block_ids.clear()
+
+    def check_no_leak(self) -> None:
+        """Raise RuntimeError unless every usable page is free and the books balance.
+
+        Call when no request holds pages (tests, engine shutdown).
+        """
+        used = np.flatnonzero(self._ref_counts)
+        free = list(self._free)
+        if used.size or len(free) != self.num_usable_blocks or len(set(free)) != len(free):
+            raise RuntimeError(
+                f"KV block leak: {self.num_used_blocks} pages in use "
+                f"(ids with references: {used[:16].tolist()}), "
+                f"{len(free)} on the free list of {self.num_usable_blocks} usable")
+        if NULL_BLOCK in free:
+            raise RuntimeError("KV block accounting broken: null page 0 is on the free list")
+
+    def _check_live(self, block_id: int) -> None:
+        if not 0 < block_id < self.num_blocks:
+            raise ValueError(f"block id {block_id} is not a usable page "
+                             f"(1..{self.num_blocks - 1})")
+        if self._ref_counts[block_id] <= 0:
+            raise RuntimeError(f"block {block_id} is not allocated (double free?)")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

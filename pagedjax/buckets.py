@@ -1,0 +1,67 @@
+"""Power-of-two shape buckets: the finite set of step shapes the engine ever compiles."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+
+def next_power_of_two(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _powers(low: int, high: int) -> tuple[int, ...]:
+    out, value = [], next_power_of_two(low)
+    while value < high:
+        out.append(value)
+        value *= 2
+    out.append(max(next_power_of_two(high), out[-1] if out else 1))
+    return tuple(sorted(set(out)))
+
+
+@dataclass(frozen=True)
+class BucketKey:
+    """One compiled step shape: T tokens, B sequences, M block-table columns."""
+
+    num_tokens: int
+    num_seqs: int
+    num_pages: int
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Bucket ladders for tokens (T), sequences (B) and block-table width (M)."""
+
+    tokens: tuple[int, ...]
+    seqs: tuple[int, ...]
+    pages: tuple[int, ...]
+
+    @classmethod
+    def for_limits(cls, *, max_num_batched_tokens: int, max_num_seqs: int,
+                   max_pages_per_seq: int, min_token_bucket: int = 16) -> "Buckets":
+        """Ladders from the smallest bucket up to the first power of two covering each limit."""
+        return cls(
+            tokens=_powers(min(min_token_bucket, max_num_batched_tokens), max_num_batched_tokens),
+            seqs=_powers(1, max_num_seqs),
+            pages=_powers(1, max_pages_per_seq),
+        )
+
+    def key_for(self, num_tokens: int, num_seqs: int, num_pages: int) -> BucketKey:
+        """The smallest bucket holding a step of these sizes."""
+        return BucketKey(_fit(self.tokens, num_tokens, "tokens"),
+                         _fit(self.seqs, num_seqs, "sequences"),
+                         _fit(self.pages, max(num_pages, 1), "pages per sequence"))
+
+    def all_keys(self) -> list[BucketKey]:
+        """Every shape a step can take (a step never has more sequences than tokens)."""
+        return [BucketKey(t, b, m)
+                for t, b, m in itertools.product(self.tokens, self.seqs, self.pages)
+                if b <= t]
+
+
+def _fit(ladder: tuple[int, ...], value: int, what: str) -> int:
+    for bucket in ladder:
+        if value <= bucket:
+            return bucket
+    raise ValueError(f"a step with {value} {what} exceeds the largest bucket {ladder[-1]}")

@@ -1,0 +1,63 @@
+"""EngineConfig: how the engine sizes its KV pool, batches and buckets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from pagedjax.kernels import ATTENTION_BACKENDS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine knobs with vLLM's names. Every field is validated at construction.
+
+    `max_model_len=None` takes the model's `max_position_embeddings`. `num_blocks=None`
+    sizes the pool from `kv_cache_memory_fraction` of free accelerator memory, or from
+    `kv_cache_memory_bytes` on CPU (where free memory is not reported).
+    """
+
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    block_size: int = 16
+    num_blocks: Optional[int] = None
+    kv_cache_memory_bytes: int = 1 << 30
+    kv_cache_memory_fraction: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 512
+    min_token_bucket: int = 16
+    seed: int = 0
+    attention_backend: str = "auto"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+        _positive("block_size", self.block_size)
+        if self.num_blocks is not None:
+            _positive("num_blocks", self.num_blocks)
+            if self.num_blocks < 2:
+                raise ValueError(
+                    f"num_blocks must be >= 2 (block 0 is the reserved null page), "
+                    f"got {self.num_blocks}")
+        _positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(
+                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("min_token_bucket", self.min_token_bucket)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                f"got {self.attention_backend!r}")
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,0 +1,243 @@
+"""Engine: requests in, one scheduled + padded + jitted step at a time, finished requests out."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pagedjax.kernels import resolve_attention_backend
+from pagedjax.models import ModelConfig, build_model, check_params
+
+from .batching import build_step_input
+from .block_manager import BlockManager
+from .buckets import Buckets
+from .config import EngineConfig
+from .request import Request
+from .runner import ModelRunner, allocate_kv_cache
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    """A snapshot of the KV pool."""
+
+    num_blocks: int  # including the null page
+    block_size: int
+    used_blocks: int
+    usage: float  # used / usable blocks
+    waste: float  # allocated slots of live requests not holding a token
+    bytes: int
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started."""
+
+    num_steps: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens prefilled (recomputes included)
+    num_generated_tokens: int = 0
+    busy_seconds: float = 0.0
+    max_waste: float = 0.0
+    max_seqs_in_step: int = 0
+
+
+def resolve_dtype(dtype: str, platform: str) -> jnp.dtype:
+    """"auto" is float32 on CPU (bf16 is slower there) and bfloat16 on GPU/TPU."""
+    if dtype == "auto":
+        return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
+    return jnp.dtype(dtype)
+
+
+class Engine:
+    """Continuous-batching engine over one model, one paged KV pool and one scheduler."""
+
+    def __init__(self, model_config: ModelConfig, params: Any, eos_token_ids: frozenset[int],
+                 config: EngineConfig):
+        check_params(params, model_config)
+        self.model_config = model_config
+        self.config = config
+        platform = jax.default_backend()
+        self.attention_backend = resolve_attention_backend(config.attention_backend, platform)
+        self.dtype = resolve_dtype(config.dtype, platform)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = _resolve_max_model_len(config, model_config)
+        block_size = config.block_size
+        self.max_pages_per_seq = math.ceil(self.max_model_len / block_size)
+        num_blocks = self._resolve_num_blocks(platform)
+
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len)
+        self.buckets = Buckets.for_limits(
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq,
+            min_token_bucket=config.min_token_bucket)
+        model = build_model(model_config)
+        kv_cache = allocate_kv_cache(model_config.num_layers, model_config.num_kv_heads,
+                                     num_blocks, block_size, model_config.head_dim, self.dtype)
+        self.runner = ModelRunner(lambda p, s, kv: model.apply({"params": p}, s, kv),
+                                  self.cast_params(params), kv_cache)
+        self.stats = EngineStats()
+        self._request_counter = itertools.count()
+
+    # ---- configuration -------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        c = self.model_config
+        return (2 * c.num_layers * c.num_kv_heads * self.config.block_size * c.head_dim
+                * self.dtype.itemsize)
+
+    def _resolve_num_blocks(self, platform: str) -> int:
+        needed_for_one = self.max_pages_per_seq + 1  # + the null page
+        if self.config.num_blocks is not None:
+            num_blocks = self.config.num_blocks
+        else:
+            budget = self.config.kv_cache_memory_bytes
+            if platform != "cpu":
+                stats = jax.devices()[0].memory_stats() or {}
+                free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+                if free > 0:
+                    budget = int(free * self.config.kv_cache_memory_fraction)
+            num_blocks = budget // self._bytes_per_block()
+            # More pages than every sequence at full length could use is wasted memory.
+            num_blocks = min(num_blocks, self.config.max_num_seqs * self.max_pages_per_seq + 1)
+        if num_blocks < needed_for_one:
+            raise ValueError(
+                f"num_blocks: the KV pool has {num_blocks} blocks of {self.config.block_size} "
+                f"tokens, but one sequence of max_model_len={self.max_model_len} needs "
+                f"{needed_for_one} (null page included); raise num_blocks / the KV memory "
+                f"budget or lower max_model_len")
+        return num_blocks
+
+    def cast_params(self, params: Any) -> Any:
+        """Params as device arrays of the engine dtype (no copy when already so)."""
+        return jax.tree.map(lambda x: jnp.asarray(x, dtype=self.dtype), params)
+
+    def set_params(self, params: Any) -> None:
+        """Swap in new weights (same shapes) without recompiling."""
+        check_params(params, self.model_config)
+        self.runner.set_params(self.cast_params(params))
+
+    # ---- requests ------------------------------------------------------------------
+
+    def make_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams,
+                     prompt: Optional[str] = None,
+                     request_id: Optional[str] = None) -> Request:
+        """Validate a prompt and build its Request (not yet queued).  Raises ValueError."""
+        if not isinstance(sampling_params, SamplingParams):
+            raise ValueError(
+                f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        token_ids = _validate_token_ids(prompt_token_ids, self.model_config.vocab_size)
+        if not token_ids:
+            raise ValueError("prompt: the prompt is empty (it has no tokens)")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: the prompt has {len(token_ids)} tokens, but max_model_len is "
+                f"{self.max_model_len} (it must leave room for at least one new token)")
+        index = next(self._request_counter)
+        seed = sampling_params.seed
+        if seed is None:
+            seed = int(np.random.SeedSequence([self.config.seed, index]).generate_state(
+                1, np.uint64)[0]) >> 1
+        return Request(request_id=request_id or str(index), prompt_token_ids=token_ids,
+                       sampling_params=sampling_params, seed=seed,
+                       eos_token_ids=self.eos_token_ids, prompt=prompt)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request built by `make_request` (FCFS)."""
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> Optional[Request]:
+        """Stop a request wherever it is and free its blocks."""
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request waits or runs."""
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping ------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Schedule, run and commit one step; returns requests that finished in it."""
+        output = self.scheduler.schedule()
+        if output.is_empty:
+            finished = self.scheduler.update(output, [])
+            if not finished and self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending")
+            return finished
+        start = time.perf_counter()
+        key, step_input = build_step_input(output.scheduled, self.buckets,
+                                           self.config.block_size)
+        tokens = self.runner.execute(key, step_input)
+        finished = self.scheduler.update(output, tokens[:output.num_seqs].tolist())
+        self._record(output, start)
+        return finished
+
+    def _record(self, output, start: float) -> None:
+        s = self.stats
+        s.num_steps += 1
+        s.busy_seconds += time.perf_counter() - start
+        s.max_seqs_in_step = max(s.max_seqs_in_step, output.num_seqs)
+        for chunk in output.scheduled:
+            prompt_left = len(chunk.request.prompt_token_ids) - chunk.start_position
+            s.num_prompt_tokens += max(0, min(chunk.num_new_tokens, prompt_left))
+            s.num_generated_tokens += int(chunk.samples)
+        s.max_waste = max(s.max_waste, self.kv_cache_stats().waste)
+
+    def warmup(self) -> None:
+        """Compile every bucket shape now, so serving never compiles later."""
+        for key in self.buckets.all_keys():
+            self.runner.compile(key)
+
+    # ---- introspection -------------------------------------------------------------
+
+    @property
+    def num_compiles(self) -> int:
+        """Step programs compiled so far."""
+        return self.runner.num_compiles
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling step programs."""
+        return self.runner.compile_seconds
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        """Current pool usage and the block-tail waste of live requests."""
+        bm = self.block_manager
+        live = self.scheduler.running
+        return KVCacheStats(num_blocks=bm.num_blocks, block_size=bm.block_size,
+                            used_blocks=bm.num_used_blocks, usage=bm.usage,
+                            waste=bm.waste(live),
+                            bytes=bm.num_blocks * self._bytes_per_block())
+
+
+def _resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    limit = model_config.max_position_embeddings
+    if config.max_model_len is None:
+        return limit
+    if config.max_model_len > limit:
+        raise ValueError(
+            f"max_model_len={config.max_model_len} exceeds the model's "
+            f"max_position_embeddings={limit}")
+    return config.max_model_len
+
+
+def _validate_token_ids(token_ids: Any, vocab_size: int) -> list[int]:
+    if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__iter__"):
+        raise ValueError(f"prompt_token_ids must be a list of ints, got {type(token_ids).__name__}")
+    ids = list(token_ids)
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise ValueError(f"prompt_token_ids must hold ints, got {token!r}")
+        if not 0 <= token < vocab_size:
+            raise ValueError(
+                f"prompt_token_ids: token id {token} is outside the vocabulary [0, {vocab_size})")
+    return [int(t) for t in ids]

@@ -1,0 +1,97 @@
+"""ModelRunner: owns the device-side state (params, KV pool) and the compiled step programs.
+
+One compiled program per bucket shape, built ahead of time (`jit(...).lower(...).compile()`)
+so compiles are counted exactly and `warmup()` can build them all up front. Params are an
+argument, not a constant, so swapping in new weights of the same shapes never recompiles.
+The KV pool is donated to every step and updated in place.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .buckets import BucketKey
+from .sampler import sample
+from .step_input import KVCache, SamplingTensors, StepInput
+
+
+def allocate_kv_cache(num_layers: int, num_kv_heads: int, num_blocks: int, block_size: int,
+                      head_dim: int, dtype) -> KVCache:
+    """Zero-filled K and V pools [L, K, P, S, D] on the default device."""
+    shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def step_input_spec(key: BucketKey) -> StepInput:
+    """Abstract shapes of a StepInput padded to `key` (for ahead-of-time compiles)."""
+    T, B, M = key.num_tokens, key.num_seqs, key.num_pages
+
+    def spec(shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    sampling = SamplingTensors(
+        temperature=spec((B,), jnp.float32), top_p=spec((B,), jnp.float32),
+        top_k=spec((B,)), min_p=spec((B,), jnp.float32),
+        seed_words=spec((B, 2), jnp.uint32), sample_index=spec((B,)))
+    return StepInput(
+        input_ids=spec((T,)), positions=spec((T,)), slot_mapping=spec((T,)),
+        token_seq=spec((T,)), block_tables=spec((B, M)), context_lens=spec((B,)),
+        seq_lens=spec((B,)), query_start_loc=spec((B + 1,)), logits_indices=spec((B,)),
+        sampling=sampling)
+
+
+class ModelRunner:
+    """Runs padded steps of one model over one KV pool; counts and times compiles."""
+
+    def __init__(self, apply_fn: Callable, params: Any, kv_cache: KVCache):
+        self.params = params
+        self.kv_cache = kv_cache
+        self._compiled: dict[BucketKey, Any] = {}
+        self.compile_seconds = 0.0
+
+        def step(params, kv_cache: KVCache, step_input: StepInput):
+            logits, kv_cache = apply_fn(params, step_input, kv_cache)
+            return sample(logits, step_input.sampling), kv_cache
+
+        self._jitted = jax.jit(step, donate_argnums=(1,))
+
+    @property
+    def num_compiles(self) -> int:
+        """Programs compiled so far (one per bucket shape used or warmed up)."""
+        return len(self._compiled)
+
+    @property
+    def compiled_keys(self) -> list[BucketKey]:
+        """Bucket shapes that have a compiled program."""
+        return list(self._compiled)
+
+    def compile(self, key: BucketKey) -> None:
+        """Build the program for bucket `key` if it isn't built yet."""
+        if key in self._compiled:
+            return
+        start = time.perf_counter()
+        params_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
+        kv_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.kv_cache)
+        lowered = self._jitted.lower(params_spec, kv_spec, step_input_spec(key))
+        self._compiled[key] = lowered.compile()
+        self.compile_seconds += time.perf_counter() - start
+
+    def set_params(self, params: Any) -> None:
+        """Swap in new weights of identical shapes and dtypes (no recompile)."""
+        old = jax.tree.map(lambda x: (x.shape, x.dtype), self.params)
+        new = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), params)
+        if old != new:
+            raise ValueError("params: new weights must have the same tree, shapes and dtypes")
+        self.params = params
+
+    def execute(self, key: BucketKey, step_input: StepInput) -> np.ndarray:
+        """Run one step (numpy StepInput padded to `key`); returns sampled tokens int32 [B]."""
+        self.compile(key)
+        device_input = jax.device_put(step_input)
+        tokens, self.kv_cache = self._compiled[key](self.params, self.kv_cache, device_input)
+        return np.asarray(jax.device_get(tokens))

@@ -1,0 +1,309 @@
+"""Scheduler: iteration-level continuous batching with chunked prefill (vLLM V1 style).
+
+Each step gets a token budget. Running requests (decodes and unfinished prefill chunks) are
+served first, in admission order; when the KV pool runs dry the newest running request is
+preempted by recompute. Whatever budget is left admits waiting requests first come, first
+served, splitting long prompts into chunks. Host-side only: plain Python, no JAX.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from .block_manager import BlockManager
+from .request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step: `num_new_tokens` tokens from `start_position` on.
+
+    `samples` is fixed at scheduling time: True when this chunk reaches the end of the
+    request's known tokens, so the step produces a new token for it (a decode, or the last
+    prefill chunk). Earlier prefill chunks only fill the KV cache.
+    """
+
+    request: Request
+    num_new_tokens: int
+    start_position: int
+    samples: bool = field(init=False)
+
+    def __post_init__(self):
+        end = self.start_position + self.num_new_tokens
+        object.__setattr__(self, "samples", end == self.request.num_tokens)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The token ids fed to the model for this request this step."""
+        end = self.start_position + self.num_new_tokens
+        return self.request.all_token_ids[self.start_position:end]
+
+    @property
+    def seq_len(self) -> int:
+        """Context length after this step (tokens whose K/V will be in the cache)."""
+        return self.start_position + self.num_new_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """What one `Scheduler.schedule()` call decided.
+
+    `scheduled` lists running requests first (decodes and continuing prefill chunks, in
+    admission order), then newly admitted ones. `preempted` are the requests sent back to
+    the waiting queue this step. `finished` are requests the scheduler had to end itself
+    because a single sequence outgrew the whole KV pool (finish_reason "length"); `update`
+    returns them too, so pass every output to `update`, even an empty one.
+    """
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        """Total tokens fed to the model this step."""
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences in this step's batch."""
+        return len(self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when there is nothing to run on the device."""
+        return not self.scheduled
+
+
+class Scheduler:
+    """Decides, step by step, which requests run and how many tokens each one feeds.
+
+    `max_num_seqs` caps sequences per step, `max_num_batched_tokens` caps tokens per step
+    (the chunked-prefill budget), and `max_model_len` caps prompt + generated tokens.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int):
+        for name, value in (("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_model_len", max_model_len)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if not isinstance(block_manager, BlockManager):
+            raise ValueError(f"block_manager must be a BlockManager, got {block_manager!r}")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._unfinished: dict[str, Request] = {}
+        self._num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue state
+
+    @property
+    def num_running(self) -> int:
+        """Requests admitted and holding KV pages."""
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for admission (new or preempted)."""
+        return len(self.waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        """Preemptions since this scheduler was built."""
+        return self._num_preemptions
+
+    def has_unfinished(self) -> bool:
+        """True while any request is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    def get_request(self, request_id: str) -> Optional[Request]:
+        """The unfinished request with this id, or None."""
+        return self._unfinished.get(request_id)
+
+    # ------------------------------------------------------------------ intake
+
+    def add_request(self, request: Request) -> None:
+        """Validate `request` and queue it (first come, first served).
+
+        Raises ValueError for an empty prompt, a prompt that leaves no room under
+        `max_model_len` for a generated token, a prompt larger than the whole KV pool, a
+        duplicate `request_id`, or a request that is not fresh.
+        """
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len == 0:
+            raise ValueError("prompt: the prompt is empty; give at least one token")
+        if prompt_len >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {prompt_len} tokens leave no room to generate under "
+                f"max_model_len={self.max_model_len} (the prompt must be shorter than "
+                f"max_model_len)")
+        bm = self.block_manager
+        needed = bm.blocks_needed(prompt_len)
+        if needed > bm.num_usable_blocks:
+            raise ValueError(
+                f"prompt: {prompt_len} tokens need {needed} KV blocks but the pool has only "
+                f"{bm.num_usable_blocks} usable (num_blocks={bm.num_blocks}, "
+                f"block_size={bm.block_size})")
+        if request.request_id in self._unfinished:
+            raise ValueError(f"request_id: {request.request_id!r} is already in use")
+        if (request.status is not RequestStatus.WAITING or request.block_ids
+                or request.num_computed_tokens):
+            raise ValueError(
+                f"request: {request.request_id!r} is not a fresh request "
+                f"(status={request.status.value}, num_computed_tokens="
+                f"{request.num_computed_tokens}, {len(request.block_ids)} blocks)")
+        self._unfinished[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Optional[Request]:
+        """Stop a waiting or running request, free its pages; returns it (None if unknown)."""
+        request = self._unfinished.get(request_id)
+        if request is None:
+            return None
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, "abort")
+        return request
+
+    # ------------------------------------------------------------------ one step
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's batch within the token, sequence and KV-page budgets."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # Running requests first: decodes keep their latency low and unfinished prefill
+        # chunks make progress before anyone new is admitted.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            target = request.num_computed_tokens + num_new
+            fits = bm.ensure_capacity(request, target)
+            while not fits:
+                if len(self.running) == 1:
+                    # Alone and still too big: the sequence has outgrown the whole pool,
+                    # and preempting it would only loop forever. The pool caps its length.
+                    self.running.pop()
+                    self._finish(request, "length")
+                    out.finished.append(request)
+                    break
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+                fits = bm.ensure_capacity(request, target)
+            if not fits:
+                break
+            out.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            budget -= num_new
+            i += 1
+
+        # A preemption means the pool is exhausted: admitting new work now would only be
+        # preempted again (vLLM V1 does the same).
+        if out.preempted:
+            return out
+
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not bm.ensure_capacity(request, request.num_computed_tokens + num_new):
+                if not self.running:
+                    # An empty pool can't take even this chunk: the sequence is longer than
+                    # the pool can ever hold, so waiting would block the queue forever.
+                    self.waiting.popleft()
+                    self._finish(request, "length")
+                    out.finished.append(request)
+                    continue
+                # Never preempt for a waiting request: running ones have priority.
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            budget -= num_new
+        return out
+
+    def update(self, output: SchedulerOutput,
+               sampled_token_ids: Sequence[int]) -> list[Request]:
+        """Apply a step's results; returns the requests that finished (including any the
+        scheduler ended in `schedule`).
+
+        `sampled_token_ids[i]` belongs to `output.scheduled[i]` and is ignored for chunks
+        that don't sample; extra trailing entries (batch padding) are ignored.
+        """
+        if len(sampled_token_ids) < len(output.scheduled):
+            raise ValueError(
+                f"sampled_token_ids: got {len(sampled_token_ids)} ids for "
+                f"{len(output.scheduled)} scheduled requests")
+        finished = list(output.finished)
+        for index, scheduled in enumerate(output.scheduled):
+            request = scheduled.request
+            if request.is_finished:
+                continue  # aborted between schedule() and update()
+            request.num_computed_tokens += scheduled.num_new_tokens
+            if not scheduled.samples:
+                continue
+            token_id = int(sampled_token_ids[index])
+            request.output_token_ids.append(token_id)
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            reason = self._stop_reason(request, token_id)
+            if reason is not None:
+                self._finish(request, reason)
+                finished.append(request)
+        if finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return finished
+
+    # ------------------------------------------------------------------ helpers
+
+    def _stop_reason(self, request: Request, token_id: int) -> Optional[str]:
+        params = request.sampling_params
+        num_output = len(request.output_token_ids)
+        past_min = num_output >= params.min_tokens
+        if past_min and not params.ignore_eos and token_id in request.eos_token_ids:
+            return "stop"
+        if past_min and token_id in params.stop_token_ids:
+            return "stop"
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            return "length"
+        if request.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _preempt(self, request: Request) -> None:
+        # Recompute, not swap: dropping the KV is cheap here and re-prefill is one chunked
+        # pass. Going to the front keeps it ahead of requests that arrived after it.
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        self.block_manager.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.finished_time = time.monotonic()
+        self._unfinished.pop(request.request_id, None)

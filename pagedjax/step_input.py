@@ -1,0 +1,41 @@
+"""StepInput: the one host->device contract of a step (all arrays padded to buckets)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+
+
+class SamplingTensors(NamedTuple):
+    """Per-sequence sampling controls for one step."""
+
+    temperature: jax.Array  # [B] float32; 0 = greedy
+    top_p: jax.Array  # [B] float32; 1 = off
+    top_k: jax.Array  # [B] int32; 0 = off
+    min_p: jax.Array  # [B] float32; 0 = off
+    seed_words: jax.Array  # [B, 2] uint32: the request's 64-bit seed
+    sample_index: jax.Array  # [B] int32: index of the token being sampled in its output
+
+
+class StepInput(NamedTuple):
+    """What the jitted step reads. Padding tokens write to the null page 0, padded
+    sequences point at it, so no real KV block is ever touched by padding."""
+
+    input_ids: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32
+    slot_mapping: jax.Array  # [T] int32 flat KV slot (page * S + offset)
+    token_seq: jax.Array  # [T] int32 sequence index of each token; padding -> -1
+    block_tables: jax.Array  # [B, M] int32 pages of each sequence's cached context
+    context_lens: jax.Array  # [B] int32 tokens cached before this step
+    seq_lens: jax.Array  # [B] int32 tokens cached after this step
+    query_start_loc: jax.Array  # [B + 1] int32 ragged token ranges
+    logits_indices: jax.Array  # [B] int32 last scheduled token of each sequence
+    sampling: SamplingTensors
+
+
+class KVCache(NamedTuple):
+    """The preallocated paged KV pool of every layer; page 0 is the null page."""
+
+    k: jax.Array  # [L, K, P, S, D]
+    v: jax.Array  # [L, K, P, S, D]

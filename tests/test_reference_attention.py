@@ -1,0 +1,98 @@
+"""kernels.reference against a dense per-sequence attention written in numpy."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pagedjax.kernels import paged_attention, write_kv
+
+
+def dense_attention(q, k, v, scale):  # q: [n, H, D], k/v: [ctx, K, D], causal at the end
+    n, H, D = q.shape
+    ctx, K, _ = k.shape
+    group = H // K
+    out = np.zeros_like(q)
+    for t in range(n):
+        visible = ctx - n + t + 1
+        for h in range(H):
+            scores = (k[:visible, h // group] @ q[t, h]) * scale
+            p = np.exp(scores - scores.max())
+            out[t, h] = (p / p.sum()) @ v[:visible, h // group]
+    return out
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 1)])
+def test_mixed_prefill_and_decode_over_scattered_pages(num_heads, num_kv_heads):
+    rng = np.random.default_rng(num_heads * 10 + num_kv_heads)
+    L, S, P, D = 2, 4, 24, 8
+    layer = 1
+    # (cached context length, new tokens this step): a decode, a fresh prefill, a
+    # continuing prefill chunk, a decode at length 1 and a context ending mid-page.
+    seqs = [(9, 1), (0, 6), (5, 3), (1, 1), (12, 2)]
+    free_pages = list(rng.permutation(np.arange(1, P)))  # scattered, never the null page
+    tables = []
+    for ctx, new in seqs:
+        tables.append([free_pages.pop() for _ in range(-(-(ctx + new) // S))])
+
+    k_cache = rng.standard_normal((L, num_kv_heads, P, S, D)).astype(np.float32)
+    v_cache = rng.standard_normal((L, num_kv_heads, P, S, D)).astype(np.float32)
+    full_k, full_v = [], []  # every token's K/V per sequence, cached ones written now
+    for (ctx, new), table in zip(seqs, tables):
+        ks = rng.standard_normal((ctx + new, num_kv_heads, D)).astype(np.float32)
+        vs = rng.standard_normal((ctx + new, num_kv_heads, D)).astype(np.float32)
+        for pos in range(ctx):
+            k_cache[layer, :, table[pos // S], pos % S] = ks[pos]
+            v_cache[layer, :, table[pos // S], pos % S] = vs[pos]
+        full_k.append(ks)
+        full_v.append(vs)
+
+    T = sum(new for _, new in seqs) + 3  # three padding tokens
+    B, M = len(seqs) + 1, 4  # one padded sequence
+    q = rng.standard_normal((T, num_heads, D)).astype(np.float32)
+    k_new = rng.standard_normal((T, num_kv_heads, D)).astype(np.float32)
+    v_new = rng.standard_normal((T, num_kv_heads, D)).astype(np.float32)
+    token_seq = np.full(T, -1, np.int32)
+    positions = np.zeros(T, np.int32)
+    slots = np.zeros(T, np.int32)
+    block_tables = np.zeros((B, M), np.int32)
+    context_lens = np.zeros(B, np.int32)
+    offset = 0
+    for i, ((ctx, new), table) in enumerate(zip(seqs, tables)):
+        sl = slice(offset, offset + new)
+        token_seq[sl] = i
+        positions[sl] = np.arange(ctx, ctx + new)
+        slots[sl] = [table[p // S] * S + p % S for p in range(ctx, ctx + new)]
+        k_new[sl] = full_k[i][ctx:]
+        v_new[sl] = full_v[i][ctx:]
+        pages = -(-ctx // S)
+        block_tables[i, :pages] = table[:pages]
+        context_lens[i] = ctx
+        offset += new
+
+    scale = D ** -0.5
+    k_after, v_after = write_kv(jnp.asarray(k_cache), jnp.asarray(v_cache), jnp.int32(layer),
+                                jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(slots))
+    out = np.asarray(paged_attention(
+        jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), k_after, v_after,
+        jnp.int32(layer), token_seq=jnp.asarray(token_seq), positions=jnp.asarray(positions),
+        context_lens=jnp.asarray(context_lens), block_tables=jnp.asarray(block_tables),
+        scale=scale))
+    assert np.isfinite(out).all()
+
+    offset = 0
+    for i, (ctx, new) in enumerate(seqs):
+        expected = dense_attention(q[offset:offset + new], full_k[i], full_v[i], scale)
+        np.testing.assert_allclose(out[offset:offset + new], expected, rtol=1e-5, atol=1e-5)
+        offset += new
+
+    # The write landed at exactly the scheduled slots of the right layer, nowhere else
+    # except the null page that padding tokens target.
+    k_after = np.asarray(k_after)
+    for i, ((ctx, new), table) in enumerate(zip(seqs, tables)):
+        for pos in range(ctx + new):
+            np.testing.assert_array_equal(k_after[layer, :, table[pos // S], pos % S],
+                                          full_k[i][pos])
+    np.testing.assert_array_equal(k_after[0], k_cache[0])
+    touched = {p for table in tables for p in table} | {0}
+    untouched = [p for p in range(P) if p not in touched]
+    np.testing.assert_array_equal(k_after[layer][:, untouched], k_cache[layer][:, untouched])
