@@ -57,7 +57,7 @@ def _generate(args: argparse.Namespace) -> int:
           f"{generated / seconds:.1f} tokens/s (includes {llm.engine.compile_seconds:.1f}s "
           f"compiling {llm.num_compiles} step programs; model load {load_seconds:.1f}s; "
           f"KV pool {stats.num_blocks} blocks x {stats.block_size} tokens, "
-          f"peak block-tail waste {llm.engine.stats.max_waste:.1%})")
+          f"mean block-tail waste {llm.engine.stats.mean_waste:.1%})")
     return 0
 
 

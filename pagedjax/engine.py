@@ -18,6 +18,7 @@ from pagedjax.models import ModelConfig, build_model, check_params
 from .batching import build_step_input
 from .block_manager import BlockManager
 from .buckets import Buckets
+from .compile_cache import enable_compilation_cache
 from .config import EngineConfig
 from .request import Request
 from .runner import ModelRunner, allocate_kv_cache
@@ -46,7 +47,13 @@ class EngineStats:
     num_generated_tokens: int = 0
     busy_seconds: float = 0.0
     max_waste: float = 0.0
+    waste_sum: float = 0.0
     max_seqs_in_step: int = 0
+
+    @property
+    def mean_waste(self) -> float:
+        """Block-tail waste of live requests, averaged over steps."""
+        return self.waste_sum / self.num_steps if self.num_steps else 0.0
 
 
 def resolve_dtype(dtype: str, platform: str) -> jnp.dtype:
@@ -62,6 +69,7 @@ class Engine:
     def __init__(self, model_config: ModelConfig, params: Any, eos_token_ids: frozenset[int],
                  config: EngineConfig):
         check_params(params, model_config)
+        self.compilation_cache_dir = enable_compilation_cache()
         self.model_config = model_config
         self.config = config
         platform = jax.default_backend()
@@ -190,7 +198,9 @@ class Engine:
             prompt_left = len(chunk.request.prompt_token_ids) - chunk.start_position
             s.num_prompt_tokens += max(0, min(chunk.num_new_tokens, prompt_left))
             s.num_generated_tokens += int(chunk.samples)
-        s.max_waste = max(s.max_waste, self.kv_cache_stats().waste)
+        waste = self.block_manager.waste(self.scheduler.running)
+        s.max_waste = max(s.max_waste, waste)
+        s.waste_sum += waste
 
     def warmup(self) -> None:
         """Compile every bucket shape now, so serving never compiles later."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from pagedjax.models import ModelConfig
+from pagedjax.models import SUPPORTED_ARCHITECTURES, ModelConfig
 
 from .config import EngineConfig
 from .engine import Engine, KVCacheStats
@@ -42,7 +42,8 @@ class LLM:
         if _loaded is None:
             from .loading import load_model  # pulls in gguf/safetensors only when loading
 
-            model_config, params, loaded_tokenizer = load_model(model)
+            model_config, params, loaded_tokenizer = load_model(
+                model, supported_architectures=SUPPORTED_ARCHITECTURES)
         else:
             model_config, params, loaded_tokenizer = _loaded
         self.model = model

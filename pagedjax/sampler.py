@@ -64,7 +64,9 @@ def _apply_top_k_top_p(scaled: jax.Array, sampling: SamplingTensors) -> jax.Arra
     probs = jax.nn.softmax(sorted_masked, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     # Keep a token while the mass strictly before it is below top_p (the first always).
-    keep_sorted = (mass_before < sampling.top_p[:, None]) & (ranks < top_k[:, None])
+    # top_p >= 1 keeps everything: float32 cumsum can round to 1.0 before the tail ends.
+    in_nucleus = (mass_before < sampling.top_p[:, None]) | (sampling.top_p[:, None] >= 1.0)
+    keep_sorted = in_nucleus & (ranks < top_k[:, None])
     num_kept = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
     threshold = jnp.take_along_axis(sorted_desc, (num_kept - 1)[:, None], axis=-1)
     threshold = jnp.maximum(threshold, kth_value)

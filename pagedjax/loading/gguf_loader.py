@@ -1,0 +1,279 @@
+"""Loading a llama.cpp GGUF file: config from metadata, dequantized params, tokenizer.
+
+Tensors are dequantized one at a time with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0,
+Q4_0/1, Q5_0/1, K-quants, ...) and copied into preallocated stacked arrays.
+
+llama.cpp's converter permutes the rows of each q and k projection so that RoPE can rotate
+adjacent pairs (GPT-J style): per head, `w.reshape(2, head_dim // 2, in).swapaxes(0, 1)`.
+Our models use HF's rotate-half convention, so the loader undoes that permutation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from pagedjax.models.config import ModelConfig, RopeScaling
+
+from .dtypes import resolve_dtype
+from .gguf_tokenizer import tokenizer_from_gguf
+from .params_builder import ParamsBuilder
+from .tokenizer import Tokenizer
+
+# GGUF general.architecture -> HF architecture name. Only llama-layout files for now:
+# other architectures use other tensor names, permutations and config keys.
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+
+# GGUF per-layer tensor name -> (params leaf, fused part).
+_LAYER_TENSORS = {
+    "attn_norm.weight": ("attn_norm", None),
+    "attn_q.weight": ("wqkv", "q"),
+    "attn_k.weight": ("wqkv", "k"),
+    "attn_v.weight": ("wqkv", "v"),
+    "attn_q.bias": ("bqkv", "q"),
+    "attn_k.bias": ("bqkv", "k"),
+    "attn_v.bias": ("bqkv", "v"),
+    "attn_output.weight": ("wo", None),
+    "attn_output.bias": ("bo", None),
+    "ffn_norm.weight": ("mlp_norm", None),
+    "ffn_gate.weight": ("w_gate_up", "gate"),
+    "ffn_up.weight": ("w_gate_up", "up"),
+    "ffn_down.weight": ("w_down", None),
+}
+_TOP_TENSORS = {"token_embd.weight": "embed", "output_norm.weight": "final_norm",
+                "output.weight": "lm_head"}
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def load_gguf(path: str | os.PathLike, dtype: Any = np.float32,
+              supported_architectures: Optional[Sequence[str]] = None,
+              ) -> tuple[ModelConfig, dict[str, Any], Tokenizer]:
+    """Load a GGUF file into (config, params as numpy arrays of `dtype`, tokenizer).
+
+    With `supported_architectures`, an architecture outside it is rejected before any
+    tensor is dequantized."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"GGUF file {path} does not exist")
+    np_dtype = resolve_dtype(dtype)
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # gguf raises ValueError/OSError/struct errors on bad files
+        raise ValueError(f"cannot read GGUF file {path}: {err}") from err
+    meta = read_metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    config = config_from_gguf(meta, tensors)
+    if supported_architectures is not None and config.architecture not in supported_architectures:
+        raise ValueError(
+            f"architecture {config.architecture} is not supported; supported: "
+            f"{', '.join(supported_architectures)}"
+        )
+    tokenizer = tokenizer_from_gguf(meta)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"GGUF tokenizer has {tokenizer.vocab_size} tokens but token_embd.weight has only "
+            f"{config.vocab_size} rows"
+        )
+    params = _load_params(tensors, config, np_dtype)
+    return config, params, tokenizer
+
+
+def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+    """GGUF key-value metadata decoded to Python values (str, int, float, bool, lists)."""
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _required(meta: dict[str, Any], key: str) -> Any:
+    if key not in meta:
+        raise ValueError(f"GGUF metadata is missing {key}")
+    return meta[key]
+
+
+def _as_int(meta: dict[str, Any], key: str, value: Any) -> int:
+    if isinstance(value, list):
+        # Per-layer head counts (e.g. OpenELM) have no place in ModelConfig.
+        raise ValueError(f"GGUF metadata {key} is a per-layer list; only one value is supported")
+    return int(value)
+
+
+def _decimal(value: float) -> float:
+    # GGUF stores float32; the shortest decimal that rounds to it is the value the model
+    # was configured with (9.99999974738e-06 -> 1e-05), matching the HF config.
+    return float(str(np.float32(value)))
+
+
+def _logical_shape(tensor) -> tuple[int, ...]:
+    # GGUF lists dims innermost first (ggml's ne); numpy order is the reverse: [out, in].
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig described by GGUF metadata (and tensor presence for tie/bias)."""
+    arch = _required(meta, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported; supported: "
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    def need(key: str) -> int:
+        full = f"{arch}.{key}"
+        return _as_int(meta, full, _required(meta, full))
+
+    hidden = need("embedding_length")
+    num_heads = need("attention.head_count")
+    num_kv_heads = _as_int(meta, f"{arch}.attention.head_count_kv",
+                           get("attention.head_count_kv", num_heads))
+    head_dim = int(get("attention.key_length", hidden // num_heads))
+    value_dim = int(get("attention.value_length", head_dim))
+    if value_dim != head_dim:
+        raise ValueError(f"GGUF {arch}.attention.value_length ({value_dim}) differs from "
+                         f"key_length ({head_dim}); not supported")
+    rope_dim = int(get("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ValueError(f"GGUF {arch}.rope.dimension_count ({rope_dim}) differs from head_dim "
+                         f"({head_dim}): partial rotary embeddings are not supported")
+
+    if "token_embd.weight" not in tensors:
+        raise ValueError("GGUF file is missing tensor token_embd.weight")
+    embed_shape = _logical_shape(tensors["token_embd.weight"])
+    vocab_size = embed_shape[0]
+    rope_theta = _decimal(get("rope.freq_base", 10000.0))
+
+    return ModelConfig(
+        architecture=GGUF_ARCHITECTURES[arch],
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=need("feed_forward_length"),
+        num_layers=need("block_count"),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_decimal(_required(meta, f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_theta=rope_theta,
+        rope_scaling=_rope_scaling(meta, arch, tensors, rope_theta, head_dim),
+        max_position_embeddings=int(get("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+    )
+
+
+def _rope_scaling(meta: dict[str, Any], arch: str, tensors: dict[str, Any],
+                  theta: float, head_dim: int) -> RopeScaling:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
+    if _ROPE_FREQS in tensors:
+        # Llama 3.1-style scaling is stored as per-frequency factors, not parameters.
+        factors = dequantize(tensors[_ROPE_FREQS].data, tensors[_ROPE_FREQS].tensor_type)
+        original = meta.get(f"{arch}.rope.scaling.original_context_length")
+        return _llama3_scaling_from_factors(np.asarray(factors, np.float64).reshape(-1),
+                                            theta, head_dim, original)
+    if kind == "none" or (kind == "linear" and factor == 1.0):
+        return RopeScaling()
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=factor)
+    raise ValueError(f"GGUF {arch}.rope.scaling.type={kind!r} is not supported; "
+                     "supported: none, linear, llama3 (rope_freqs tensor)")
+
+
+def _llama3_factors(scaling: RopeScaling, theta: float, head_dim: int) -> np.ndarray:
+    """The per-frequency factors llama.cpp's converter writes for Llama 3 RoPE scaling."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(scaling.factor)
+        else:
+            smooth = ((scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor)
+                      / (scaling.high_freq_factor - scaling.low_freq_factor))
+            out.append(1.0 / ((1 - smooth) / scaling.factor + smooth))
+    return np.asarray(out)
+
+
+def _llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int,
+                                 original: Optional[int]) -> RopeScaling:
+    # The file keeps only the resulting factors; recover the parameters by checking the
+    # values every Llama 3.x release uses against them.
+    if factors.shape != (head_dim // 2,):
+        raise ValueError(f"GGUF tensor {_ROPE_FREQS} has shape {factors.shape}, "
+                         f"expected ({head_dim // 2},)")
+    if np.allclose(factors, 1.0):
+        return RopeScaling()
+    for orig in ([int(original)] if original else [8192, 4096, 16384]):
+        for low, high in ((1.0, 4.0),):
+            scaling = RopeScaling(rope_type="llama3", factor=float(np.round(factors.max(), 4)),
+                                  low_freq_factor=low, high_freq_factor=high,
+                                  original_max_position_embeddings=orig)
+            if np.allclose(_llama3_factors(scaling, theta, head_dim), factors, rtol=1e-4):
+                return scaling
+    raise ValueError(f"GGUF tensor {_ROPE_FREQS} holds RoPE factors that match no known "
+                     "Llama 3 scaling; not supported")
+
+
+def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (GPT-J pair order -> HF rotate-half order)."""
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _dequantize(tensor) -> np.ndarray:
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as err:
+        raise ValueError(
+            f"GGUF tensor {tensor.name} has type {tensor.tensor_type.name}, which gguf cannot "
+            f"dequantize: {err}"
+        ) from err
+    return values.reshape(_logical_shape(tensor))
+
+
+def _slot_for(name: str) -> tuple[str, Optional[int], Optional[str]]:
+    if name in _TOP_TENSORS:
+        return _TOP_TENSORS[name], None, None
+    match = _LAYER_NAME.fullmatch(name)
+    if match and match.group(2) in _LAYER_TENSORS:
+        leaf, part = _LAYER_TENSORS[match.group(2)]
+        return leaf, int(match.group(1)), part
+    raise ValueError(f"GGUF tensor {name} is not a known llama tensor; not supported")
+
+
+def _gguf_name(leaf: str, layer: Optional[int], part: Optional[str]) -> str:
+    """The GGUF tensor name for a params slot (for error messages)."""
+    for name, top_leaf in _TOP_TENSORS.items():
+        if layer is None and top_leaf == leaf:
+            return name
+    for suffix, (l, p) in _LAYER_TENSORS.items():
+        if l == leaf and p == part:
+            return f"blk.{layer}.{suffix}"
+    return f"{leaf}[{layer}].{part}"
+
+
+def _load_params(tensors: dict[str, Any], config: ModelConfig, dtype: np.dtype) -> dict[str, Any]:
+    builder = ParamsBuilder(config, dtype)
+    for name, tensor in tensors.items():
+        if name == _ROPE_FREQS:
+            continue  # folded into config.rope_scaling
+        leaf, layer, part = _slot_for(name)
+        values = _dequantize(tensor)
+        if part in ("q", "k"):
+            heads = config.num_heads if part == "q" else config.num_kv_heads
+            values = _unpermute_rows(values, heads)
+        builder.put(name, values, leaf, layer, part)
+        del values  # keep at most one dequantized tensor alive
+    return builder.build(_gguf_name)

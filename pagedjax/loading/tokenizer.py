@@ -1,0 +1,263 @@
+"""Tokenizer: a `tokenizers.Tokenizer` plus the model's special ids and chat template.
+
+Built from an HF model directory (`Tokenizer.from_hf_dir`) or from GGUF metadata
+(`gguf_tokenizer.tokenizer_from_gguf`). No transformers at run time: tokenizer.json is
+read by the `tokenizers` library and chat templates are rendered with jinja2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import jinja2
+import tokenizers
+
+from .chat_template import compile_chat_template, render_chat_template
+
+
+class Tokenizer:
+    """Encode/decode text and render chat prompts for one model.
+
+    `eos_token_ids` holds every id that ends generation (a model's generation_config may
+    list several, e.g. Llama 3's <|eot_id|> and <|end_of_text|>); `eos_token_id` is the
+    primary one.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token_id: Optional[int] = None,
+        eos_token_id: Optional[int] = None,
+        eos_token_ids: Iterable[int] = (),
+        pad_token_id: Optional[int] = None,
+        unk_token_id: Optional[int] = None,
+        add_bos_token: bool = False,
+        chat_template: Optional[str] = None,
+        named_chat_templates: Optional[dict[str, str]] = None,
+    ):
+        self._backend = backend
+        self.bos_token_id = bos_token_id
+        eos_ids = set(int(i) for i in eos_token_ids)
+        if eos_token_id is None and eos_ids:
+            eos_token_id = min(eos_ids)
+        if eos_token_id is not None:
+            eos_ids.add(int(eos_token_id))
+        self.eos_token_id = eos_token_id
+        self.eos_token_ids = frozenset(eos_ids)
+        self.pad_token_id = pad_token_id
+        self.unk_token_id = unk_token_id
+        self.add_bos_token = bool(add_bos_token)
+        self.chat_template = chat_template
+        self.named_chat_templates = dict(named_chat_templates or {})
+        # Compiled templates by source text: compiling a big template costs milliseconds,
+        # and a server renders one per chat request.
+        self._compiled: dict[str, jinja2.Template] = {}
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dir(cls, model_dir: str | os.PathLike) -> "Tokenizer":
+        """Load tokenizer.json (+ tokenizer_config.json, generation_config.json,
+        special_tokens_map.json, config.json, chat_template.jinja) from an HF model dir."""
+        model_dir = os.fspath(model_dir)
+        tok_path = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.isfile(tok_path):
+            if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
+                raise ValueError(
+                    f"{model_dir} has only a sentencepiece tokenizer.model; pagedjax needs "
+                    "tokenizer.json (save the tokenizer with a fast HF tokenizer to create it)"
+                )
+            raise ValueError(f"{model_dir} has no tokenizer.json")
+        try:
+            backend = tokenizers.Tokenizer.from_file(tok_path)
+        except Exception as err:  # tokenizers raises its own Exception type
+            raise ValueError(f"cannot read {tok_path}: {err}") from err
+
+        tok_config = _read_json(model_dir, "tokenizer_config.json")
+        special_map = _read_json(model_dir, "special_tokens_map.json")
+        gen_config = _read_json(model_dir, "generation_config.json")
+        model_config = _read_json(model_dir, "config.json")
+
+        def token_id(key: str) -> Optional[int]:
+            # tokenizer_config wins over special_tokens_map (transformers' order).
+            for source in (tok_config, special_map):
+                content = _token_content(source.get(key))
+                if content is not None:
+                    return backend.token_to_id(content)
+            return None
+
+        bos = token_id("bos_token")
+        if bos is None:
+            bos = _first_id(gen_config.get("bos_token_id", model_config.get("bos_token_id")))
+        eos = token_id("eos_token")
+        eos_ids = set()
+        for source in (gen_config, model_config):
+            eos_ids.update(_id_list(source.get("eos_token_id")))
+        if eos is None and eos_ids:
+            # generation_config lists the primary EOS first.
+            eos = _id_list(gen_config.get("eos_token_id") or model_config.get("eos_token_id"))[0]
+        pad = token_id("pad_token")
+        if pad is None:
+            pad = _first_id(gen_config.get("pad_token_id", model_config.get("pad_token_id")))
+
+        template, named = _hf_chat_template(model_dir, tok_config)
+        return cls(
+            backend,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            eos_token_ids=eos_ids,
+            pad_token_id=pad,
+            unk_token_id=token_id("unk_token"),
+            add_bos_token=bool(tok_config.get("add_bos_token", False)),
+            chat_template=template,
+            named_chat_templates=named,
+        )
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The wrapped `tokenizers.Tokenizer` (for incremental detokenization)."""
+        return self._backend
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer knows, added tokens included.
+
+        A model's embedding may have more rows than this (padded vocabularies)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token(self) -> Optional[str]:
+        """The BOS token's text, or None."""
+        return self.id_to_token(self.bos_token_id)
+
+    @property
+    def eos_token(self) -> Optional[str]:
+        """The primary EOS token's text, or None."""
+        return self.id_to_token(self.eos_token_id)
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of added tokens marked special (skipped by `decode(skip_special_tokens=True)`)."""
+        return frozenset(i for i, tok in self._backend.get_added_tokens_decoder().items()
+                         if tok.special)
+
+    # -- encode / decode ------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with `add_special_tokens`, BOS is added only if the model's
+        tokenizer adds one (its post-processor or `add_bos_token`).
+
+        As in transformers, BOS is added even when the text already starts with one: text
+        rendered by a chat template usually does, so encode it with
+        `add_special_tokens=False`.
+        """
+        if not isinstance(text, str):
+            raise ValueError(f"text to encode must be a str, got {type(text).__name__}")
+        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of token `ids`."""
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        """Id of a token string, or None."""
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: Optional[int]) -> Optional[str]:
+        """Token string of an id (as stored in the vocabulary), or None."""
+        return None if token_id is None else self._backend.id_to_token(int(token_id))
+
+    # -- chat -----------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template: Optional[str] = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render `messages` (dicts with "role" and "content") into a prompt string.
+
+        `chat_template` overrides the model's template; it may be template text or the
+        name of one of the model's named templates. Extra keyword arguments (e.g. `tools`)
+        become template variables.
+        """
+        source = chat_template
+        if source is not None and source in self.named_chat_templates:
+            source = self.named_chat_templates[source]
+        if source is None:
+            source = self.chat_template
+        if source is None:
+            raise ValueError(
+                "this model has no chat template; pass chat_template=... or use plain prompts"
+            )
+        compiled = self._compiled.get(source)
+        if compiled is None:
+            compiled = self._compiled[source] = compile_chat_template(source)
+        special = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.id_to_token(self.pad_token_id),
+            "unk_token": self.id_to_token(self.unk_token_id),
+        }
+        return render_chat_template(compiled, messages, add_generation_prompt=add_generation_prompt,
+                                    special_tokens=special, **template_kwargs)
+
+
+def _read_json(model_dir: str, name: str) -> dict[str, Any]:
+    path = os.path.join(model_dir, name)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def _token_content(value: Any) -> Optional[str]:
+    # tokenizer_config writes special tokens as a string or as an AddedToken dict.
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _first_id(value: Any) -> Optional[int]:
+    ids = _id_list(value)
+    return ids[0] if ids else None
+
+
+def _hf_chat_template(model_dir: str, tok_config: dict[str, Any]) -> tuple[Optional[str], dict[str, str]]:
+    """The default chat template and any named ones.
+
+    Newer transformers saves the template to chat_template.jinja; older ones keep it in
+    tokenizer_config.json, as a string or a list of {"name", "template"} entries."""
+    path = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read(), {}
+    value = tok_config.get("chat_template")
+    if isinstance(value, list):
+        named = {t["name"]: t["template"] for t in value
+                 if isinstance(t, dict) and "name" in t and "template" in t}
+        return named.get("default"), named
+    return (value if isinstance(value, str) else None), {}

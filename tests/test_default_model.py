@@ -1,0 +1,71 @@
+"""The default model (SmolLM2-135M-Instruct GGUF) against HF transformers in float32:
+greedy token ids identical over 32 new tokens, batched and one prompt at a time."""
+
+import pytest
+import torch
+
+from pagedjax import LLM, SamplingParams
+from pagedjax.loading import default_gguf_path
+from tests.helpers.hf_reference import hf_greedy
+
+PLAIN = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "1, 2, 3, 4, 5,",
+]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain what a paged KV cache is in one sentence.",
+    "List three colors.",
+]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    path = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                 gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(llm):
+    tokenizer = llm.get_tokenizer()
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": q}])
+             for q in QUESTIONS]
+    return ([tokenizer.encode(p) for p in PLAIN]
+            + [tokenizer.encode(c, add_special_tokens=False) for c in chats])
+
+
+def test_greedy_matches_hf_batched_and_one_at_a_time(llm, hf_model, prompt_ids):
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    expected = [hf_greedy(hf_model, ids, NEW_TOKENS) for ids in prompt_ids]
+    batched = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params,
+                           use_tqdm=False)
+    assert llm.engine.stats.max_seqs_in_step == len(prompt_ids)
+    assert [o.outputs[0].token_ids for o in batched] == expected
+    for ids, want in zip(prompt_ids, expected):
+        alone = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
+        assert alone[0].outputs[0].token_ids == want
+    llm.engine.block_manager.check_no_leak()
+
+
+def test_chat_answers_the_capital_of_france(llm):
+    outputs = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                       SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    completion = outputs[0].outputs[0]
+    assert completion.text == "The capital of France is Paris."
+    assert completion.finish_reason == "stop"
