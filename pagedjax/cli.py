@@ -24,7 +24,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt as a user message in the model's chat template")
     gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--max-model-len", type=int, default=2048)
+    gen.add_argument("--max-model-len", type=int, default=None,
+                     help="default: the model's max_position_embeddings")
     gen.add_argument("--max-num-seqs", type=int, default=256)
     gen.add_argument("--max-num-batched-tokens", type=int, default=512)
     gen.add_argument("--block-size", type=int, default=16)
@@ -35,13 +36,13 @@ def _build_parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
     from pagedjax import LLM, SamplingParams
 
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     load_start = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, block_size=args.block_size,
               max_num_batched_tokens=args.max_num_batched_tokens, num_blocks=args.num_blocks)
     load_seconds = time.perf_counter() - load_start
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     start = time.perf_counter()
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
