@@ -20,6 +20,7 @@ from .block_manager import BlockManager
 from .buckets import Buckets
 from .compile_cache import enable_compilation_cache
 from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
 from .request import Request
 from .runner import ModelRunner, allocate_kv_cache
 from .sampling_params import SamplingParams
@@ -67,8 +68,9 @@ class Engine:
     """Continuous-batching engine over one model, one paged KV pool and one scheduler."""
 
     def __init__(self, model_config: ModelConfig, params: Any, eos_token_ids: frozenset[int],
-                 config: EngineConfig):
+                 config: EngineConfig, tokenizer: Any = None):
         check_params(params, model_config)
+        self.tokenizer = tokenizer  # None: no output text (and no stop strings)
         self.compilation_cache_dir = enable_compilation_cache()
         self.model_config = model_config
         self.config = config
@@ -150,14 +152,20 @@ class Engine:
             raise ValueError(
                 f"prompt: the prompt has {len(token_ids)} tokens, but max_model_len is "
                 f"{self.max_model_len} (it must leave room for at least one new token)")
+        if sampling_params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer, and this engine has none")
         index = next(self._request_counter)
         seed = sampling_params.seed
         if seed is None:
             seed = int(np.random.SeedSequence([self.config.seed, index]).generate_state(
                 1, np.uint64)[0]) >> 1
-        return Request(request_id=request_id or str(index), prompt_token_ids=token_ids,
-                       sampling_params=sampling_params, seed=seed,
-                       eos_token_ids=self.eos_token_ids, prompt=prompt)
+        request = Request(request_id=request_id or str(index), prompt_token_ids=token_ids,
+                          sampling_params=sampling_params, seed=seed,
+                          eos_token_ids=self.eos_token_ids, prompt=prompt)
+        if self.tokenizer is not None:
+            request.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, token_ids, sampling_params.skip_special_tokens)
+        return request
 
     def add_request(self, request: Request) -> None:
         """Queue a request built by `make_request` (FCFS)."""
@@ -186,8 +194,49 @@ class Engine:
                                            self.config.block_size)
         tokens = self.runner.execute(key, step_input)
         finished = self.scheduler.update(output, tokens[:output.num_seqs].tolist())
+        finished += self._update_text(output)
         self._record(output, start)
         return finished
+
+    def _update_text(self, output) -> list[Request]:
+        """Detokenize this step's new tokens and apply stop strings; returns the requests
+        a stop string ended (those that were still running).
+
+        vLLM semantics: the text of a stop token (EOS or a stop token id) is left out
+        unless `include_stop_str_in_output`; a stop string is searched only where it could
+        end in the new text, and only once `min_tokens` tokens exist; the text is cut
+        before it (after it with `include_stop_str_in_output`) while token ids are kept.
+        """
+        stopped = []
+        for chunk in output.scheduled:
+            request = chunk.request
+            detokenizer = request.detokenizer
+            if not chunk.samples or detokenizer is None or request.finish_reason == "abort":
+                continue
+            params = request.sampling_params
+            by_stop_token = request.finish_reason == "stop"
+            delta = ""
+            if not by_stop_token or params.include_stop_str_in_output:
+                delta = detokenizer.add(request.output_token_ids[-1])
+            if request.is_finished:
+                delta += detokenizer.flush()
+            request.output_text += delta
+            if (by_stop_token or not params.stop or not delta
+                    or len(request.output_token_ids) < params.min_tokens):
+                continue
+            match = _find_stop_string(request.output_text, len(delta), params.stop)
+            if match is None:
+                continue
+            index, stop_str = match
+            if params.include_stop_str_in_output:
+                index += len(stop_str)
+            request.output_text = request.output_text[:index]
+            if request.is_finished:  # ended by length on this very token: a stop wins
+                request.finish_reason, request.stop_reason = "stop", stop_str
+            else:
+                self.scheduler.finish_request(request.request_id, "stop", stop_str)
+                stopped.append(request)
+        return stopped
 
     def _record(self, output, start: float) -> None:
         s = self.stats
@@ -238,6 +287,19 @@ def _resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> i
             f"max_model_len={config.max_model_len} exceeds the model's "
             f"max_position_embeddings={limit}")
     return config.max_model_len
+
+
+def _find_stop_string(text: str, num_new_chars: int,
+                      stop: Sequence[str]) -> Optional[tuple[int, str]]:
+    """The earliest stop string that ends within the last `num_new_chars` of `text`, as
+    (start index, string); ties go to the one listed first."""
+    best = None
+    for stop_str in stop:
+        start = max(0, len(text) - num_new_chars - len(stop_str) + 1)
+        index = text.find(stop_str, start)
+        if index != -1 and (best is None or index < best[0]):
+            best = (index, stop_str)
+    return best
 
 
 def _validate_token_ids(token_ids: Any, vocab_size: int) -> list[int]:

@@ -50,7 +50,8 @@ class LLM:
         self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         if self.tokenizer is None:
             raise ValueError("tokenizer: none was given and the model has none")
-        self.engine = Engine(model_config, params, self.tokenizer.eos_token_ids, engine_config)
+        self.engine = Engine(model_config, params, self.tokenizer.eos_token_ids, engine_config,
+                             tokenizer=self.tokenizer)
 
     @classmethod
     def from_params(cls, params: Any, config: ModelConfig, tokenizer: Any,
@@ -130,12 +131,10 @@ class LLM:
         return [self._to_output(r) for r in requests]
 
     def _to_output(self, request: Request) -> RequestOutput:
-        params = request.sampling_params
-        text = self.tokenizer.decode(request.output_token_ids,
-                                     skip_special_tokens=params.skip_special_tokens)
-        completion = CompletionOutput(index=0, text=text,
+        completion = CompletionOutput(index=0, text=request.output_text,
                                       token_ids=list(request.output_token_ids),
-                                      finish_reason=request.finish_reason)
+                                      finish_reason=request.finish_reason,
+                                      stop_reason=request.stop_reason)
         metrics = RequestMetrics(arrival_time=request.arrival_time,
                                  first_scheduled_time=request.first_scheduled_time,
                                  first_token_time=request.first_token_time,

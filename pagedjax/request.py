@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .sampling_params import SamplingParams
 
@@ -37,6 +37,9 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: Optional[str] = None
+    stop_reason: Optional[int | str] = None  # the stop token id or stop string that fired
+    output_text: str = ""  # detokenized output, cut at a matched stop string
+    detokenizer: Optional[Any] = None  # an IncrementalDetokenizer, set by the engine
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: Optional[float] = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,10 @@ class SamplingParams:
     Defaults follow vLLM: `temperature=1.0`, `top_p=1.0`, `top_k=0` (disabled; -1 is
     accepted too), `min_p=0.0`, `max_tokens=16`. `temperature=0` means greedy.
     `max_tokens=None` generates until EOS or `max_model_len`.
+    `stop` strings end generation when they appear in the output text, which is cut just
+    before the stop string (just after it with `include_stop_str_in_output`); the token ids
+    are kept as generated. Like EOS and `stop_token_ids`, stop strings are only checked
+    once `min_tokens` tokens exist.
     `seed` makes a request's random draws depend only on (seed, token index), never on the
     rest of the batch; without it the engine derives one from its own seed and the
     request's arrival order.
@@ -29,6 +33,8 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     skip_special_tokens: bool = True
+    stop: Optional[Union[str, list[str], tuple[str, ...]]] = None
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
         _check_int("n", self.n, minimum=1)
@@ -67,11 +73,30 @@ class SamplingParams:
         for token_id in stop_ids:
             _check_int("stop_token_ids", token_id, minimum=0)
         object.__setattr__(self, "stop_token_ids", stop_ids)
+        object.__setattr__(self, "stop", _normalize_stop(self.stop))
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError(f"include_stop_str_in_output must be a bool, "
+                             f"got {self.include_stop_str_in_output!r}")
 
     @property
     def is_greedy(self) -> bool:
         """True when sampling reduces to argmax."""
         return self.temperature == 0.0
+
+
+def _normalize_stop(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    for s in stop:
+        if not isinstance(s, str):
+            raise ValueError(f"stop must hold strings, got {s!r}")
+        if not s:
+            raise ValueError("stop: stop strings must be non-empty")
+    return tuple(stop)
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -177,6 +177,17 @@ class Scheduler:
         self._finish(request, "abort")
         return request
 
+    def finish_request(self, request_id: str, reason: str,
+                       stop_reason: Optional[int | str] = None) -> Optional[Request]:
+        """End a running request now (e.g. a stop string matched), free its pages; returns
+        it (None if unknown or already finished)."""
+        request = self._unfinished.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING:
+            return None
+        self.running.remove(request)
+        self._finish(request, reason, stop_reason)
+        return request
+
     # ------------------------------------------------------------------ one step
 
     def schedule(self) -> SchedulerOutput:
@@ -267,9 +278,9 @@ class Scheduler:
             request.output_token_ids.append(token_id)
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
-            reason = self._stop_reason(request, token_id)
-            if reason is not None:
-                self._finish(request, reason)
+            stop = self._check_stop(request, token_id)
+            if stop is not None:
+                self._finish(request, *stop)
                 finished.append(request)
         if finished:
             self.running = [r for r in self.running if not r.is_finished]
@@ -277,18 +288,22 @@ class Scheduler:
 
     # ------------------------------------------------------------------ helpers
 
-    def _stop_reason(self, request: Request, token_id: int) -> Optional[str]:
+    def _check_stop(self, request: Request,
+                    token_id: int) -> Optional[tuple[str, Optional[int]]]:
+        """(finish_reason, stop_reason) if `token_id` ends the request, else None.
+
+        As in vLLM, a stop token id is its own stop_reason and EOS has none."""
         params = request.sampling_params
         num_output = len(request.output_token_ids)
         past_min = num_output >= params.min_tokens
         if past_min and not params.ignore_eos and token_id in request.eos_token_ids:
-            return "stop"
+            return "stop", None
         if past_min and token_id in params.stop_token_ids:
-            return "stop"
+            return "stop", token_id
         if params.max_tokens is not None and num_output >= params.max_tokens:
-            return "length"
+            return "length", None
         if request.num_tokens >= self.max_model_len:
-            return "length"
+            return "length", None
         return None
 
     def _preempt(self, request: Request) -> None:
@@ -301,9 +316,11 @@ class Scheduler:
         self._num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _finish(self, request: Request, reason: str) -> None:
+    def _finish(self, request: Request, reason: str,
+                stop_reason: Optional[int | str] = None) -> None:
         self.block_manager.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        request.stop_reason = stop_reason
         request.finished_time = time.monotonic()
         self._unfinished.pop(request.request_id, None)
