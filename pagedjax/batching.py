@@ -7,7 +7,8 @@ from typing import Sequence
 import numpy as np
 
 from .buckets import BucketKey, Buckets
-from .step_input import SamplingTensors, StepInput
+from .step_input import (PENALTY_ALLOWED, PENALTY_BANNED, PENALTY_IN_CONTEXT, PenaltyTensors,
+                         SamplingTensors, StepInput)
 
 _UINT32_MASK = (1 << 32) - 1
 
@@ -22,7 +23,9 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
     """
     num_tokens = sum(s.num_new_tokens for s in scheduled)
     context_pages = max((-(-s.start_position // block_size) for s in scheduled), default=0)
-    key = buckets.key_for(num_tokens, len(scheduled), context_pages)
+    entries = [_penalty_entries(s.request) for s in scheduled]
+    widest = max((len(e[0]) for e in entries if e is not None), default=0)
+    key = buckets.key_for(num_tokens, len(scheduled), context_pages, widest)
     T, B, M = key.num_tokens, key.num_seqs, key.num_pages
 
     input_ids = np.zeros(T, np.int32)
@@ -40,6 +43,14 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
     min_p = np.zeros(B, np.float32)
     seed_words = np.zeros((B, 2), np.uint32)
     sample_index = np.zeros(B, np.int32)
+    W = key.penalty_width
+    repetition_penalty = np.ones(B, np.float32)
+    presence_penalty = np.zeros(B, np.float32)
+    frequency_penalty = np.zeros(B, np.float32)
+    penalty_ids = np.full((B, W), -1, np.int32)
+    output_counts = np.zeros((B, W), np.int32)
+    penalty_flags = np.zeros((B, W), np.int32)
+    bias = np.zeros((B, W), np.float32)
 
     offset = 0
     for i, chunk in enumerate(scheduled):
@@ -69,8 +80,69 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
         min_p[i] = params.min_p
         seed_words[i] = (request.seed >> 32) & _UINT32_MASK, request.seed & _UINT32_MASK
         sample_index[i] = len(request.output_token_ids)
+        if entries[i] is not None:
+            repetition_penalty[i] = params.repetition_penalty
+            presence_penalty[i] = params.presence_penalty
+            frequency_penalty[i] = params.frequency_penalty
+            ids, counts, flags, values = entries[i]
+            n_ids = len(ids)
+            penalty_ids[i, :n_ids] = ids
+            output_counts[i, :n_ids] = counts
+            penalty_flags[i, :n_ids] = flags
+            bias[i, :n_ids] = values
         offset = end
 
     sampling = SamplingTensors(temperature, top_p, top_k, min_p, seed_words, sample_index)
     return key, StepInput(input_ids, positions, slot_mapping, token_seq, block_tables,
-                          context_lens, seq_lens, query_start_loc, logits_indices, sampling)
+                          context_lens, seq_lens, query_start_loc, logits_indices, sampling,
+                          PenaltyTensors(repetition_penalty, presence_penalty,
+                                         frequency_penalty, penalty_ids, output_counts,
+                                         penalty_flags, bias))
+
+
+def _penalty_entries(request):
+    """A request's sparse penalty entries (distinct ids, output counts, flags, bias), or
+    None when it uses no penalty, logit_bias or allowed_token_ids."""
+    params = request.sampling_params
+    if not params.uses_penalties:
+        return None
+    use_repetition = params.repetition_penalty != 1.0
+    use_counts = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+    output = np.asarray(request.output_token_ids, np.int32)
+    context = np.unique(np.concatenate(
+        [np.asarray(request.prompt_token_ids, np.int32), output])) if use_repetition else None
+    out_ids, out_counts = (np.unique(output, return_counts=True) if use_counts
+                           else (np.zeros(0, np.int32), None))
+    bias_ids = np.asarray([t for t, _ in params.logit_bias or ()], np.int32)
+    allowed = np.asarray(params.allowed_token_ids or (), np.int32)
+    banned = np.asarray(sorted(_banned_tokens(request)), np.int32)
+    parts = [out_ids, bias_ids, allowed, banned] + ([context] if context is not None else [])
+    ids = np.unique(np.concatenate(parts).astype(np.int32))
+    counts = np.zeros(len(ids), np.int32)
+    flags = np.zeros(len(ids), np.int32)
+    values = np.zeros(len(ids), np.float32)
+    if out_counts is not None:
+        counts[np.searchsorted(ids, out_ids)] = out_counts
+    if context is not None:
+        flags[np.searchsorted(ids, context)] |= PENALTY_IN_CONTEXT
+    if len(allowed):
+        flags[np.searchsorted(ids, allowed)] |= PENALTY_ALLOWED
+    if len(banned):
+        flags[np.searchsorted(ids, banned)] |= PENALTY_BANNED
+    if len(bias_ids):
+        values[np.searchsorted(ids, bias_ids)] = [v for _, v in params.logit_bias]
+    return ids, counts, flags, values
+
+
+def _banned_tokens(request) -> set[int]:
+    """vLLM's bad-words rule: ban a bad word's last token when the output so far ends with
+    the word's other tokens (a one-token word is always banned)."""
+    output = request.output_token_ids
+    banned = set()
+    for ids in request.bad_words_token_ids:
+        prefix = len(ids) - 1
+        if prefix > len(output):
+            continue
+        if prefix == 0 or list(output[-prefix:]) == list(ids[:-1]):
+            banned.add(ids[-1])
+    return banned

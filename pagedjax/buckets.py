@@ -22,11 +22,14 @@ def _powers(low: int, high: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class BucketKey:
-    """One compiled step shape: T tokens, B sequences, M block-table columns."""
+    """One compiled step shape: T tokens, B sequences, M block-table columns, and W
+    sparse penalty/bias entries per sequence (0 when no sequence uses penalties, logit
+    bias, allowed_token_ids or bad_words; such shapes are compiled on first use, not by warmup)."""
 
     num_tokens: int
     num_seqs: int
     num_pages: int
+    penalty_width: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,17 +50,27 @@ class Buckets:
             pages=_powers(1, max_pages_per_seq),
         )
 
-    def key_for(self, num_tokens: int, num_seqs: int, num_pages: int) -> BucketKey:
+    def key_for(self, num_tokens: int, num_seqs: int, num_pages: int,
+                penalty_entries: int = 0) -> BucketKey:
         """The smallest bucket holding a step of these sizes."""
         return BucketKey(_fit(self.tokens, num_tokens, "tokens"),
                          _fit(self.seqs, num_seqs, "sequences"),
-                         _fit(self.pages, max(num_pages, 1), "pages per sequence"))
+                         _fit(self.pages, max(num_pages, 1), "pages per sequence"),
+                         penalty_width(penalty_entries))
 
     def all_keys(self) -> list[BucketKey]:
         """Every shape a step can take (a step never has more sequences than tokens)."""
         return [BucketKey(t, b, m)
                 for t, b, m in itertools.product(self.tokens, self.seqs, self.pages)
                 if b <= t]
+
+
+MIN_PENALTY_WIDTH = 16
+
+
+def penalty_width(entries: int) -> int:
+    """W bucket for the widest row's sparse penalty entries: 0, or a power of two >= 16."""
+    return 0 if entries <= 0 else next_power_of_two(max(entries, MIN_PENALTY_WIDTH))
 
 
 def _fit(ladder: tuple[int, ...], value: int, what: str) -> int:

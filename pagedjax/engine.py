@@ -57,6 +57,16 @@ class EngineStats:
         return self.waste_sum / self.num_steps if self.num_steps else 0.0
 
 
+@dataclass
+class StepResult:
+    """What one engine step changed: `updated` holds the requests that got a new token in
+    it (scheduling order, finished ones included), `finished` those that ended in it
+    (stopped, cut by a stop string, or ended by the scheduler without a token)."""
+
+    updated: list[Request]
+    finished: list[Request]
+
+
 def resolve_dtype(dtype: str, platform: str) -> jnp.dtype:
     """"auto" is float32 on CPU (bf16 is slower there) and bfloat16 on GPU/TPU."""
     if dtype == "auto":
@@ -152,6 +162,8 @@ class Engine:
             raise ValueError(
                 f"prompt: the prompt has {len(token_ids)} tokens, but max_model_len is "
                 f"{self.max_model_len} (it must leave room for at least one new token)")
+        bad_words_ids = sampling_params.check_token_ids(self.model_config.vocab_size,
+                                                        self.tokenizer)
         if sampling_params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer, and this engine has none")
         index = next(self._request_counter)
@@ -162,6 +174,7 @@ class Engine:
         request = Request(request_id=request_id or str(index), prompt_token_ids=token_ids,
                           sampling_params=sampling_params, seed=seed,
                           eos_token_ids=self.eos_token_ids, prompt=prompt)
+        request.bad_words_token_ids = bad_words_ids
         if self.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, token_ids, sampling_params.skip_special_tokens)
@@ -183,12 +196,16 @@ class Engine:
 
     def step(self) -> list[Request]:
         """Schedule, run and commit one step; returns requests that finished in it."""
+        return self.step_with_updates().finished
+
+    def step_with_updates(self) -> StepResult:
+        """Like `step`, but also reports which requests got new tokens (for streaming)."""
         output = self.scheduler.schedule()
         if output.is_empty:
             finished = self.scheduler.update(output, [])
             if not finished and self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending")
-            return finished
+            return StepResult(updated=[], finished=finished)
         start = time.perf_counter()
         key, step_input = build_step_input(output.scheduled, self.buckets,
                                            self.config.block_size)
@@ -196,7 +213,9 @@ class Engine:
         finished = self.scheduler.update(output, tokens[:output.num_seqs].tolist())
         finished += self._update_text(output)
         self._record(output, start)
-        return finished
+        updated = [chunk.request for chunk in output.scheduled
+                   if chunk.samples and chunk.request.finish_reason != "abort"]
+        return StepResult(updated=updated, finished=finished)
 
     def _update_text(self, output) -> list[Request]:
         """Detokenize this step's new tokens and apply stop strings; returns the requests

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 from pagedjax.models import SUPPORTED_ARCHITECTURES, ModelConfig
 
@@ -15,6 +15,9 @@ from .request import Request
 from .sampling_params import SamplingParams
 
 PromptType = Union[str, dict, Sequence[int]]
+# vLLM's RequestOutputKind: DELTA, CUMULATIVE, FINAL_ONLY.
+OutputKind = Literal["delta", "cumulative", "final"]
+OUTPUT_KINDS = ("delta", "cumulative", "final")
 
 
 class LLM:
@@ -74,10 +77,36 @@ class LLM:
         object is validated before any request starts, so one bad prompt rejects the
         call with a ValueError and leaves the engine as it was.
         """
-        prompt_list = _as_prompt_list(prompts)
-        params_list = _as_params_list(sampling_params, len(prompt_list))
-        requests = [self._make_request(p, sp) for p, sp in zip(prompt_list, params_list)]
-        return self._run(requests, use_tqdm)
+        requests = self._make_requests(prompts, sampling_params)
+        outputs = list(self._stream(requests, "final", use_tqdm))
+        outputs.sort(key=lambda output: output.prompt_index)
+        return outputs
+
+    def generate_stream(self, prompts: Union[PromptType, Sequence[PromptType]],
+                        sampling_params: Union[None, SamplingParams,
+                                               Sequence[SamplingParams]] = None,
+                        *, output_kind: OutputKind = "delta") -> Iterator[RequestOutput]:
+        """Like `generate`, but yield RequestOutputs as tokens arrive (all prompts batched).
+
+        `output_kind` (vLLM's RequestOutputKind): "delta" — each output holds only the new
+        token ids and the new text; "cumulative" — everything so far; "final" — one output
+        per request when it finishes, in finishing order. Outputs of different prompts
+        interleave; `output.prompt_index` is the prompt's position in `prompts`, and the
+        last output of each request has `finished=True` and its finish_reason. With stop
+        strings, the last `len(longest stop) - 1` characters are held back until the
+        request ends, so streamed text never has to be taken back.
+
+        Inputs are validated (ValueError) when this is called, before any request starts;
+        requests are queued when iteration starts. Closing the generator early (`break`
+        out of a for loop over it, `.close()`, or an exception) aborts its unfinished
+        requests and frees their blocks; if you keep a reference to a generator you stop
+        iterating, close it (e.g. `contextlib.closing`). Run one stream (or `generate`) at a
+        time per LLM.
+        """
+        if output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
+        requests = self._make_requests(prompts, sampling_params)
+        return self._stream(requests, output_kind, False)
 
     def chat(self, messages: Union[list[dict], Sequence[list[dict]]],
              sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
@@ -112,29 +141,75 @@ class LLM:
             text, token_ids = None, prompt
         return self.engine.make_request(token_ids, params, prompt=text)
 
-    def _run(self, requests: list[Request], use_tqdm: bool) -> list[RequestOutput]:
+    def _make_requests(self, prompts: Any, sampling_params: Any) -> list[Request]:
+        """Validate every prompt and params object and build their Requests (not queued)."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        return [self._make_request(p, sp) for p, sp in zip(prompt_list, params_list)]
+
+    def _stream(self, requests: list[Request], output_kind: str,
+                use_tqdm: bool) -> Iterator[RequestOutput]:
+        """The one generation loop (`generate` and `generate_stream`): queue `requests`,
+        step the engine until all of them finished, yielding outputs of `output_kind`.
+        Whatever ends it early (close, exception) aborts the requests still unfinished."""
         engine = self.engine
-        for request in requests:
-            engine.add_request(request)
+        pending: dict[str, int] = {}  # request_id -> prompt index, queued and unfinished
+        emitted = [(0, 0)] * len(requests)  # (token ids, text chars) streamed so far
         progress = GenerateProgress(len(requests), enabled=use_tqdm)
-        pending = {r.request_id for r in requests}
         try:
+            for index, request in enumerate(requests):
+                engine.add_request(request)
+                pending[request.request_id] = index
             while pending:
-                for finished in engine.step():
-                    if finished.request_id in pending:
-                        pending.discard(finished.request_id)
-                        progress.update(finished)
+                result = engine.step_with_updates()
+                changed: dict[str, Request] = {}
+                for request in result.updated + result.finished:
+                    if request.request_id in pending:
+                        changed.setdefault(request.request_id, request)
+                for request_id, index in pending.items():  # e.g. aborted from elsewhere
+                    if requests[index].is_finished:
+                        changed.setdefault(request_id, requests[index])
+                for request_id, request in changed.items():
+                    index = pending[request_id]
+                    if request.is_finished:
+                        del pending[request_id]
+                        progress.update(request)
+                    output = self._stream_output(request, index, output_kind, emitted)
+                    if output is not None:
+                        yield output
         finally:
             progress.close()
             for request_id in pending:  # interrupted: leave no request behind
                 engine.abort_request(request_id)
-        return [self._to_output(r) for r in requests]
 
-    def _to_output(self, request: Request) -> RequestOutput:
-        completion = CompletionOutput(index=0, text=request.output_text,
-                                      token_ids=list(request.output_token_ids),
-                                      finish_reason=request.finish_reason,
-                                      stop_reason=request.stop_reason)
+    def _stream_output(self, request: Request, index: int, output_kind: str,
+                       emitted: list[tuple[int, int]]) -> Optional[RequestOutput]:
+        """The output to yield for `request` after a step, or None if there is none."""
+        finished = request.is_finished
+        if output_kind == "final":
+            return self._to_output(request, index) if finished else None
+        tokens_done, chars_done = emitted[index]
+        text = request.output_text
+        visible = len(text)
+        if not finished:  # hold back what a stop string spanning steps could still cut
+            visible = max(chars_done, visible - _stop_holdback(request.sampling_params))
+        num_tokens = len(request.output_token_ids)
+        if not finished and num_tokens == tokens_done and visible == chars_done:
+            return None
+        emitted[index] = (num_tokens, visible)
+        if output_kind == "cumulative":
+            return self._to_output(request, index, text=text[:visible])
+        return self._to_output(request, index, text=text[chars_done:visible],
+                               token_ids=request.output_token_ids[tokens_done:])
+
+    def _to_output(self, request: Request, prompt_index: Optional[int] = None,
+                   text: Optional[str] = None,
+                   token_ids: Optional[Sequence[int]] = None) -> RequestOutput:
+        """`request` as a RequestOutput; `text` / `token_ids` replace the full ones (deltas)."""
+        completion = CompletionOutput(
+            index=0, text=request.output_text if text is None else text,
+            token_ids=list(request.output_token_ids if token_ids is None else token_ids),
+            finish_reason=request.finish_reason, stop_reason=request.stop_reason)
         metrics = RequestMetrics(arrival_time=request.arrival_time,
                                  first_scheduled_time=request.first_scheduled_time,
                                  first_token_time=request.first_token_time,
@@ -143,7 +218,7 @@ class LLM:
         return RequestOutput(request_id=request.request_id, prompt=request.prompt,
                              prompt_token_ids=list(request.prompt_token_ids),
                              outputs=[completion], finished=request.is_finished,
-                             metrics=metrics)
+                             metrics=metrics, prompt_index=prompt_index)
 
     # ---- engine controls -----------------------------------------------------------
 
@@ -169,6 +244,14 @@ class LLM:
     def kv_cache_stats(self) -> KVCacheStats:
         """KV pool size, usage and block-tail waste right now."""
         return self.engine.kv_cache_stats()
+
+
+def _stop_holdback(params: SamplingParams) -> int:
+    """Characters of output text a stop string could still remove once more text comes:
+    a match is cut at its start, which can lie up to len(stop) - 1 characters back."""
+    if not params.stop or params.include_stop_str_in_output:
+        return 0
+    return max(len(stop) for stop in params.stop) - 1
 
 
 def _as_prompt_list(prompts: Any) -> list:

@@ -43,7 +43,12 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """Everything generated for one prompt, in the order prompts were given."""
+    """Everything generated for one prompt, in the order prompts were given.
+
+    `prompt_index` is the prompt's position in the list given to `generate` /
+    `generate_stream` (streamed outputs of different prompts interleave; map them back
+    with it). In a DELTA stream, `outputs[0].text` / `.token_ids` hold only what is new.
+    """
 
     request_id: str
     prompt: Optional[str]
@@ -51,3 +56,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default=None)
+    prompt_index: Optional[int] = None

@@ -41,6 +41,7 @@ class Request:
     output_text: str = ""  # detokenized output, cut at a matched stop string
     detokenizer: Optional[Any] = None  # an IncrementalDetokenizer, set by the engine
     num_preemptions: int = 0
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # from SamplingParams.bad_words
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: Optional[float] = None
     first_token_time: Optional[float] = None

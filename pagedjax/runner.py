@@ -17,7 +17,7 @@ import numpy as np
 
 from .buckets import BucketKey
 from .sampler import sample
-from .step_input import KVCache, SamplingTensors, StepInput
+from .step_input import KVCache, PenaltyTensors, SamplingTensors, StepInput
 
 
 def allocate_kv_cache(num_layers: int, num_kv_heads: int, num_blocks: int, block_size: int,
@@ -29,7 +29,7 @@ def allocate_kv_cache(num_layers: int, num_kv_heads: int, num_blocks: int, block
 
 def step_input_spec(key: BucketKey) -> StepInput:
     """Abstract shapes of a StepInput padded to `key` (for ahead-of-time compiles)."""
-    T, B, M = key.num_tokens, key.num_seqs, key.num_pages
+    T, B, M, W = key.num_tokens, key.num_seqs, key.num_pages, key.penalty_width
 
     def spec(shape, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(shape, dtype)
@@ -42,7 +42,12 @@ def step_input_spec(key: BucketKey) -> StepInput:
         input_ids=spec((T,)), positions=spec((T,)), slot_mapping=spec((T,)),
         token_seq=spec((T,)), block_tables=spec((B, M)), context_lens=spec((B,)),
         seq_lens=spec((B,)), query_start_loc=spec((B + 1,)), logits_indices=spec((B,)),
-        sampling=sampling)
+        sampling=sampling, penalties=PenaltyTensors(
+            repetition_penalty=spec((B,), jnp.float32),
+            presence_penalty=spec((B,), jnp.float32),
+            frequency_penalty=spec((B,), jnp.float32),
+            token_ids=spec((B, W)), output_counts=spec((B, W)), flags=spec((B, W)),
+            bias=spec((B, W), jnp.float32)))
 
 
 class ModelRunner:
@@ -56,7 +61,7 @@ class ModelRunner:
 
         def step(params, kv_cache: KVCache, step_input: StepInput):
             logits, kv_cache = apply_fn(params, step_input, kv_cache)
-            return sample(logits, step_input.sampling), kv_cache
+            return sample(logits, step_input.sampling, step_input.penalties), kv_cache
 
         self._jitted = jax.jit(step, donate_argnums=(1,))
 

@@ -1,4 +1,5 @@
-"""Token sampling inside the jitted step: greedy, temperature, top-k, top-p, min-p.
+"""Token sampling inside the jitted step: penalties and logit bias, then greedy,
+temperature, top-k, top-p, min-p.
 
 Each sequence draws with its own key, derived from (request seed, output-token index), so
 what a request samples never depends on which other requests share the batch.
@@ -6,10 +7,13 @@ what a request samples never depends on which other requests share the batch.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
-from .step_input import SamplingTensors
+from .step_input import (PENALTY_ALLOWED, PENALTY_BANNED, PENALTY_IN_CONTEXT, PenaltyTensors,
+                         SamplingTensors)
 
 _NEG_INF = -jnp.inf
 
@@ -24,12 +28,16 @@ def request_keys(sampling: SamplingTensors) -> jax.Array:
     return jax.vmap(key_of)(sampling.seed_words, sampling.sample_index)
 
 
-def sample(logits: jax.Array, sampling: SamplingTensors) -> jax.Array:
+def sample(logits: jax.Array, sampling: SamplingTensors,
+           penalties: Optional[PenaltyTensors] = None) -> jax.Array:
     """Sample one token per row of logits [B, V] (float32); returns int32 [B].
 
-    Rows with temperature 0 take the argmax. When every row is greedy the random path is
-    skipped at run time (lax.cond), so greedy batches pay nothing for sampling support.
+    Penalties, logit bias and allowed_token_ids apply first, to greedy rows too (as in
+    vLLM). Rows with temperature 0 take the argmax. When every row is greedy the random
+    path is skipped at run time (lax.cond), so greedy batches pay nothing for sampling
+    support.
     """
+    logits = apply_penalties(logits, penalties)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     all_greedy = jnp.all(sampling.temperature == 0.0)
     return jax.lax.cond(
@@ -78,3 +86,49 @@ def _apply_min_p(scaled: jax.Array, min_p: jax.Array) -> jax.Array:
     probs = jax.nn.softmax(scaled, axis=-1)
     cutoff = min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
     return jnp.where(probs >= cutoff, scaled, _NEG_INF)
+
+
+def apply_penalties(logits: jax.Array, penalties: Optional[PenaltyTensors]) -> jax.Array:
+    """Apply allowed_token_ids, bad_words, logit_bias, then repetition, frequency and presence
+    penalties (vLLM v1's order) to logits [B, V] float32.
+
+    Work is O(B * W) gathers and scatters over each row's sparse entries; with W == 0
+    (no sequence in the step uses any of these) it is skipped when tracing, and a run-time
+    lax.cond skips it when every row is neutral.
+    """
+    if penalties is None or penalties.token_ids.shape[-1] == 0:
+        return logits
+    return jax.lax.cond(_any_active(penalties), _apply_penalties, lambda x, _: x,
+                        logits, penalties)
+
+
+def _any_active(p: PenaltyTensors) -> jax.Array:
+    return (jnp.any(p.repetition_penalty != 1.0) | jnp.any(p.presence_penalty != 0.0)
+            | jnp.any(p.frequency_penalty != 0.0) | jnp.any(p.token_ids >= 0))
+
+
+def _apply_penalties(logits: jax.Array, p: PenaltyTensors) -> jax.Array:
+    batch, vocab = logits.shape
+    ids = p.token_ids  # [B, W], distinct per row
+    valid = (ids >= 0) & (ids < vocab)
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], ids.shape)
+    scatter_ids = jnp.where(valid, ids, vocab)  # out of bounds: dropped by the scatter
+
+    allowed = valid & ((p.flags & PENALTY_ALLOWED) != 0)
+    has_allowed = jnp.any(allowed, axis=-1)  # [B]
+    allowed_mask = jnp.zeros((batch, vocab), bool).at[rows, scatter_ids].set(
+        allowed, mode="drop")
+    logits = jnp.where(has_allowed[:, None] & ~allowed_mask, _NEG_INF, logits)
+
+    values = jnp.take_along_axis(logits, jnp.where(valid, ids, 0), axis=-1)  # [B, W]
+    values = jnp.where((p.flags & PENALTY_BANNED) != 0, _NEG_INF, values)
+    values = values + p.bias
+    # Repetition penalty (HF/vLLM) over prompt + output tokens.
+    rep = p.repetition_penalty[:, None]
+    in_context = (p.flags & PENALTY_IN_CONTEXT) != 0
+    values = jnp.where(in_context, jnp.where(values > 0, values / rep, values * rep), values)
+    # Frequency and presence penalties (OpenAI/vLLM) over output tokens only.
+    counts = p.output_counts.astype(jnp.float32)
+    values = (values - p.frequency_penalty[:, None] * counts
+              - p.presence_penalty[:, None] * (counts > 0).astype(jnp.float32))
+    return logits.at[rows, scatter_ids].set(values, mode="drop")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,14 @@ class SamplingParams:
     `seed` makes a request's random draws depend only on (seed, token index), never on the
     rest of the batch; without it the engine derives one from its own seed and the
     request's arrival order.
+    `repetition_penalty` (HF semantics, over prompt + output tokens: a positive logit is
+    divided by it, a negative one multiplied), `presence_penalty` and `frequency_penalty`
+    (over output tokens: logit -= presence * (count > 0) + frequency * count),
+    `logit_bias` (token id -> value added to its logit; stored as a sorted tuple of
+    pairs) and `allowed_token_ids` (only these can be sampled) apply before temperature,
+    to greedy requests too, in vLLM's order: allowed, bias, repetition, frequency/presence.
+    `bad_words` (needs a tokenizer) are tokenized as vLLM does, with and without a leading
+    space; a bad word's last token is banned whenever the output ends with its other tokens.
     """
 
     n: int = 1
@@ -35,6 +43,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     stop: Optional[Union[str, list[str], tuple[str, ...]]] = None
     include_stop_str_in_output: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[Union[dict[int, float], tuple[tuple[int, float], ...]]] = None
+    allowed_token_ids: Optional[Union[list[int], tuple[int, ...]]] = None
+    bad_words: Optional[Union[list[str], tuple[str, ...]]] = None
 
     def __post_init__(self):
         _check_int("n", self.n, minimum=1)
@@ -77,6 +91,57 @@ class SamplingParams:
         if not isinstance(self.include_stop_str_in_output, bool):
             raise ValueError(f"include_stop_str_in_output must be a bool, "
                              f"got {self.include_stop_str_in_output!r}")
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if not self.repetition_penalty > 0:
+            raise ValueError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        object.__setattr__(self, "logit_bias", _normalize_logit_bias(self.logit_bias))
+        object.__setattr__(self, "allowed_token_ids",
+                           _normalize_allowed(self.allowed_token_ids))
+        object.__setattr__(self, "bad_words", _normalize_bad_words(self.bad_words))
+
+    @property
+    def uses_penalties(self) -> bool:
+        """True when any penalty, logit_bias or allowed_token_ids is set."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0 or self.logit_bias is not None
+                or self.allowed_token_ids is not None or self.bad_words is not None)
+
+    def check_token_ids(self, vocab_size: int,
+                        tokenizer: Any = None) -> tuple[tuple[int, ...], ...]:
+        """Reject logit_bias / allowed_token_ids ids outside [0, vocab_size); return the
+        bad words' token id sequences (vLLM's tokenization: each word as given and with one
+        leading space, the latter only when it gives a different first token and the same
+        length)."""
+        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias or ()]),
+                          ("allowed_token_ids", self.allowed_token_ids or ())):
+            for token in ids:
+                if token >= vocab_size:
+                    raise ValueError(f"{name}: token id {token} is outside the "
+                                     f"vocabulary [0, {vocab_size})")
+        if not self.bad_words:
+            return ()
+        if tokenizer is None:
+            raise ValueError("bad_words: bad words need a tokenizer, and this engine has none")
+        sequences: list[tuple[int, ...]] = []
+        for word in self.bad_words:
+            plain = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            if plain:
+                sequences.append(plain)
+            spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            if spaced and (not plain or (spaced[0] != plain[0] and len(spaced) == len(plain))):
+                sequences.append(spaced)
+        for ids in sequences:
+            for token in ids:
+                if not 0 <= token < vocab_size:
+                    raise ValueError(f"bad_words: token id {token} is outside the "
+                                     f"vocabulary [0, {vocab_size})")
+        return tuple(sequences)
 
     @property
     def is_greedy(self) -> bool:
@@ -97,6 +162,52 @@ def _normalize_stop(stop) -> tuple[str, ...]:
         if not s:
             raise ValueError("stop: stop strings must be non-empty")
     return tuple(stop)
+
+
+def _normalize_logit_bias(bias) -> Optional[tuple[tuple[int, float], ...]]:
+    if bias is None:
+        return None
+    if isinstance(bias, dict):
+        items = list(bias.items())
+    elif isinstance(bias, (list, tuple)):
+        items = list(bias)
+        if not all(isinstance(x, (list, tuple)) and len(x) == 2 for x in items):
+            raise ValueError(f"logit_bias must map token ids to floats, got {bias!r}")
+    else:
+        raise ValueError(f"logit_bias must be a dict of token id -> float, got {bias!r}")
+    out = {}
+    for token, value in items:
+        if isinstance(token, str) and token.lstrip("-").isdigit():
+            token = int(token)  # JSON object keys arrive as strings
+        _check_int("logit_bias", token, minimum=0)
+        _check_number("logit_bias", value)
+        out[int(token)] = float(value)
+    return tuple(sorted(out.items())) or None
+
+
+def _normalize_bad_words(words) -> Optional[tuple[str, ...]]:
+    if words is None:
+        return None
+    if isinstance(words, str):
+        words = [words]
+    if not isinstance(words, (list, tuple)):
+        raise ValueError(f"bad_words must be a list of strings, got {words!r}")
+    for word in words:
+        if not isinstance(word, str) or not word.strip():
+            raise ValueError(f"bad_words must hold non-empty strings, got {word!r}")
+    return tuple(words) or None
+
+
+def _normalize_allowed(allowed) -> Optional[tuple[int, ...]]:
+    if allowed is None:
+        return None
+    if isinstance(allowed, (str, bytes)) or not isinstance(allowed, (list, tuple)):
+        raise ValueError(f"allowed_token_ids must be a list of ints, got {allowed!r}")
+    if not allowed:
+        raise ValueError("allowed_token_ids: the list is empty (nothing could be sampled)")
+    for token in allowed:
+        _check_int("allowed_token_ids", token, minimum=0)
+    return tuple(sorted(set(int(t) for t in allowed)))
 
 
 def _check_int(name: str, value, minimum: int) -> None:

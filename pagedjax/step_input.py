@@ -18,6 +18,30 @@ class SamplingTensors(NamedTuple):
     sample_index: jax.Array  # [B] int32: index of the token being sampled in its output
 
 
+class PenaltyTensors(NamedTuple):
+    """Per-sequence penalties, logit bias and allowed tokens, sent sparsely.
+
+    Each row lists the W token ids it touches (prompt/output tokens for the penalties,
+    logit_bias keys, allowed_token_ids), padded with -1. W is a bucket dimension
+    (BucketKey.penalty_width) that is 0 when no sequence in the step uses any of this, so
+    the default path sends nothing and compiles nothing extra.
+    """
+
+    repetition_penalty: jax.Array  # [B] float32; 1 = off
+    presence_penalty: jax.Array  # [B] float32; 0 = off
+    frequency_penalty: jax.Array  # [B] float32; 0 = off
+    token_ids: jax.Array  # [B, W] int32 distinct ids per row; padding -1
+    output_counts: jax.Array  # [B, W] int32 occurrences in the output so far
+    flags: jax.Array  # [B, W] int32 bit 0: in prompt+output (repetition);
+    #   bit 1: allowed; bit 2: banned (bad_words)
+    bias: jax.Array  # [B, W] float32 logit_bias value (0 if none)
+
+
+PENALTY_IN_CONTEXT = 1
+PENALTY_ALLOWED = 2
+PENALTY_BANNED = 4  # a bad word's last token, banned this step
+
+
 class StepInput(NamedTuple):
     """What the jitted step reads. Padding tokens write to the null page 0, padded
     sequences point at it, so no real KV block is ever touched by padding."""
@@ -32,6 +56,7 @@ class StepInput(NamedTuple):
     query_start_loc: jax.Array  # [B + 1] int32 ragged token ranges
     logits_indices: jax.Array  # [B] int32 last scheduled token of each sequence
     sampling: SamplingTensors
+    penalties: PenaltyTensors
 
 
 class KVCache(NamedTuple):
