@@ -3,10 +3,10 @@
 from .api import EngineCache, clear_engine_cache, generate
 from .config import EngineConfig
 from .llm import LLM
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "CompletionOutput", "EngineCache", "EngineConfig", "RequestMetrics",
+__all__ = ["LLM", "CompletionOutput", "EngineCache", "EngineConfig", "Logprob", "RequestMetrics",
            "RequestOutput", "SamplingParams", "clear_engine_cache", "generate"]

@@ -25,7 +25,8 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
     context_pages = max((-(-s.start_position // block_size) for s in scheduled), default=0)
     entries = [_penalty_entries(s.request) for s in scheduled]
     widest = max((len(e[0]) for e in entries if e is not None), default=0)
-    key = buckets.key_for(num_tokens, len(scheduled), context_pages, widest)
+    with_logprobs = any(s.request.sampling_params.logprobs is not None for s in scheduled)
+    key = buckets.key_for(num_tokens, len(scheduled), context_pages, widest, with_logprobs)
     T, B, M = key.num_tokens, key.num_seqs, key.num_pages
 
     input_ids = np.zeros(T, np.int32)

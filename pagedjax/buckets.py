@@ -24,12 +24,15 @@ def _powers(low: int, high: int) -> tuple[int, ...]:
 class BucketKey:
     """One compiled step shape: T tokens, B sequences, M block-table columns, and W
     sparse penalty/bias entries per sequence (0 when no sequence uses penalties, logit
-    bias, allowed_token_ids or bad_words; such shapes are compiled on first use, not by warmup)."""
+    bias, allowed_token_ids or bad_words; such shapes are compiled on first use, not by warmup).
+    `with_logprobs` is True when some sequence asked for logprobs: only then does the step
+    compute and return them (also compiled on first use; warmup covers False only)."""
 
     num_tokens: int
     num_seqs: int
     num_pages: int
     penalty_width: int = 0
+    with_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,12 @@ class Buckets:
         )
 
     def key_for(self, num_tokens: int, num_seqs: int, num_pages: int,
-                penalty_entries: int = 0) -> BucketKey:
+                penalty_entries: int = 0, with_logprobs: bool = False) -> BucketKey:
         """The smallest bucket holding a step of these sizes."""
         return BucketKey(_fit(self.tokens, num_tokens, "tokens"),
                          _fit(self.seqs, num_seqs, "sequences"),
                          _fit(self.pages, max(num_pages, 1), "pages per sequence"),
-                         penalty_width(penalty_entries))
+                         penalty_width(penalty_entries), bool(with_logprobs))
 
     def all_keys(self) -> list[BucketKey]:
         """Every shape a step can take (a step never has more sequences than tokens)."""

@@ -21,6 +21,7 @@ from .buckets import Buckets
 from .compile_cache import enable_compilation_cache
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .outputs import Logprob
 from .request import Request
 from .runner import ModelRunner, allocate_kv_cache
 from .sampling_params import SamplingParams
@@ -209,13 +210,42 @@ class Engine:
         start = time.perf_counter()
         key, step_input = build_step_input(output.scheduled, self.buckets,
                                            self.config.block_size)
-        tokens = self.runner.execute(key, step_input)
+        tokens, logprobs = self.runner.execute(key, step_input)
+        live = [not chunk.request.is_finished for chunk in output.scheduled]
         finished = self.scheduler.update(output, tokens[:output.num_seqs].tolist())
+        if logprobs is not None:
+            self._update_logprobs(output, live, logprobs)
         finished += self._update_text(output)
         self._record(output, start)
         updated = [chunk.request for chunk in output.scheduled
                    if chunk.samples and chunk.request.finish_reason != "abort"]
         return StepResult(updated=updated, finished=finished)
+
+    def _update_logprobs(self, output, live: list[bool], logprobs) -> None:
+        """Append this step's logprobs entry to each request that asked for them and got a
+        token: {token_id: Logprob} with the sampled token first, then the top k."""
+        for i, chunk in enumerate(output.scheduled):
+            request = chunk.request
+            k = request.sampling_params.logprobs
+            if k is None or not chunk.samples or not live[i]:
+                continue
+            token = request.output_token_ids[-1]
+            sampled = float(logprobs.sampled_logprob[i])
+            entry = {token: Logprob(sampled, int(logprobs.sampled_rank[i]),
+                                    self._decode_token(token))}
+            for rank, (top_id, top_lp) in enumerate(
+                    zip(logprobs.top_ids[i, :k].tolist(), logprobs.top_logprobs[i, :k].tolist())):
+                if top_id not in entry:
+                    entry[top_id] = Logprob(float(top_lp), rank + 1, self._decode_token(top_id))
+            if request.logprobs is None:
+                request.logprobs, request.cumulative_logprob = [], 0.0
+            request.logprobs.append(entry)
+            request.cumulative_logprob += sampled
+
+    def _decode_token(self, token_id: int) -> Optional[str]:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token_id])
 
     def _update_text(self, output) -> list[Request]:
         """Detokenize this step's new tokens and apply stop strings; returns the requests

@@ -200,15 +200,26 @@ class LLM:
         if output_kind == "cumulative":
             return self._to_output(request, index, text=text[:visible])
         return self._to_output(request, index, text=text[chars_done:visible],
-                               token_ids=request.output_token_ids[tokens_done:])
+                               token_ids=request.output_token_ids[tokens_done:],
+                               logprobs_from=tokens_done)
 
     def _to_output(self, request: Request, prompt_index: Optional[int] = None,
                    text: Optional[str] = None,
-                   token_ids: Optional[Sequence[int]] = None) -> RequestOutput:
-        """`request` as a RequestOutput; `text` / `token_ids` replace the full ones (deltas)."""
+                   token_ids: Optional[Sequence[int]] = None,
+                   logprobs_from: int = 0) -> RequestOutput:
+        """`request` as a RequestOutput; `text` / `token_ids` replace the full ones (deltas),
+        and a delta's logprobs are those of its tokens (from index `logprobs_from` on);
+        `cumulative_logprob` is always the running total."""
+        logprobs = None
+        if request.sampling_params.logprobs is not None:
+            logprobs = list((request.logprobs or [])[logprobs_from:])
+        cumulative = request.cumulative_logprob
+        if cumulative is None and request.sampling_params.logprobs is not None:
+            cumulative = 0.0
         completion = CompletionOutput(
             index=0, text=request.output_text if text is None else text,
             token_ids=list(request.output_token_ids if token_ids is None else token_ids),
+            cumulative_logprob=cumulative, logprobs=logprobs,
             finish_reason=request.finish_reason, stop_reason=request.stop_reason)
         metrics = RequestMetrics(arrival_time=request.arrival_time,
                                  first_scheduled_time=request.first_scheduled_time,

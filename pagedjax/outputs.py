@@ -7,8 +7,23 @@ from typing import Optional
 
 
 @dataclass
+class Logprob:
+    """One token's log probability (raw: log_softmax of the model's logits), its rank
+    among the vocabulary (1 = most likely) and its text (None without a tokenizer)."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+@dataclass
 class CompletionOutput:
-    """One generated continuation of a prompt."""
+    """One generated continuation of a prompt.
+
+    With `SamplingParams.logprobs=k`, `logprobs` holds one dict per generated token,
+    {token_id: Logprob}, with the sampled token plus the k most likely ones, and
+    `cumulative_logprob` the sum of the sampled tokens' logprobs; both None otherwise.
+    """
 
     index: int
     text: str

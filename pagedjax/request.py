@@ -42,6 +42,10 @@ class Request:
     detokenizer: Optional[Any] = None  # an IncrementalDetokenizer, set by the engine
     num_preemptions: int = 0
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # from SamplingParams.bad_words
+    # With SamplingParams.logprobs: one {token_id: Logprob} per output token, and the sum
+    # of the sampled tokens' logprobs (both filled by the engine).
+    logprobs: Optional[list] = None
+    cumulative_logprob: Optional[float] = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: Optional[float] = None
     first_token_time: Optional[float] = None

@@ -9,14 +9,14 @@ The KV pool is donated to every step and updated in place.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .buckets import BucketKey
-from .sampler import sample
+from .sampler import StepLogprobs, compute_logprobs, sample
 from .step_input import KVCache, PenaltyTensors, SamplingTensors, StepInput
 
 
@@ -59,11 +59,15 @@ class ModelRunner:
         self._compiled: dict[BucketKey, Any] = {}
         self.compile_seconds = 0.0
 
-        def step(params, kv_cache: KVCache, step_input: StepInput):
+        def step(params, kv_cache: KVCache, step_input: StepInput, with_logprobs: bool):
             logits, kv_cache = apply_fn(params, step_input, kv_cache)
-            return sample(logits, step_input.sampling, step_input.penalties), kv_cache
+            tokens = sample(logits, step_input.sampling, step_input.penalties)
+            # Logprobs only in programs compiled for them: the default path does no extra
+            # work and transfers nothing extra.
+            logprobs = compute_logprobs(logits, tokens) if with_logprobs else None
+            return (tokens, logprobs), kv_cache
 
-        self._jitted = jax.jit(step, donate_argnums=(1,))
+        self._jitted = jax.jit(step, donate_argnums=(1,), static_argnums=(3,))
 
     @property
     def num_compiles(self) -> int:
@@ -82,7 +86,8 @@ class ModelRunner:
         start = time.perf_counter()
         params_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
         kv_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.kv_cache)
-        lowered = self._jitted.lower(params_spec, kv_spec, step_input_spec(key))
+        lowered = self._jitted.lower(params_spec, kv_spec, step_input_spec(key),
+                                     key.with_logprobs)
         self._compiled[key] = lowered.compile()
         self.compile_seconds += time.perf_counter() - start
 
@@ -94,9 +99,15 @@ class ModelRunner:
             raise ValueError("params: new weights must have the same tree, shapes and dtypes")
         self.params = params
 
-    def execute(self, key: BucketKey, step_input: StepInput) -> np.ndarray:
-        """Run one step (numpy StepInput padded to `key`); returns sampled tokens int32 [B]."""
+    def execute(self, key: BucketKey,
+                step_input: StepInput) -> tuple[np.ndarray, Optional[StepLogprobs]]:
+        """Run one step (numpy StepInput padded to `key`); returns sampled tokens int32 [B]
+        and, when `key.with_logprobs`, their StepLogprobs as numpy arrays (else None)."""
         self.compile(key)
         device_input = jax.device_put(step_input)
-        tokens, self.kv_cache = self._compiled[key](self.params, self.kv_cache, device_input)
-        return np.asarray(jax.device_get(tokens))
+        (tokens, logprobs), self.kv_cache = self._compiled[key](
+            self.params, self.kv_cache, device_input)
+        tokens, logprobs = jax.device_get((tokens, logprobs))
+        if logprobs is not None:
+            logprobs = StepLogprobs(*(np.asarray(x) for x in logprobs))
+        return np.asarray(tokens), logprobs

@@ -7,11 +7,12 @@ what a request samples never depends on which other requests share the batch.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from .sampling_params import MAX_LOGPROBS
 from .step_input import (PENALTY_ALLOWED, PENALTY_BANNED, PENALTY_IN_CONTEXT, PenaltyTensors,
                          SamplingTensors)
 
@@ -46,6 +47,27 @@ def sample(logits: jax.Array, sampling: SamplingTensors,
         lambda: jnp.where(sampling.temperature == 0.0, greedy_tokens,
                           _sample_random(logits, sampling)),
     )
+
+
+class StepLogprobs(NamedTuple):
+    """Per-row logprobs of one step: the sampled token's logprob [B] and rank [B], and the
+    top MAX_LOGPROBS ids [B, K] and logprobs [B, K] (K = min(MAX_LOGPROBS, vocab))."""
+
+    sampled_logprob: jax.Array
+    sampled_rank: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def compute_logprobs(logits: jax.Array, tokens: jax.Array) -> StepLogprobs:
+    """RAW logprobs, as vLLM v1 returns by default: log_softmax of the model's logits
+    [B, V], before penalties, logit bias, allowed/bad words and temperature. The rank is
+    1 + the number of tokens with a strictly higher logprob."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    sampled = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)  # [B, 1]
+    rank = 1 + jnp.sum(logprobs > sampled, axis=-1).astype(jnp.int32)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
+    return StepLogprobs(sampled[:, 0], rank, top_ids.astype(jnp.int32), top_logprobs)
 
 
 def _sample_random(logits: jax.Array, sampling: SamplingTensors) -> jax.Array:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+MAX_LOGPROBS = 20  # most top logprobs per token; the jitted step always computes this many
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -28,6 +30,9 @@ class SamplingParams:
     to greedy requests too, in vLLM's order: allowed, bias, repetition, frequency/presence.
     `bad_words` (needs a tokenizer) are tokenized as vLLM does, with and without a leading
     space; a bad word's last token is banned whenever the output ends with its other tokens.
+    `logprobs=k` (0..MAX_LOGPROBS=20) returns, for every generated token, the sampled
+    token's logprob and rank plus the k most likely tokens. As in vLLM v1, these are RAW
+    logprobs: log_softmax of the model's logits, before penalties, bias and temperature.
     """
 
     n: int = 1
@@ -49,6 +54,7 @@ class SamplingParams:
     logit_bias: Optional[Union[dict[int, float], tuple[tuple[int, float], ...]]] = None
     allowed_token_ids: Optional[Union[list[int], tuple[int, ...]]] = None
     bad_words: Optional[Union[list[str], tuple[str, ...]]] = None
+    logprobs: Optional[int] = None
 
     def __post_init__(self):
         _check_int("n", self.n, minimum=1)
@@ -104,6 +110,11 @@ class SamplingParams:
         object.__setattr__(self, "allowed_token_ids",
                            _normalize_allowed(self.allowed_token_ids))
         object.__setattr__(self, "bad_words", _normalize_bad_words(self.bad_words))
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, minimum=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be <= {MAX_LOGPROBS} (the most top "
+                                 f"logprobs returned per token), got {self.logprobs}")
 
     @property
     def uses_penalties(self) -> bool:

@@ -6,6 +6,7 @@ import pytest
 import pagedjax
 from pagedjax import LLM, SamplingParams
 from pagedjax.loading import load_model
+from tests.helpers.engines import make_llm
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -17,13 +18,6 @@ def random_prompts(vocab, lengths, seed=0):
 
 def token_ids(outputs):
     return [o.outputs[0].token_ids for o in outputs]
-
-
-def make_llm(model_dir, **kwargs):
-    settings = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64,
-                    block_size=4, num_blocks=128)
-    settings.update(kwargs)
-    return LLM(model_dir, **settings)
 
 
 @pytest.fixture(scope="module")

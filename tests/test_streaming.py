@@ -2,7 +2,8 @@
 
 import pytest
 
-from pagedjax import LLM, SamplingParams
+from pagedjax import SamplingParams
+from tests.helpers.engines import make_llm
 
 PROMPTS = ["the cat sat on the mat", "hello there", "once upon a time", "a",
            "streaming tokens one at a time"]
@@ -15,8 +16,7 @@ def greedy(max_tokens=MAX_TOKENS, **kwargs):
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    return LLM(tiny_llama_dir, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64,
-               block_size=4, num_blocks=128)
+    return make_llm(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")
