@@ -53,8 +53,14 @@ def paged_attention(
     context_lens: jax.Array,  # [B] cached tokens of each sequence before this step
     block_tables: jax.Array,  # [B, M] pages holding each sequence's cached context
     scale: float,
+    sliding_window: int | None = None,  # keys at positions > (query position - window) only
+    soft_cap: float | None = None,  # scores -> soft_cap * tanh(scores / soft_cap)
 ) -> jax.Array:  # [T, H, D]
-    """Attention of ragged query tokens over their sequences' paged context + in-step tokens."""
+    """Attention of ragged query tokens over their sequences' paged context + in-step tokens.
+
+    `sliding_window` and `soft_cap` default off (the models here use neither); they exist so
+    the Pallas kernels can be checked against this oracle with them on.
+    """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
     group = num_heads // num_kv_heads
@@ -73,7 +79,11 @@ def paged_attention(
     ctx_len = num_pages_per_seq * page_size
     s_ctx = jnp.einsum("tkgd,tmksd->tkgms", qg, k_ctx).reshape(
         num_tokens, num_kv_heads, group, ctx_len)
+    if soft_cap is not None:
+        s_ctx = soft_cap * jnp.tanh(s_ctx / soft_cap)
     ctx_visible = jnp.arange(ctx_len)[None, :] < token_ctx_lens[:, None]  # [T, N]
+    if sliding_window is not None:
+        ctx_visible &= positions[:, None] - jnp.arange(ctx_len)[None, :] < sliding_window
     s_ctx = jnp.where(ctx_visible[:, None, None, :], s_ctx, NEG_INF)
 
     # In-step tokens of the same sequence, causal by absolute position.
@@ -81,6 +91,10 @@ def paged_attention(
     same_seq = token_seq[:, None] == token_seq[None, :]
     causal = positions[None, :] <= positions[:, None]
     new_visible = same_seq & causal  # [T, T]; the diagonal is always visible
+    if soft_cap is not None:
+        s_new = soft_cap * jnp.tanh(s_new / soft_cap)
+    if sliding_window is not None:
+        new_visible &= positions[:, None] - positions[None, :] < sliding_window
     s_new = jnp.where(new_visible[:, None, None, :], s_new, NEG_INF)
 
     scores = jnp.concatenate([s_ctx, s_new], axis=-1)

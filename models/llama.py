@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pagedjax.kernels import reference
+from pagedjax.kernels import get_paged_attention, reference
 from pagedjax.step_input import KVCache, StepInput
 
 from .config import ModelConfig
@@ -26,6 +26,7 @@ class LlamaDecoderLayer(nn.Module):
     """One pre-norm attention + SwiGLU block; called once per layer by nn.scan."""
 
     config: ModelConfig
+    attention_backend: str = "reference"  # a resolved name: "reference" | "pallas"
 
     @nn.compact
     def __call__(self, carry, step: StepInput, cos: jax.Array, sin: jax.Array):
@@ -51,11 +52,11 @@ class LlamaDecoderLayer(nn.Module):
         k = apply_rope(k, cos, sin)
 
         k_cache, v_cache = reference.write_kv(k_cache, v_cache, layer, k, v, step.slot_mapping)
-        attn = reference.paged_attention(
+        attn = get_paged_attention(self.attention_backend)(
             q, k, v, k_cache, v_cache, layer,
             token_seq=step.token_seq, positions=step.positions,
             context_lens=step.context_lens, block_tables=step.block_tables,
-            scale=D ** -0.5,
+            scale=D ** -0.5, slot_mapping=step.slot_mapping,
         )
         x = x + linear(attn.reshape(num_tokens, H * D), wo, bo)
         x = x + gated_mlp(rms_norm(x, mlp_norm, c.rms_norm_eps), w_gate_up, w_down)
@@ -66,9 +67,13 @@ class LlamaForCausalLM(nn.Module):
     """Embedding -> scanned decoder layers -> final norm -> logits of last tokens."""
 
     config: ModelConfig
+    attention_backend: str = "reference"  # kernels.resolve_attention_backend's answer
 
     @nn.compact
-    def __call__(self, step: StepInput, kv_cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def __call__(self, step: StepInput, kv_cache: KVCache,
+                 all_token_logits: bool = False):
+        """Returns (logits [B, V], kv_cache); with `all_token_logits` (a static flag, for
+        prompt logprobs) returns ((logits [B, V], token_logits [T, V]), kv_cache)."""
         c = self.config
         embed = self.param("embed", _init, (c.vocab_size, c.hidden_size))
         x = jnp.take(embed, step.input_ids, axis=0)  # [T, E]
@@ -80,7 +85,7 @@ class LlamaForCausalLM(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_layers,
-        )(c, name="layers")
+        )(c, self.attention_backend, name="layers")
         carry = (x, kv_cache.k, kv_cache.v, jnp.int32(0))
         (x, k_cache, v_cache, _), _ = layers(carry, step, cos, sin)
 
@@ -93,4 +98,7 @@ class LlamaForCausalLM(nn.Module):
         else:
             lm_head = self.param("lm_head", _init, (c.vocab_size, c.hidden_size))
         logits = linear(last, lm_head).astype(jnp.float32)  # [B, V]
+        if all_token_logits:  # prompt logprobs: the [T, V] projection, only when asked
+            token_logits = linear(rms_norm(x, final_norm, c.rms_norm_eps), lm_head)
+            return (logits, token_logits.astype(jnp.float32)), KVCache(k_cache, v_cache)
         return logits, KVCache(k_cache, v_cache)

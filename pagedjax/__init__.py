@@ -1,6 +1,7 @@
 """pagedjax: a pure-JAX LLM inference engine with a paged KV cache and continuous batching."""
 
 from .api import EngineCache, clear_engine_cache, generate
+from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from .config import EngineConfig
 from .llm import LLM
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -8,5 +9,6 @@ from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "CompletionOutput", "EngineCache", "EngineConfig", "Logprob", "RequestMetrics",
+__all__ = ["LLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence",
+           "CompletionOutput", "EngineCache", "EngineConfig", "Logprob", "RequestMetrics",
            "RequestOutput", "SamplingParams", "clear_engine_cache", "generate"]

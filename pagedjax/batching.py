@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -22,11 +22,14 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
     sequences have empty context and read logits of token 0 (their samples are ignored).
     """
     num_tokens = sum(s.num_new_tokens for s in scheduled)
-    context_pages = max((-(-s.start_position // block_size) for s in scheduled), default=0)
+    context_pages = max((-(-s.start_position // block_size) for s in scheduled
+                         if s.num_new_tokens), default=0)
     entries = [_penalty_entries(s.request) for s in scheduled]
     widest = max((len(e[0]) for e in entries if e is not None), default=0)
     with_logprobs = any(s.request.sampling_params.logprobs is not None for s in scheduled)
-    key = buckets.key_for(num_tokens, len(scheduled), context_pages, widest, with_logprobs)
+    with_prompt_logprobs = any(needs_prompt_logprobs(s) for s in scheduled)
+    key = buckets.key_for(num_tokens, len(scheduled), context_pages, widest, with_logprobs,
+                          with_prompt_logprobs)
     T, B, M = key.num_tokens, key.num_seqs, key.num_pages
 
     input_ids = np.zeros(T, np.int32)
@@ -54,25 +57,33 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
     bias = np.zeros((B, W), np.float32)
 
     offset = 0
+    logits_at = {}  # id(request) -> index of its last token this step
     for i, chunk in enumerate(scheduled):
         request, start, n = chunk.request, chunk.start_position, chunk.num_new_tokens
         end = offset + n
-        prompt_len = len(request.prompt_token_ids)
-        pos = np.arange(start, start + n, dtype=np.int32)
-        if start + n <= prompt_len:
-            input_ids[offset:end] = request.prompt_token_ids[start:start + n]
+        if n == 0:
+            # A just-forked parallel-sampling child (scheduled after every chunk with
+            # tokens): an empty sequence, like padding, that samples with its own params
+            # and seed from its parent's last-token logits.
+            logits_indices[i] = logits_at[id(chunk.logits_source)]
         else:
-            input_ids[offset:end] = request.all_token_ids[start:start + n]
-        positions[offset:end] = pos
-        blocks = np.asarray(request.block_ids, np.int32)
-        slot_mapping[offset:end] = blocks[pos // block_size] * block_size + pos % block_size
-        token_seq[offset:end] = i
-        cached_pages = -(-start // block_size)
-        block_tables[i, :cached_pages] = blocks[:cached_pages]
-        context_lens[i] = start
-        seq_lens[i] = start + n
-        query_start_loc[i] = offset
-        logits_indices[i] = end - 1
+            prompt_len = len(request.prompt_token_ids)
+            pos = np.arange(start, start + n, dtype=np.int32)
+            if start + n <= prompt_len:
+                input_ids[offset:end] = request.prompt_token_ids[start:start + n]
+            else:
+                input_ids[offset:end] = request.all_token_ids[start:start + n]
+            positions[offset:end] = pos
+            blocks = np.asarray(request.block_ids, np.int32)
+            slot_mapping[offset:end] = blocks[pos // block_size] * block_size + pos % block_size
+            token_seq[offset:end] = i
+            cached_pages = -(-start // block_size)
+            block_tables[i, :cached_pages] = blocks[:cached_pages]
+            context_lens[i] = start
+            seq_lens[i] = start + n
+            query_start_loc[i] = offset
+            logits_indices[i] = end - 1
+            logits_at[id(request)] = end - 1
 
         params = request.sampling_params
         temperature[i] = params.temperature
@@ -99,6 +110,36 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
                           PenaltyTensors(repetition_penalty, presence_penalty,
                                          frequency_penalty, penalty_ids, output_counts,
                                          penalty_flags, bias))
+
+
+def needs_prompt_logprobs(chunk) -> bool:
+    """True when `chunk`'s request asked for prompt logprobs and the chunk holds a prompt
+    position whose next prompt token has no entry yet (a recompute after preemption
+    needs none again)."""
+    request = chunk.request
+    if request.sampling_params.prompt_logprobs is None or chunk.num_new_tokens == 0:
+        return False
+    prompt_len = len(request.prompt_token_ids)
+    done = len(request.prompt_logprobs or [None])  # entries for prompt positions < done
+    return chunk.start_position + 1 < prompt_len and done < prompt_len
+
+
+def build_prompt_targets(scheduled: Sequence, key: BucketKey) -> Optional[np.ndarray]:
+    """int32 [T]: for each scheduled token at prompt position p of a request that needs
+    prompt logprobs, the prompt token at p + 1 (the one whose logprob that token's logits
+    give); 0 elsewhere. None when the step computes no prompt logprobs."""
+    if not key.with_prompt_logprobs:
+        return None
+    targets = np.zeros(key.num_tokens, np.int32)
+    offset = 0
+    for chunk in scheduled:
+        start, n = chunk.start_position, chunk.num_new_tokens
+        if needs_prompt_logprobs(chunk):
+            prompt = chunk.request.prompt_token_ids
+            stop = min(start + n, len(prompt) - 1)
+            targets[offset:offset + stop - start] = prompt[start + 1:stop + 1]
+        offset += n
+    return targets
 
 
 def _penalty_entries(request):

@@ -7,7 +7,7 @@ be traced or jitted.
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -112,8 +112,7 @@ class BlockManager:
         """Grow `request.block_ids` so it can hold `num_tokens` tokens.
 
         Returns False, allocating nothing, when the pool has too few free pages. Never
-        shrinks. Appending into a page shared through `fork` is not copy-on-write yet: callers
-        that fork must only share full pages.
+        shrinks. Writing into a page shared through `fork` needs `copy_on_write` first.
         """
         missing = self.blocks_needed(num_tokens) - len(request.block_ids)
         if missing <= 0:
@@ -122,6 +121,32 @@ class BlockManager:
             return False
         request.block_ids.extend(self.allocate(missing))
         return True
+
+    def copy_on_write(self, request: Request, start: int,
+                      end: int) -> Optional[list[tuple[int, int]]]:
+        """Make the pages holding token positions [start, end) of `request` private before
+        it writes them: each one shared with another sequence (ref count > 1) is replaced
+        by a fresh page and one reference to the shared page is dropped.
+
+        Returns the (src, dst) page copies the caller must run on the device before the
+        write (the dst pages must get the src pages' filled slots), [] when nothing is
+        shared, or None, changing nothing, when the pool has too few free pages.
+        """
+        if end <= start:
+            return []
+        first = start // self.block_size
+        last = min(len(request.block_ids), self.blocks_needed(end))
+        shared = [i for i in range(first, last)
+                  if self._ref_counts[request.block_ids[i]] > 1]
+        if not self.can_allocate(len(shared)):
+            return None
+        copies = []
+        for i, fresh in zip(shared, self.allocate(len(shared))):
+            src = request.block_ids[i]
+            self._ref_counts[src] -= 1  # > 1 before, so it stays allocated
+            request.block_ids[i] = fresh
+            copies.append((src, fresh))
+        return copies
 
     def fork(self, block_ids: Sequence[int]) -> list[int]:
         """Share already-allocated pages with another sequence; returns a copy of the ids.

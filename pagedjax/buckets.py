@@ -26,13 +26,16 @@ class BucketKey:
     sparse penalty/bias entries per sequence (0 when no sequence uses penalties, logit
     bias, allowed_token_ids or bad_words; such shapes are compiled on first use, not by warmup).
     `with_logprobs` is True when some sequence asked for logprobs: only then does the step
-    compute and return them (also compiled on first use; warmup covers False only)."""
+    compute and return them (also compiled on first use; warmup covers False only).
+    `with_prompt_logprobs` likewise: some sequence asked for prompt logprobs, so the step
+    also projects every token to logits and returns each token's top logprobs."""
 
     num_tokens: int
     num_seqs: int
     num_pages: int
     penalty_width: int = 0
     with_logprobs: bool = False
+    with_prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,14 @@ class Buckets:
         )
 
     def key_for(self, num_tokens: int, num_seqs: int, num_pages: int,
-                penalty_entries: int = 0, with_logprobs: bool = False) -> BucketKey:
+                penalty_entries: int = 0, with_logprobs: bool = False,
+                with_prompt_logprobs: bool = False) -> BucketKey:
         """The smallest bucket holding a step of these sizes."""
         return BucketKey(_fit(self.tokens, num_tokens, "tokens"),
                          _fit(self.seqs, num_seqs, "sequences"),
                          _fit(self.pages, max(num_pages, 1), "pages per sequence"),
-                         penalty_width(penalty_entries), bool(with_logprobs))
+                         penalty_width(penalty_entries), bool(with_logprobs),
+                         bool(with_prompt_logprobs))
 
     def all_keys(self) -> list[BucketKey]:
         """Every shape a step can take (a step never has more sequences than tokens)."""

@@ -20,28 +20,61 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true",
                      help="wrap each prompt as a user message in the model's chat template")
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--max-model-len", type=int, default=None,
-                     help="default: the model's max_position_embeddings")
-    gen.add_argument("--max-num-seqs", type=int, default=256)
-    gen.add_argument("--max-num-batched-tokens", type=int, default=512)
-    gen.add_argument("--block-size", type=int, default=16)
-    gen.add_argument("--num-blocks", type=int, default=None)
+    _add_engine_arguments(gen)
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="model dir, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 (or PAGEDJAX_API_KEY)")
+    serve.add_argument("--served-model-name", nargs="+", default=None)
+    serve.add_argument("--chat-template", default=None, help="a Jinja template or its file")
+    serve.add_argument("--no-warmup", action="store_true",
+                       help="compile step programs on first use instead of before serving")
+    _add_engine_arguments(serve)
     return parser
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="default: the model's max_position_embeddings")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="engine seed: requests draw from keys derived from it")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(dtype=args.dtype, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, block_size=args.block_size,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                num_blocks=args.num_blocks, seed=args.seed)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pagedjax import LLM
+    from pagedjax.server import serve
+
+    llm = LLM(args.model, **_engine_kwargs(args))
+    serve(llm, host=args.host, port=args.port, warmup=not args.no_warmup,
+          served_model_names=args.served_model_name or (), api_key=args.api_key,
+          chat_template=args.chat_template)
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
     from pagedjax import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                            top_p=args.top_p, top_k=args.top_k)
     load_start = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, block_size=args.block_size,
-              max_num_batched_tokens=args.max_num_batched_tokens, num_blocks=args.num_blocks)
+    llm = LLM(args.model, **_engine_kwargs(args))
     load_seconds = time.perf_counter() - load_start
     start = time.perf_counter()
     if args.chat:
@@ -68,6 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return _serve(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -25,13 +25,18 @@ class IncrementalDetokenizer:
     incomplete); `flush()` returns whatever is held back (call it once generation ends).
     The concatenation of all deltas plus the flush equals decoding the generated ids at
     once, for byte-level BPE and byte-fallback tokenizers alike. Special tokens are
-    dropped when `skip_special_tokens`.
+    dropped when `skip_special_tokens`; when kept, `spaces_between_special_tokens` puts a
+    space between each special token and the text next to it (see `Tokenizer.decode`; as
+    in vLLM's slow detokenizer, the first generated token's text may then start with a
+    space, separating it from the prompt).
     """
 
     def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int],
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = False):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.spaces_between_special_tokens = spaces_between_special_tokens
         context = [int(t) for t in prompt_token_ids[-_PROMPT_CONTEXT:]]
         # Prompt context must end on a whole character, or its dangling bytes would merge
         # with the first generated ones and the output would not decode on its own.
@@ -42,6 +47,9 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self.spaces_between_special_tokens and not self.skip_special_tokens:
+            return self.tokenizer.decode(ids, skip_special_tokens=False,
+                                         spaces_between_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _pending(self) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -15,12 +16,14 @@ import numpy as np
 from pagedjax.kernels import resolve_attention_backend
 from pagedjax.models import ModelConfig, build_model, check_params
 
-from .batching import build_step_input
+from .batching import build_prompt_targets, build_step_input, needs_prompt_logprobs
 from .block_manager import BlockManager
 from .buckets import Buckets
 from .compile_cache import enable_compilation_cache
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .kv_copy import copy_kv_blocks
+from .parallel_sampling import child_seed
 from .outputs import Logprob
 from .request import Request
 from .runner import ModelRunner, allocate_kv_cache
@@ -51,6 +54,8 @@ class EngineStats:
     max_waste: float = 0.0
     waste_sum: float = 0.0
     max_seqs_in_step: int = 0
+    peak_used_blocks: int = 0  # most KV pages in use at once (after a step's scheduling)
+    num_block_copies: int = 0  # copy-on-write page copies (parallel sampling)
 
     @property
     def mean_waste(self) -> float:
@@ -86,8 +91,10 @@ class Engine:
         self.model_config = model_config
         self.config = config
         platform = jax.default_backend()
-        self.attention_backend = resolve_attention_backend(config.attention_backend, platform)
         self.dtype = resolve_dtype(config.dtype, platform)
+        self.attention_backend = resolve_attention_backend(
+            config.attention_backend, platform, head_dim=model_config.head_dim,
+            block_size=config.block_size, dtype=self.dtype)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = _resolve_max_model_len(config, model_config)
         block_size = config.block_size
@@ -101,10 +108,10 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq,
             min_token_bucket=config.min_token_bucket)
-        model = build_model(model_config)
+        model = build_model(model_config).clone(attention_backend=self.attention_backend)
         kv_cache = allocate_kv_cache(model_config.num_layers, model_config.num_kv_heads,
                                      num_blocks, block_size, model_config.head_dim, self.dtype)
-        self.runner = ModelRunner(lambda p, s, kv: model.apply({"params": p}, s, kv),
+        self.runner = ModelRunner(lambda p, s, kv, **kw: model.apply({"params": p}, s, kv, **kw),
                                   self.cast_params(params), kv_cache)
         self.stats = EngineStats()
         self._request_counter = itertools.count()
@@ -178,8 +185,33 @@ class Engine:
         request.bad_words_token_ids = bad_words_ids
         if self.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(
-                self.tokenizer, token_ids, sampling_params.skip_special_tokens)
+                self.tokenizer, token_ids, sampling_params.skip_special_tokens,
+                sampling_params.spaces_between_special_tokens)
+        if sampling_params.n > 1:
+            self._add_parallel_children(request, seed)
         return request
+
+    def _add_parallel_children(self, parent: Request, seed: int) -> None:
+        """Give an n > 1 request its n - 1 children (forked once its prompt is prefilled);
+        sequence i samples with child_seed(seed, i) and child i has id f"{i}_{parent id}"."""
+        n = parent.sampling_params.n
+        if n > self.config.max_num_seqs:
+            raise ValueError(f"n: {n} parallel sequences exceed max_num_seqs="
+                             f"{self.config.max_num_seqs}")
+        parent.seed = child_seed(seed, 0)
+        parent.sequences = [parent]
+        for i in range(1, n):
+            child = dataclasses.replace(
+                parent, request_id=f"{i}_{parent.request_id}", seed=child_seed(seed, i),
+                prompt_token_ids=list(parent.prompt_token_ids), output_token_ids=[],
+                block_ids=[], child_index=i, sequences=[], pending_children=[])
+            if parent.detokenizer is not None:
+                child.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, parent.prompt_token_ids,
+                    parent.sampling_params.skip_special_tokens,
+                    parent.sampling_params.spaces_between_special_tokens)
+            parent.sequences.append(child)
+            parent.pending_children.append(child)
 
     def add_request(self, request: Request) -> None:
         """Queue a request built by `make_request` (FCFS)."""
@@ -202,15 +234,23 @@ class Engine:
     def step_with_updates(self) -> StepResult:
         """Like `step`, but also reports which requests got new tokens (for streaming)."""
         output = self.scheduler.schedule()
+        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks,
+                                          self.block_manager.num_used_blocks)
         if output.is_empty:
             finished = self.scheduler.update(output, [])
             if not finished and self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending")
             return StepResult(updated=[], finished=finished)
         start = time.perf_counter()
+        if output.copies:  # copy-on-write of shared pages, before this step writes them
+            self.runner.kv_cache = copy_kv_blocks(self.runner.kv_cache, output.copies)
+            self.stats.num_block_copies += len(output.copies)
         key, step_input = build_step_input(output.scheduled, self.buckets,
                                            self.config.block_size)
-        tokens, logprobs = self.runner.execute(key, step_input)
+        prompt_targets = build_prompt_targets(output.scheduled, key)
+        tokens, logprobs = self.runner.execute(key, step_input, prompt_targets)
+        if prompt_targets is not None:
+            self._update_prompt_logprobs(output, self.runner.last_prompt_logprobs)
         live = [not chunk.request.is_finished for chunk in output.scheduled]
         finished = self.scheduler.update(output, tokens[:output.num_seqs].tolist())
         if logprobs is not None:
@@ -241,6 +281,35 @@ class Engine:
                 request.logprobs, request.cumulative_logprob = [], 0.0
             request.logprobs.append(entry)
             request.cumulative_logprob += sampled
+
+    def _update_prompt_logprobs(self, output, logprobs) -> None:
+        """Extend `request.prompt_logprobs` ([None] + one {token_id: Logprob} per prompt
+        token after the first, vLLM's layout) with the positions this step's chunk covered;
+        positions already recorded (a recompute after preemption) are not added again."""
+        offset = 0
+        for chunk in output.scheduled:
+            request, start = chunk.request, chunk.start_position
+            if needs_prompt_logprobs(chunk):
+                k = request.sampling_params.prompt_logprobs
+                prompt = request.prompt_token_ids
+                if request.prompt_logprobs is None:
+                    request.prompt_logprobs = [None]
+                entries = request.prompt_logprobs
+                for pos in range(start, min(start + chunk.num_new_tokens, len(prompt) - 1)):
+                    if len(entries) != pos + 1:
+                        continue
+                    i, token = offset + pos - start, prompt[pos + 1]
+                    entry = {token: Logprob(float(logprobs.sampled_logprob[i]),
+                                            int(logprobs.sampled_rank[i]),
+                                            self._decode_token(token))}
+                    for rank, (top_id, top_lp) in enumerate(zip(
+                            logprobs.top_ids[i, :k].tolist(),
+                            logprobs.top_logprobs[i, :k].tolist())):
+                        if top_id not in entry:
+                            entry[top_id] = Logprob(float(top_lp), rank + 1,
+                                                    self._decode_token(top_id))
+                    entries.append(entry)
+            offset += chunk.num_new_tokens
 
     def _decode_token(self, token_id: int) -> Optional[str]:
         if self.tokenizer is None:

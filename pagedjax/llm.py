@@ -7,6 +7,7 @@ from typing import Any, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 from pagedjax.models import SUPPORTED_ARCHITECTURES, ModelConfig
 
+from .beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from .config import EngineConfig
 from .engine import Engine, KVCacheStats
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -82,6 +83,13 @@ class LLM:
         outputs.sort(key=lambda output: output.prompt_index)
         return outputs
 
+    def beam_search(self, prompts: Union[PromptType, Sequence[PromptType]],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """vLLM's offline beam search: one BeamSearchOutput per prompt, its `sequences`
+        (prompt + generated `tokens`, `text`, `cum_logprob`) sorted best first. Beams are
+        re-submitted every step and do not share KV blocks yet (pagedjax/beam_search.py)."""
+        return beam_search(self, prompts, params)
+
     def generate_stream(self, prompts: Union[PromptType, Sequence[PromptType]],
                         sampling_params: Union[None, SamplingParams,
                                                Sequence[SamplingParams]] = None,
@@ -111,15 +119,22 @@ class LLM:
     def chat(self, messages: Union[list[dict], Sequence[list[dict]]],
              sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
              use_tqdm: bool = True, chat_template: Optional[str] = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, using the chat template."""
+             add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, using the chat template.
+
+        `chat_template` (template text, or the name of one of the model's named templates)
+        overrides the model's; a model without one needs it (ValueError otherwise).
+        `continue_final_message=True` leaves the last (e.g. assistant) message open so the
+        model continues it (transformers' semantics); it needs add_generation_prompt=False.
+        """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         prompts = [
             {"prompt": self.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template),
+                chat_template=chat_template, continue_final_message=continue_final_message),
              "add_special_tokens": False}
             for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
@@ -151,30 +166,42 @@ class LLM:
                 use_tqdm: bool) -> Iterator[RequestOutput]:
         """The one generation loop (`generate` and `generate_stream`): queue `requests`,
         step the engine until all of them finished, yielding outputs of `output_kind`.
-        Whatever ends it early (close, exception) aborts the requests still unfinished."""
+        Whatever ends it early (close, exception) aborts the requests still unfinished.
+
+        With n > 1 a prompt has n sequences (Request.sequences). "final" yields one output
+        per prompt with all n completions once the last one finished; "delta" and
+        "cumulative" yield each sequence's progress as its own RequestOutput with the
+        prompt's request_id, `outputs[0].index` = the completion index, and
+        `finished=True` only on the output that ends the prompt's last sequence."""
         engine = self.engine
-        pending: dict[str, int] = {}  # request_id -> prompt index, queued and unfinished
-        emitted = [(0, 0)] * len(requests)  # (token ids, text chars) streamed so far
+        # sequence request_id -> (prompt index, parent request, sequence), unfinished
+        pending: dict[str, tuple[int, Request, Request]] = {}
+        emitted: dict[str, tuple[int, int]] = {}  # (token ids, text chars) streamed so far
         progress = GenerateProgress(len(requests), enabled=use_tqdm)
         try:
             for index, request in enumerate(requests):
                 engine.add_request(request)
-                pending[request.request_id] = index
+                for seq in _sequences(request):
+                    pending[seq.request_id] = (index, request, seq)
+                    emitted[seq.request_id] = (0, 0)
             while pending:
                 result = engine.step_with_updates()
                 changed: dict[str, Request] = {}
                 for request in result.updated + result.finished:
                     if request.request_id in pending:
                         changed.setdefault(request.request_id, request)
-                for request_id, index in pending.items():  # e.g. aborted from elsewhere
-                    if requests[index].is_finished:
-                        changed.setdefault(request_id, requests[index])
-                for request_id, request in changed.items():
-                    index = pending[request_id]
-                    if request.is_finished:
+                for request_id, (_, _, seq) in pending.items():  # e.g. aborted elsewhere
+                    if seq.is_finished:
+                        changed.setdefault(request_id, seq)
+                for request_id, seq in changed.items():
+                    index, parent, _ = pending[request_id]
+                    if seq.is_finished:
                         del pending[request_id]
-                        progress.update(request)
-                    output = self._stream_output(request, index, output_kind, emitted)
+                    group_done = not any(s.request_id in pending for s in _sequences(parent))
+                    if seq.is_finished and group_done:
+                        progress.update(parent)
+                    output = self._stream_output(seq, parent, index, output_kind, emitted,
+                                                 group_done)
                     if output is not None:
                         yield output
         finally:
@@ -182,26 +209,45 @@ class LLM:
             for request_id in pending:  # interrupted: leave no request behind
                 engine.abort_request(request_id)
 
-    def _stream_output(self, request: Request, index: int, output_kind: str,
-                       emitted: list[tuple[int, int]]) -> Optional[RequestOutput]:
-        """The output to yield for `request` after a step, or None if there is none."""
-        finished = request.is_finished
+    def _stream_output(self, seq: Request, parent: Request, index: int, output_kind: str,
+                       emitted: dict[str, tuple[int, int]],
+                       group_done: bool) -> Optional[RequestOutput]:
+        """The output to yield for sequence `seq` of prompt `parent` after a step, or
+        None if there is none; `group_done`: no sequence of the prompt is left."""
+        finished = seq.is_finished
+        group = _sequences(parent)
         if output_kind == "final":
-            return self._to_output(request, index) if finished else None
-        tokens_done, chars_done = emitted[index]
-        text = request.output_text
+            if not (finished and group_done):
+                return None
+            output = self._to_output(parent, index)
+            if len(group) > 1:
+                completions = []
+                for s in group:
+                    completion = self._to_output(s, index).outputs[0]
+                    completion.index = s.child_index
+                    completions.append(completion)
+                output.outputs = completions
+            return output
+        tokens_done, chars_done = emitted[seq.request_id]
+        text = seq.output_text
         visible = len(text)
         if not finished:  # hold back what a stop string spanning steps could still cut
-            visible = max(chars_done, visible - _stop_holdback(request.sampling_params))
-        num_tokens = len(request.output_token_ids)
+            visible = max(chars_done, visible - seq.sampling_params.stop_holdback)
+        num_tokens = len(seq.output_token_ids)
         if not finished and num_tokens == tokens_done and visible == chars_done:
             return None
-        emitted[index] = (num_tokens, visible)
+        emitted[seq.request_id] = (num_tokens, visible)
         if output_kind == "cumulative":
-            return self._to_output(request, index, text=text[:visible])
-        return self._to_output(request, index, text=text[chars_done:visible],
-                               token_ids=request.output_token_ids[tokens_done:],
-                               logprobs_from=tokens_done)
+            output = self._to_output(seq, index, text=text[:visible])
+        else:
+            output = self._to_output(seq, index, text=text[chars_done:visible],
+                                     token_ids=seq.output_token_ids[tokens_done:],
+                                     logprobs_from=tokens_done)
+        if len(group) > 1:
+            output.request_id = parent.request_id
+            output.outputs[0].index = seq.child_index
+            output.finished = finished and group_done
+        return output
 
     def _to_output(self, request: Request, prompt_index: Optional[int] = None,
                    text: Optional[str] = None,
@@ -229,7 +275,8 @@ class LLM:
         return RequestOutput(request_id=request.request_id, prompt=request.prompt,
                              prompt_token_ids=list(request.prompt_token_ids),
                              outputs=[completion], finished=request.is_finished,
-                             metrics=metrics, prompt_index=prompt_index)
+                             metrics=metrics, prompt_index=prompt_index,
+                             prompt_logprobs=_prompt_logprobs(request))
 
     # ---- engine controls -----------------------------------------------------------
 
@@ -257,12 +304,16 @@ class LLM:
         return self.engine.kv_cache_stats()
 
 
-def _stop_holdback(params: SamplingParams) -> int:
-    """Characters of output text a stop string could still remove once more text comes:
-    a match is cut at its start, which can lie up to len(stop) - 1 characters back."""
-    if not params.stop or params.include_stop_str_in_output:
-        return 0
-    return max(len(stop) for stop in params.stop) - 1
+def _prompt_logprobs(request: Request) -> Optional[list]:
+    """The request's prompt logprobs (vLLM's layout: None first), or None if not asked."""
+    if request.sampling_params.prompt_logprobs is None:
+        return None
+    return list(request.prompt_logprobs or [None])
+
+
+def _sequences(request: Request) -> list[Request]:
+    """The sequences of one prompt: the request itself, or its n sequences when n > 1."""
+    return request.sequences or [request]
 
 
 def _as_prompt_list(prompts: Any) -> list:

@@ -72,3 +72,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics = field(default=None)
     prompt_index: Optional[int] = None
+    # With SamplingParams.prompt_logprobs=k: one entry per prompt token, None for the
+    # first, then {token_id: Logprob} with the prompt token plus the k most likely ones.
+    prompt_logprobs: Optional[list] = None

@@ -46,10 +46,19 @@ class Request:
     # of the sampled tokens' logprobs (both filled by the engine).
     logprobs: Optional[list] = None
     cumulative_logprob: Optional[float] = None
+    # With SamplingParams.prompt_logprobs: [None] + one {token_id: Logprob} per prompt
+    # token after the first, filled chunk by chunk as the prompt is prefilled.
+    prompt_logprobs: Optional[list] = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: Optional[float] = None
     first_token_time: Optional[float] = None
     finished_time: Optional[float] = None
+    # Parallel sampling (SamplingParams.n > 1): the parent (child_index 0) holds all n
+    # sequences in `sequences` and, until its prompt is prefilled, the n - 1 children not
+    # yet forked in `pending_children`. Each child is a Request of its own.
+    child_index: int = 0
+    sequences: list = field(default_factory=list)
+    pending_children: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

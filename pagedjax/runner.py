@@ -58,16 +58,26 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self._compiled: dict[BucketKey, Any] = {}
         self.compile_seconds = 0.0
+        self.last_prompt_logprobs: Optional[StepLogprobs] = None  # of the latest step
 
-        def step(params, kv_cache: KVCache, step_input: StepInput, with_logprobs: bool):
-            logits, kv_cache = apply_fn(params, step_input, kv_cache)
+        def step(params, kv_cache: KVCache, step_input: StepInput, prompt_targets,
+                 with_logprobs: bool, with_prompt_logprobs: bool):
+            prompt_logprobs = None
+            if with_prompt_logprobs:
+                # Every token's logits [T, V] stay on device: only each token's logprob of
+                # its prompt target (prompt_targets [T]) and the top MAX_LOGPROBS return.
+                (logits, token_logits), kv_cache = apply_fn(params, step_input, kv_cache,
+                                                            all_token_logits=True)
+                prompt_logprobs = compute_logprobs(token_logits, prompt_targets)
+            else:
+                logits, kv_cache = apply_fn(params, step_input, kv_cache)
             tokens = sample(logits, step_input.sampling, step_input.penalties)
             # Logprobs only in programs compiled for them: the default path does no extra
             # work and transfers nothing extra.
             logprobs = compute_logprobs(logits, tokens) if with_logprobs else None
-            return (tokens, logprobs), kv_cache
+            return (tokens, logprobs, prompt_logprobs), kv_cache
 
-        self._jitted = jax.jit(step, donate_argnums=(1,), static_argnums=(3,))
+        self._jitted = jax.jit(step, donate_argnums=(1,), static_argnums=(4, 5))
 
     @property
     def num_compiles(self) -> int:
@@ -86,8 +96,10 @@ class ModelRunner:
         start = time.perf_counter()
         params_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
         kv_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.kv_cache)
-        lowered = self._jitted.lower(params_spec, kv_spec, step_input_spec(key),
-                                     key.with_logprobs)
+        targets_spec = (jax.ShapeDtypeStruct((key.num_tokens,), jnp.int32)
+                        if key.with_prompt_logprobs else None)
+        lowered = self._jitted.lower(params_spec, kv_spec, step_input_spec(key), targets_spec,
+                                     key.with_logprobs, key.with_prompt_logprobs)
         self._compiled[key] = lowered.compile()
         self.compile_seconds += time.perf_counter() - start
 
@@ -99,15 +111,21 @@ class ModelRunner:
             raise ValueError("params: new weights must have the same tree, shapes and dtypes")
         self.params = params
 
-    def execute(self, key: BucketKey,
-                step_input: StepInput) -> tuple[np.ndarray, Optional[StepLogprobs]]:
+    def execute(self, key: BucketKey, step_input: StepInput,
+                prompt_targets: Optional[np.ndarray] = None,
+                ) -> tuple[np.ndarray, Optional[StepLogprobs]]:
         """Run one step (numpy StepInput padded to `key`); returns sampled tokens int32 [B]
-        and, when `key.with_logprobs`, their StepLogprobs as numpy arrays (else None)."""
+        and, when `key.with_logprobs`, their StepLogprobs as numpy arrays (else None).
+        With `key.with_prompt_logprobs`, `prompt_targets` int32 [T] must be given and the
+        per-token StepLogprobs [T] of those targets are kept in `last_prompt_logprobs`."""
         self.compile(key)
         device_input = jax.device_put(step_input)
-        (tokens, logprobs), self.kv_cache = self._compiled[key](
-            self.params, self.kv_cache, device_input)
-        tokens, logprobs = jax.device_get((tokens, logprobs))
+        targets = jax.device_put(prompt_targets) if key.with_prompt_logprobs else None
+        (tokens, logprobs, prompt_logprobs), self.kv_cache = self._compiled[key](
+            self.params, self.kv_cache, device_input, targets)
+        tokens, logprobs, prompt_logprobs = jax.device_get((tokens, logprobs, prompt_logprobs))
         if logprobs is not None:
             logprobs = StepLogprobs(*(np.asarray(x) for x in logprobs))
+        self.last_prompt_logprobs = (None if prompt_logprobs is None else
+                                     StepLogprobs(*(np.asarray(x) for x in prompt_logprobs)))
         return np.asarray(tokens), logprobs

@@ -33,6 +33,16 @@ class SamplingParams:
     `logprobs=k` (0..MAX_LOGPROBS=20) returns, for every generated token, the sampled
     token's logprob and rank plus the k most likely tokens. As in vLLM v1, these are RAW
     logprobs: log_softmax of the model's logits, before penalties, bias and temperature.
+    `prompt_logprobs=k` (0..20) returns, for each prompt token after the first, its raw
+    logprob given the tokens before it (and its rank) plus the k most likely tokens there
+    (RequestOutput.prompt_logprobs: a list aligned with the prompt, first entry None).
+    `skip_special_tokens` drops special tokens from the output text;
+    `spaces_between_special_tokens` (only matters with skip_special_tokens=False) puts a
+    space between a special token's text and the text around it, vLLM's slow-tokenizer rule.
+    `n > 1` (parallel sampling) samples n completions of one prompt whose prompt KV is
+    computed once and shared (copy-on-write); completion i draws with the seed
+    `pagedjax.parallel_sampling.child_seed(seed, i)`, so it equals an n=1 request with that
+    seed.
     """
 
     n: int = 1
@@ -55,11 +65,11 @@ class SamplingParams:
     allowed_token_ids: Optional[Union[list[int], tuple[int, ...]]] = None
     bad_words: Optional[Union[list[str], tuple[str, ...]]] = None
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    spaces_between_special_tokens: bool = True
 
     def __post_init__(self):
         _check_int("n", self.n, minimum=1)
-        if self.n != 1:
-            raise ValueError("n: only n=1 is supported so far (parallel sampling is planned)")
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
@@ -115,6 +125,14 @@ class SamplingParams:
             if self.logprobs > MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be <= {MAX_LOGPROBS} (the most top "
                                  f"logprobs returned per token), got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0)
+            if self.prompt_logprobs > MAX_LOGPROBS:
+                raise ValueError(f"prompt_logprobs must be <= {MAX_LOGPROBS}, "
+                                 f"got {self.prompt_logprobs}")
+        if not isinstance(self.spaces_between_special_tokens, bool):
+            raise ValueError(f"spaces_between_special_tokens must be a bool, "
+                             f"got {self.spaces_between_special_tokens!r}")
 
     @property
     def uses_penalties(self) -> bool:
@@ -158,6 +176,15 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when sampling reduces to argmax."""
         return self.temperature == 0.0
+
+    @property
+    def stop_holdback(self) -> int:
+        """Characters of streamed text to hold back while a request runs: a stop string is
+        cut at its start, which can lie up to len(stop) - 1 characters back in text that
+        has already been produced."""
+        if not self.stop or self.include_stop_str_in_output:
+            return 0
+        return max(len(stop) for stop in self.stop) - 1
 
 
 def _normalize_stop(stop) -> tuple[str, ...]:

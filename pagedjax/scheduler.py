@@ -30,6 +30,9 @@ class ScheduledRequest:
     num_new_tokens: int
     start_position: int
     samples: bool = field(init=False)
+    # A just-forked parallel-sampling child: no tokens of its own this step; it samples
+    # its first token from the logits of `logits_source` (its parent's last prompt token).
+    logits_source: Optional[Request] = None
 
     def __post_init__(self):
         end = self.start_position + self.num_new_tokens
@@ -61,6 +64,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)
+    # Copy-on-write page copies (src, dst) to run on the device before this step.
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -162,7 +167,16 @@ class Scheduler:
                 f"request: {request.request_id!r} is not a fresh request "
                 f"(status={request.status.value}, num_computed_tokens="
                 f"{request.num_computed_tokens}, {len(request.block_ids)} blocks)")
+        if 1 + len(request.pending_children) > self.max_num_seqs:
+            raise ValueError(
+                f"n: {1 + len(request.pending_children)} parallel sequences exceed "
+                f"max_num_seqs={self.max_num_seqs}")
+        for child in request.pending_children:
+            if child.request_id in self._unfinished or child.request_id == request.request_id:
+                raise ValueError(f"request_id: {child.request_id!r} is already in use")
         self._unfinished[request.request_id] = request
+        for child in request.pending_children:
+            self._unfinished[child.request_id] = child
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> Optional[Request]:
@@ -172,8 +186,12 @@ class Scheduler:
             return None
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
-        else:
+        elif request in self.waiting:
             self.waiting.remove(request)
+        else:  # a parallel-sampling child not forked yet
+            for parent in list(self.waiting) + self.running:
+                if request in parent.pending_children:
+                    parent.pending_children.remove(request)
         self._finish(request, "abort")
         return request
 
@@ -195,6 +213,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
+        forks: list[Request] = []  # parents whose prompt completes this step
 
         # Running requests first: decodes keep their latency low and unfinished prefill
         # chunks make progress before anyone new is admitted.
@@ -206,42 +225,45 @@ class Scheduler:
                 i += 1
                 continue
             target = request.num_computed_tokens + num_new
-            fits = bm.ensure_capacity(request, target)
+            fits = self._reserve(request, target, out)
             while not fits:
                 if len(self.running) == 1:
                     # Alone and still too big: the sequence has outgrown the whole pool,
                     # and preempting it would only loop forever. The pool caps its length.
                     self.running.pop()
-                    self._finish(request, "length")
-                    out.finished.append(request)
+                    out.finished.extend(self._finish(request, "length"))
                     break
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     break
-                fits = bm.ensure_capacity(request, target)
+                fits = self._reserve(request, target, out)
             if not fits:
                 break
-            out.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            chunk = ScheduledRequest(request, num_new, request.num_computed_tokens)
+            out.scheduled.append(chunk)
+            if chunk.samples and request.pending_children:
+                forks.append(request)
             budget -= num_new
             i += 1
 
         # A preemption means the pool is exhausted: admitting new work now would only be
         # preempted again (vLLM V1 does the same).
         if out.preempted:
-            return out
+            return self._apply_forks(out, forks)
 
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+        while self.waiting and budget > 0:
             request = self.waiting[0]
+            if self._num_seats() + 1 + len(request.pending_children) > self.max_num_seqs:
+                break
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not bm.ensure_capacity(request, request.num_computed_tokens + num_new):
                 if not self.running:
                     # An empty pool can't take even this chunk: the sequence is longer than
                     # the pool can ever hold, so waiting would block the queue forever.
                     self.waiting.popleft()
-                    self._finish(request, "length")
-                    out.finished.append(request)
+                    out.finished.extend(self._finish(request, "length"))
                     continue
                 # Never preempt for a waiting request: running ones have priority.
                 break
@@ -250,8 +272,47 @@ class Scheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+            chunk = ScheduledRequest(request, num_new, request.num_computed_tokens)
+            out.scheduled.append(chunk)
+            if chunk.samples and request.pending_children:
+                forks.append(request)
             budget -= num_new
+        return self._apply_forks(out, forks)
+
+    def _num_seats(self) -> int:
+        """Sequences running plus the children their parents will fork (reserved seats)."""
+        return len(self.running) + sum(len(r.pending_children) for r in self.running)
+
+    def _reserve(self, request: Request, target: int, out: SchedulerOutput) -> bool:
+        """Make `request` able to write positions [num_computed_tokens, target): private
+        copies of shared pages it writes into (copy-on-write) and room to grow."""
+        copies = self.block_manager.copy_on_write(request, request.num_computed_tokens,
+                                                  target)
+        if copies is None:
+            return False
+        out.copies.extend(copies)
+        return self.block_manager.ensure_capacity(request, target)
+
+    def _apply_forks(self, out: SchedulerOutput, forks: list[Request]) -> SchedulerOutput:
+        """Fork the pending children of parents whose prompt completes this step: each
+        shares the parent's prompt pages (ref counts) and samples its first token from the
+        parent's logits in this very step (a zero-token chunk scheduled last). Also drops
+        page copies whose destination a preemption in this step freed again."""
+        for parent in forks:
+            prompt_len = len(parent.prompt_token_ids)
+            for child in parent.pending_children:
+                child.block_ids = self.block_manager.fork(parent.block_ids)
+                child.num_computed_tokens = prompt_len
+                child.status = RequestStatus.RUNNING
+                child.first_scheduled_time = time.monotonic()
+                self.running.append(child)
+                out.scheduled.append(ScheduledRequest(child, 0, prompt_len,
+                                                      logits_source=parent))
+            parent.pending_children = []
+        if out.copies:
+            live = {b for chunk in out.scheduled for b in chunk.request.block_ids}
+            by_dst = {dst: src for src, dst in out.copies if dst in live}
+            out.copies = [(src, dst) for dst, src in by_dst.items()]
         return out
 
     def update(self, output: SchedulerOutput,
@@ -317,10 +378,17 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _finish(self, request: Request, reason: str,
-                stop_reason: Optional[int | str] = None) -> None:
+                stop_reason: Optional[int | str] = None) -> list[Request]:
+        """End `request` and free its pages; children it never forked end with it.
+        Returns every request ended."""
         self.block_manager.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
         request.finished_time = time.monotonic()
         self._unfinished.pop(request.request_id, None)
+        ended = [request]
+        children, request.pending_children = request.pending_children, []
+        for child in children:
+            ended += self._finish(child, reason, stop_reason)
+        return ended

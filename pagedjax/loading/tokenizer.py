@@ -163,9 +163,33 @@ class Tokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of token `ids`."""
-        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = False) -> str:
+        """Text of token `ids`.
+
+        With `spaces_between_special_tokens` (and special tokens kept), the text is built
+        the way HF's slow tokenizers (and vLLM's slow detokenizer) do: the runs of ordinary
+        tokens and each special token are decoded separately and joined with one space
+        ("a<|im_end|>b" -> "a <|im_end|> b"). Without it, the tokenizer's own decoder
+        joins everything (for byte-level BPE: no spaces are added).
+        """
+        ids = [int(i) for i in ids]
+        if skip_special_tokens or not spaces_between_special_tokens:
+            return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        special = self.special_token_ids
+        parts: list[str] = []
+        run: list[int] = []
+        for token in ids:
+            if token in special:
+                if run:
+                    parts.append(self._backend.decode(run, skip_special_tokens=False))
+                    run = []
+                parts.append(self._backend.id_to_token(token))
+            else:
+                run.append(token)
+        if run:
+            parts.append(self._backend.decode(run, skip_special_tokens=False))
+        return " ".join(parts)
 
     def token_to_id(self, token: str) -> Optional[int]:
         """Id of a token string, or None."""
@@ -182,14 +206,21 @@ class Tokenizer:
         messages: Sequence[dict[str, Any]],
         add_generation_prompt: bool = True,
         chat_template: Optional[str] = None,
+        continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
         """Render `messages` (dicts with "role" and "content") into a prompt string.
 
         `chat_template` overrides the model's template; it may be template text or the
         name of one of the model's named templates. Extra keyword arguments (e.g. `tools`)
-        become template variables.
+        become template variables. `continue_final_message` (transformers' semantics)
+        leaves the last message open: the text is cut right after its content, so
+        generation continues it; it excludes `add_generation_prompt`.
         """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt are not "
+                             "compatible: pass add_generation_prompt=False to continue the "
+                             "final message")
         source = chat_template
         if source is not None and source in self.named_chat_templates:
             source = self.named_chat_templates[source]
@@ -208,8 +239,50 @@ class Tokenizer:
             "pad_token": self.id_to_token(self.pad_token_id),
             "unk_token": self.id_to_token(self.unk_token_id),
         }
-        return render_chat_template(compiled, messages, add_generation_prompt=add_generation_prompt,
-                                    special_tokens=special, **template_kwargs)
+        if not continue_final_message:
+            return render_chat_template(compiled, messages,
+                                        add_generation_prompt=add_generation_prompt,
+                                        special_tokens=special, **template_kwargs)
+        # transformers' way: tag the end of the final message's text, render, cut at the tag.
+        messages, final_text = _tag_final_message(messages)
+        rendered = render_chat_template(compiled, messages, add_generation_prompt=False,
+                                        special_tokens=special, **template_kwargs)
+        tag = _CONTINUE_TAG.strip()
+        if final_text.strip() not in rendered or tag not in rendered:
+            raise ValueError("continue_final_message: the final message does not appear in "
+                             "the rendered chat (the chat template changed or dropped it)")
+        cut = rendered.rindex(tag)
+        if rendered[cut:cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+            return rendered[:cut]
+        return rendered[:cut].rstrip()  # the template trimmed the message's trailing space
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final_message(messages: Sequence[Any]) -> tuple[list, str]:
+    """A copy of `messages` whose last message's text ends with _CONTINUE_TAG, and that
+    text (the last text block when the content is a list of blocks)."""
+    if not messages or not isinstance(messages[-1], dict):
+        raise ValueError("continue_final_message: the conversation has no final message")
+    last = dict(messages[-1])
+    content = last.get("content")
+    if isinstance(content, str):
+        final_text = content
+        last["content"] = content + _CONTINUE_TAG
+    elif isinstance(content, (list, tuple)):
+        blocks = [dict(b) if isinstance(b, dict) else b for b in content]
+        for block in reversed(blocks):
+            if isinstance(block, dict) and "text" in block:
+                final_text = block["text"]
+                block["text"] = block["text"] + _CONTINUE_TAG
+                break
+        else:
+            raise ValueError("continue_final_message: the final message has no text to continue")
+        last["content"] = blocks
+    else:
+        raise ValueError("continue_final_message: the final message has no content to continue")
+    return list(messages[:-1]) + [last], final_text
 
 
 def _read_json(model_dir: str, name: str) -> dict[str, Any]:

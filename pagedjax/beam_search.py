@@ -1,0 +1,134 @@
+"""Offline beam search (vLLM's `LLM.beam_search`, names and scoring included).
+
+Every step submits each live beam (prompt + tokens so far) as its own request with
+`SamplingParams(logprobs=2 * beam_width, max_tokens=1, temperature=0)` and expands it by
+the returned top tokens, exactly like vLLM's offline implementation. Beams do not share
+KV blocks yet: each step re-prefills every beam (vLLM relies on prefix caching there,
+which pagedjax lacks), so this costs O(max_tokens) prefills per beam.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+from .sampling_params import MAX_LOGPROBS, SamplingParams
+
+if TYPE_CHECKING:
+    from .llm import LLM
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """Beam search controls (vLLM's names). `beam_width` beams are kept per prompt, each
+    extended by up to `max_tokens` tokens; beams are ranked by
+    `cum_logprob / len(tokens) ** length_penalty` (tokens include the prompt, and a final
+    EOS is not counted, unless `ignore_eos`). With `ignore_eos=False`, a beam that emits EOS
+    is complete."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    length_penalty: float = 1.0
+
+    def __post_init__(self):
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if 2 * self.beam_width > MAX_LOGPROBS:
+            raise ValueError(f"beam_width must be <= {MAX_LOGPROBS // 2} (each beam is "
+                             f"expanded by its 2 * beam_width most likely tokens), "
+                             f"got {self.beam_width}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        lp = self.length_penalty
+        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or lp != lp \
+                or lp in (float("inf"), float("-inf")):
+            raise ValueError(f"length_penalty must be a finite number, got {lp!r}")
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam: `tokens` are prompt + generated ids, `logprobs` one {token_id: Logprob}
+    dict per generated token, `cum_logprob` the sum of the chosen tokens' logprobs."""
+
+    tokens: list[int]
+    logprobs: list = field(default_factory=list)
+    cum_logprob: float = 0.0
+    text: Optional[str] = None
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """The best `beam_width` beams of one prompt, best first."""
+
+    sequences: list[BeamSearchSequence]
+
+
+def beam_search_score(tokens: list[int], cum_logprob: float, eos_token_ids,
+                      length_penalty: float = 1.0) -> float:
+    """vLLM's score: cum_logprob / seq_len ** length_penalty, seq_len without a final EOS."""
+    seq_len = len(tokens)
+    if tokens and tokens[-1] in eos_token_ids:
+        seq_len -= 1
+    return cum_logprob / (seq_len ** length_penalty)
+
+
+def beam_search(llm: "LLM", prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
+    """Run beam search for every prompt (see the module docstring); one output per prompt."""
+    if not isinstance(params, BeamSearchParams):
+        raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+    engine = llm.engine
+    eos = engine.eos_token_ids
+    step_params = SamplingParams(logprobs=2 * params.beam_width, max_tokens=1,
+                                 temperature=0.0, ignore_eos=True)
+    # Tokenize and validate every prompt up front (no request is queued by this).
+    prompt_tokens = [list(r.prompt_token_ids)
+                     for r in llm._make_requests(prompts, step_params)]
+
+    # With ignore_eos an EOS token is an ordinary token, so it counts in the length too
+    # (vLLM always leaves a final EOS out, which makes width 1 differ from greedy there).
+    score_eos = frozenset() if params.ignore_eos else eos
+
+    def key(beam: BeamSearchSequence) -> float:
+        return beam_search_score(beam.tokens, beam.cum_logprob, score_eos,
+                                 params.length_penalty)
+
+    beams = [[BeamSearchSequence(tokens=list(t))] for t in prompt_tokens]
+    completed: list[list[BeamSearchSequence]] = [[] for _ in prompt_tokens]
+    for _ in range(params.max_tokens):
+        live = [(i, beam) for i, group in enumerate(beams) for beam in group]
+        if not live:
+            break
+        outputs = llm.generate([{"prompt_token_ids": beam.tokens} for _, beam in live],
+                               step_params, use_tqdm=False)
+        candidates: list[list[BeamSearchSequence]] = [[] for _ in prompt_tokens]
+        for (i, beam), output in zip(live, outputs):
+            entry = output.outputs[0].logprobs[0]
+            for token_id, logprob in entry.items():
+                new = BeamSearchSequence(tokens=beam.tokens + [token_id],
+                                         logprobs=beam.logprobs + [entry],
+                                         cum_logprob=beam.cum_logprob + logprob.logprob)
+                if token_id in eos and not params.ignore_eos:
+                    new.finish_reason = "stop"
+                    completed[i].append(new)
+                elif len(new.tokens) >= engine.max_model_len:
+                    new.finish_reason = "length"
+                    completed[i].append(new)
+                else:
+                    candidates[i].append(new)
+        beams = [sorted(c, key=key, reverse=True)[:params.beam_width] for c in candidates]
+
+    results = []
+    for group, done in zip(beams, completed):
+        for beam in group:
+            beam.finish_reason = beam.finish_reason or "length"
+        best = sorted(done + group, key=key, reverse=True)[:params.beam_width]
+        for beam in best:
+            beam.text = llm.tokenizer.decode(beam.tokens)
+        results.append(BeamSearchOutput(sequences=best))
+    return results

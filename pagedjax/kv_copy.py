@@ -1,0 +1,48 @@
+"""Device-side KV page copies for copy-on-write (parallel sampling forks).
+
+One jitted call per step copies every (src, dst) page pair of that step in all layers,
+K and V, donating the cache so the copy is in place. The pair arrays are padded with
+(0, 0) (null page onto itself, harmless) to a power of two, which bounds compiles to
+log2(max pairs) shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+PAGE_AXIS = 2  # KV pools are [layers, kv_heads, pages, slots, head_dim]
+
+
+def _copy_pages(kv_cache, src, dst):
+    def copy(pool):
+        pages = jax.numpy.take(pool, src, axis=PAGE_AXIS)
+        index = (slice(None),) * PAGE_AXIS + (dst,)
+        return pool.at[index].set(pages)
+    return jax.tree.map(copy, kv_cache)
+
+
+_copy_pages_donated = jax.jit(_copy_pages, donate_argnums=(0,))
+
+
+def padded_pairs(pairs: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(src, dst) int32 arrays padded with (0, 0) to the next power of two."""
+    size = 1
+    while size < len(pairs):
+        size *= 2
+    src = np.zeros(size, np.int32)
+    dst = np.zeros(size, np.int32)
+    for i, (s, d) in enumerate(pairs):
+        src[i], dst[i] = s, d
+    return src, dst
+
+
+def copy_kv_blocks(kv_cache, pairs: Sequence[tuple[int, int]]):
+    """Return `kv_cache` with page `dst` := page `src` for every pair (the input cache is
+    donated). Destinations must be distinct and no destination may be a source."""
+    if not pairs:
+        return kv_cache
+    src, dst = padded_pairs(pairs)
+    return _copy_pages_donated(kv_cache, src, dst)

@@ -1,0 +1,60 @@
+"""Build a server around an LLM and run it with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence
+
+from pagedjax.llm import LLM
+
+from .app import ServerState, build_app
+from .async_engine import AsyncEngine
+from .metrics import ServerMetrics
+
+
+def create_server_state(llm: LLM, *, served_model_names: Sequence[str] = (),
+                        api_key: Optional[str] = None, chat_template: Optional[str] = None,
+                        log_interval_s: float = 5.0) -> ServerState:
+    """Wrap `llm`'s engine in a started AsyncEngine, ready for `build_app`.
+
+    The served name defaults to the model argument (or "SmolLM2-135M-Instruct" for the
+    default model); `api_key` falls back to the PAGEDJAX_API_KEY environment variable.
+    """
+    names = tuple(served_model_names) or (_default_name(llm.model),)
+    metrics = ServerMetrics(names[0])
+    async_engine = AsyncEngine(llm.engine, metrics, log_interval_s=log_interval_s)
+    async_engine.start()
+    if chat_template is not None and os.path.isfile(chat_template):
+        with open(chat_template, encoding="utf-8") as f:
+            chat_template = f.read()
+    return ServerState(async_engine=async_engine, tokenizer=llm.get_tokenizer(),
+                       served_model_names=names, metrics=metrics,
+                       api_key=api_key or os.environ.get("PAGEDJAX_API_KEY") or None,
+                       chat_template=chat_template)
+
+
+def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, warmup: bool = True,
+          **state_kwargs) -> None:
+    """Serve `llm` over HTTP until interrupted (compiling every bucket first by default,
+    so no request ever waits on a compile)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s")
+    log = logging.getLogger("pagedjax.server")
+    if warmup:
+        log.info("warming up: compiling %d step programs",
+                 len(llm.engine.buckets.all_keys()))
+        seconds = llm.warmup()
+        log.info("warmup done in %.1fs", seconds)
+    state = create_server_state(llm, **state_kwargs)
+    try:
+        uvicorn.run(build_app(state), host=host, port=port, log_level="info")
+    finally:
+        state.async_engine.shutdown()
+
+
+def _default_name(model: Optional[str]) -> str:
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    return str(model).rstrip("/")

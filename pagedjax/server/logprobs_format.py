@@ -1,0 +1,50 @@
+"""Engine logprobs ({token_id: Logprob} per token, sampled token first) in OpenAI's shapes."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+def completion_logprobs(entries: Optional[list], token_ids: list[int], tokenizer,
+                        text_offset: int = 0) -> Optional[dict]:
+    """/v1/completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+    if entries is None:
+        return None
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    offset = text_offset
+    for token_id, entry in zip(token_ids, entries):
+        text = _token_text(token_id, entry, tokenizer)
+        tokens.append(text)
+        token_logprobs.append(entry[token_id].logprob)
+        top_logprobs.append({_token_text(t, entry, tokenizer): lp.logprob
+                             for t, lp in entry.items()})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: Optional[list], token_ids: list[int], tokenizer,
+                  top_logprobs: int) -> Optional[dict]:
+    """/v1/chat/completions `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    if entries is None:
+        return None
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        ranked = sorted(entry.items(), key=lambda item: item[1].rank)[:top_logprobs]
+        content.append({
+            **_chat_token(token_id, entry[token_id].logprob, entry, tokenizer),
+            "top_logprobs": [_chat_token(t, lp.logprob, entry, tokenizer) for t, lp in ranked],
+        })
+    return {"content": content}
+
+
+def _chat_token(token_id: int, logprob: float, entry: dict, tokenizer) -> dict:
+    text = _token_text(token_id, entry, tokenizer)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _token_text(token_id: int, entry: dict, tokenizer) -> str:
+    decoded = entry[token_id].decoded_token
+    return decoded if decoded is not None else tokenizer.decode([token_id],
+                                                                skip_special_tokens=False)

@@ -1,0 +1,182 @@
+"""Turning OpenAI requests into engine requests, and running them (streamed or not)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from dataclasses import dataclass, fields
+from typing import AsyncIterator, Optional, Sequence
+
+from pagedjax.parallel_sampling import child_seed
+from pagedjax.request import Request
+from pagedjax.sampling_params import SamplingParams
+
+from .async_engine import AsyncEngine, RequestUpdate
+from .errors import APIError, param_of
+
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} | {"max_completion_tokens",
+                                                                "top_logprobs", "prompt",
+                                                                "messages"}
+MAX_N = 16
+
+
+@dataclass
+class Choice:
+    """One completion being produced: its index, and its text / tokens so far."""
+
+    index: int
+    prompt_index: int
+    request: Request
+    text: str = ""
+    token_ids: list = None
+    logprobs: list = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[int | str] = None
+
+    def apply(self, update: RequestUpdate) -> None:
+        """Fold an engine update into this choice."""
+        self.text += update.new_text
+        self.token_ids = (self.token_ids or []) + update.new_token_ids
+        if update.new_logprobs is not None:
+            self.logprobs = (self.logprobs or []) + update.new_logprobs
+        if update.finished:
+            self.finish_reason = update.finish_reason
+            self.stop_reason = update.stop_reason
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-looking id, e.g. cmpl-3f2a..."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sampling_params_for(body, *, max_tokens: Optional[int], logprobs: Optional[int],
+                        seed: Optional[int]) -> SamplingParams:
+    """SamplingParams from an OpenAI body; invalid values raise APIError(400) naming them."""
+    logit_bias = None
+    if body.logit_bias:
+        try:
+            logit_bias = {int(k): float(v) for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids", "logit_bias") from None
+    optional = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+                "min_p": body.min_p, "repetition_penalty": body.repetition_penalty}
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, seed=seed, stop=body.stop,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            logit_bias=logit_bias, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
+            stop_token_ids=body.stop_token_ids or (), logprobs=logprobs,
+            skip_special_tokens=body.skip_special_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            **{k: v for k, v in optional.items() if v is not None})
+    except ValueError as error:
+        raise APIError(400, str(error), param_of(str(error), _SAMPLING_FIELDS)) from None
+
+
+def check_n(n: int) -> None:
+    """Reject an `n` outside 1..MAX_N."""
+    if not 1 <= n <= MAX_N:
+        raise APIError(400, f"n must be between 1 and {MAX_N}, got {n}", "n")
+
+
+def resolve_max_tokens(requested: Optional[int], prompt_len: int, max_model_len: int,
+                       default: Optional[int], field: str) -> Optional[int]:
+    """The max_tokens to use; a request that can't fit the context is a 400 (as vLLM)."""
+    if prompt_len >= max_model_len:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} "
+                            f"tokens. However, your prompt has {prompt_len} tokens.", "prompt")
+    if requested is None:
+        return default
+    if requested < 1:
+        raise APIError(400, f"{field} must be at least 1, got {requested}", field)
+    if prompt_len + requested > max_model_len:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} "
+                            f"tokens. However, you requested {prompt_len + requested} tokens "
+                            f"({prompt_len} in the prompt, {requested} in the completion).",
+                       field)
+    return requested
+
+
+def make_choices(engine, prompts: Sequence[tuple[list[int], Optional[str]]], n: int,
+                 params: Sequence[SamplingParams], request_prefix: str) -> list[Choice]:
+    """One Choice per (prompt, sample); choice i of prompt p has index p * n + i.
+
+    Each sample is its own engine request (the prompt is prefilled per sample); with a
+    seed, sample i uses `child_seed(seed, i)`, so the n choices equal what
+    `LLM.generate` gives for `SamplingParams(n=n, seed=seed)` offline."""
+    choices = []
+    for prompt_index, ((token_ids, text), sampling) in enumerate(zip(prompts, params)):
+        for i in range(n):
+            sample_params = sampling
+            if n > 1 and sampling.seed is not None:
+                sample_params = dataclasses.replace(sampling, seed=child_seed(sampling.seed, i))
+            try:
+                request = engine.make_request(token_ids, sample_params, prompt=text,
+                                              request_id=f"{request_prefix}-{prompt_index}-{i}")
+            except ValueError as error:
+                raise APIError(400, str(error), param_of(str(error), _SAMPLING_FIELDS)) from None
+            choices.append(Choice(index=prompt_index * n + i, prompt_index=prompt_index,
+                                  request=request))
+    return choices
+
+
+async def run_choices(async_engine: AsyncEngine,
+                      choices: Sequence[Choice]) -> AsyncIterator[tuple[Choice, RequestUpdate]]:
+    """Run every choice's request concurrently (they batch together in the engine) and
+    yield (choice, update) as updates arrive. Closing this early aborts them all."""
+    updates: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        try:
+            async for update in async_engine.generate(choice.request):
+                await updates.put((choice, update))
+        except Exception as error:  # noqa: BLE001 - re-raised in the consumer
+            await updates.put((choice, error))
+
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    try:
+        remaining = len(choices)
+        while remaining:
+            choice, update = await updates.get()
+            if isinstance(update, Exception):
+                raise update
+            if update.finished:
+                remaining -= 1
+            yield choice, update
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(async_engine: AsyncEngine, choices: Sequence[Choice],
+                  is_disconnected) -> None:
+    """Run choices to completion, folding updates into them; abort all of them if
+    `is_disconnected()` turns true first (the client went away)."""
+
+    async def consume() -> None:
+        async for choice, update in run_choices(async_engine, choices):
+            choice.apply(update)
+
+    task = asyncio.create_task(consume())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            task.result()
+            return
+        if await is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise APIError(499, "client disconnected")
+
+
+def usage(choices: Sequence[Choice]) -> dict:
+    """OpenAI `usage`: prompt tokens counted once per prompt, completion tokens summed."""
+    prompt_tokens = {}
+    for choice in choices:
+        prompt_tokens[choice.prompt_index] = len(choice.request.prompt_token_ids)
+    completion = sum(len(choice.request.output_token_ids) for choice in choices)
+    prompt = sum(prompt_tokens.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
