@@ -58,6 +58,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self._compiled: dict[BucketKey, Any] = {}
         self.compile_seconds = 0.0
+        self.execute_seconds = 0.0
         self.last_prompt_logprobs: Optional[StepLogprobs] = None  # of the latest step
 
         def step(params, kv_cache: KVCache, step_input: StepInput, prompt_targets,
@@ -119,11 +120,14 @@ class ModelRunner:
         With `key.with_prompt_logprobs`, `prompt_targets` int32 [T] must be given and the
         per-token StepLogprobs [T] of those targets are kept in `last_prompt_logprobs`."""
         self.compile(key)
+        start = time.perf_counter()
         device_input = jax.device_put(step_input)
         targets = jax.device_put(prompt_targets) if key.with_prompt_logprobs else None
         (tokens, logprobs, prompt_logprobs), self.kv_cache = self._compiled[key](
             self.params, self.kv_cache, device_input, targets)
         tokens, logprobs, prompt_logprobs = jax.device_get((tokens, logprobs, prompt_logprobs))
+        # Transfer in, device compute and transfer out: the rest of a step is host work.
+        self.execute_seconds += time.perf_counter() - start
         if logprobs is not None:
             logprobs = StepLogprobs(*(np.asarray(x) for x in logprobs))
         self.last_prompt_logprobs = (None if prompt_logprobs is None else

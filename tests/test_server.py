@@ -232,6 +232,30 @@ def test_errors_are_openai_shaped_and_server_keeps_serving(server, client, offli
     assert after.choices[0].text == offline["completions"][PROMPTS[0]]
 
 
+def test_chunked_body_over_the_limit_is_413(server, client, offline):
+    def chunks():
+        for _ in range(40):
+            yield b" " * 65536  # 2.5 MiB of whitespace, no content-length announced
+
+    response = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=30,
+                          headers={"Authorization": f"Bearer {API_KEY}",
+                                   "Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == 413
+    after = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=MAX_TOKENS,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    assert after.choices[0].text == offline["completions"][PROMPTS[0]]
+
+
+def test_stats_are_logged_every_few_seconds(server, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="pagedjax.server")
+    time.sleep(2.5)  # the fixture's server logs every second
+    logged = [r.getMessage() for r in caplog.records if r.name == "pagedjax.server"]
+    assert any("running:" in m and "KV usage" in m and "throughput" in m for m in logged)
+
+
 def test_tokenize_detokenize_version_metrics(server, llm):
     tokens = httpx.post(server.url + "/tokenize", json={"prompt": "hello there"}).json()
     assert tokens["tokens"] == llm.get_tokenizer().encode("hello there")

@@ -242,13 +242,41 @@ def _render_chat(state: ServerState, messages, add_generation_prompt: bool,
         raise APIError(400, str(error), "messages") from None
 
 
+class BodySizeLimit:
+    """ASGI middleware: a request body over `max_bytes` is a 413, whether it announces
+    its length or streams in chunks (then it is cut off as soon as it grows too big)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body larger than {self.max_bytes} bytes"
+        length = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await error_response(413, message)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI passes HTTPExceptions raised while reading the body through.
+                    raise StarletteHTTPException(413, message)
+            return event
+
+        await self.app(scope, limited_receive, send)
+
+
 def _install_middleware(app: FastAPI, state: ServerState) -> None:
+    app.add_middleware(BodySizeLimit, max_bytes=state.max_request_bytes)
+
     @app.middleware("http")
-    async def limits_and_auth(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > state.max_request_bytes:
-            return error_response(413, f"request body larger than {state.max_request_bytes} "
-                                       f"bytes")
+    async def auth(request: Request, call_next):
         if state.api_key and request.url.path.startswith("/v1"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
