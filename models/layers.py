@@ -1,4 +1,5 @@
-"""Layers shared by every model family: RMSNorm, RoPE, gated MLP, [out, in] projections."""
+"""Layers shared by every model family: norms (RMSNorm, Gemma's RMSNorm, LayerNorm), RoPE,
+MLPs, the paged self-attention block, [out, in] projections, logits."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pagedjax.kernels import get_paged_attention, reference
 
 from .config import ModelConfig
 
@@ -71,3 +74,132 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     out = x.astype(jnp.float32) * cos[:, None, :] + rotated.astype(jnp.float32) * sin[:, None, :]
     return out.astype(x.dtype)
+
+
+# ---- Blocks shared by the model files: each reads a per-layer params dict `p` whose keys
+# are models/params.py's "layers" leaves (one layer's slice).
+
+def activation(x: jax.Array, name: str) -> jax.Array:
+    """config.hidden_act by name: silu, gelu_tanh (GELU, tanh approximation), gelu, relu."""
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def rms_norm_plus_one(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm: x_normed * (1 + w), all in float32, cast back to x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm with affine weight and bias, statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def norm(x: jax.Array, p: dict, name: str, config: ModelConfig) -> jax.Array:
+    """The config's norm (config.norm_type) with weight p[name] (and bias p[name + "_b"])."""
+    if config.norm_type == "rms":
+        return rms_norm(x, p[name], config.rms_norm_eps)
+    if config.norm_type == "rms_plus_one":
+        return rms_norm_plus_one(x, p[name], config.rms_norm_eps)
+    return layer_norm(x, p[name], p[name + "_b"], config.rms_norm_eps)
+
+
+def mlp(x: jax.Array, p: dict, config: ModelConfig) -> jax.Array:
+    """Gated (down(act(gate) * up)) or plain (down(act(up))) MLP, biases when configured."""
+    if config.gated_mlp:
+        gate, up = jnp.split(linear(x, p["w_gate_up"], p.get("b_gate_up")), 2, axis=-1)
+        hidden = activation(gate, config.hidden_act) * up
+    else:
+        hidden = activation(linear(x, p["w_up"], p.get("b_up")), config.hidden_act)
+    return linear(hidden, p["w_down"], p.get("b_down"))
+
+
+def attention(x: jax.Array, p: dict, config: ModelConfig, step, k_cache: jax.Array,
+              v_cache: jax.Array, layer: jax.Array, backend: str,
+              cos: jax.Array | None = None, sin: jax.Array | None = None,
+              window_flag: jax.Array | None = None):
+    """Self-attention of normed x [T, E] over the paged cache: fused qkv (+ bias), optional
+    per-head q/k RMSNorm, RoPE (when cos/sin are given), K/V written at the step's slots,
+    paged attention (sliding window, soft-cap, scale from the config), output projection.
+
+    `window_flag` (a traced bool, for configs whose layers differ) picks per layer between
+    the sliding window and full attention; otherwise the window applies to every layer.
+    Returns (out [T, E], k_cache, v_cache)."""
+    c = config
+    H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
+    T = x.shape[0]
+    qkv = linear(x, p["wqkv"], p.get("bqkv"))
+    q = qkv[:, : H * D].reshape(T, H, D)
+    k = qkv[:, H * D: (H + K) * D].reshape(T, K, D)
+    v = qkv[:, (H + K) * D:].reshape(T, K, D)
+    if c.qk_norm:
+        q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    if cos is not None:
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+    k_cache, v_cache = reference.write_kv(k_cache, v_cache, layer, k, v, step.slot_mapping)
+    attend = get_paged_attention(backend)
+
+    def run(window):
+        return attend(
+            q, k, v, k_cache, v_cache, layer,
+            token_seq=step.token_seq, positions=step.positions,
+            context_lens=step.context_lens, block_tables=step.block_tables,
+            scale=c.attention_scale, slot_mapping=step.slot_mapping,
+            **({"sliding_window": window} if window is not None else {}),
+            **({"soft_cap": c.attn_logit_softcap} if c.attn_logit_softcap else {}),
+        )
+
+    if window_flag is not None:
+        out = jax.lax.cond(window_flag, lambda: run(c.sliding_window), lambda: run(None))
+    else:
+        out = run(c.sliding_window)
+    return linear(out.reshape(T, H * D), p["wo"], p.get("bo")), k_cache, v_cache
+
+
+def declare_params(module, shapes: dict, init) -> dict:
+    """Declare flax params named and shaped like `shapes` (a params.py dict, layer axis
+    already dropped) on `module`: norms start at ones, biases at zeros, the rest `init`."""
+    import flax.linen as nn
+
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("_b") or name.startswith("b"):
+            fn = nn.initializers.zeros
+        elif name.endswith("norm"):
+            fn = nn.initializers.ones
+        else:
+            fn = init
+        out[name] = module.param(name, fn, tuple(shape))
+    return out
+
+
+def window_flags(config: ModelConfig) -> jax.Array | None:
+    """Per-layer sliding-window flags [L] for configs whose layers differ, else None."""
+    if config.sliding_window is None or config.sliding_window_layers is None:
+        return None
+    return jnp.asarray(config.sliding_window_layers, dtype=jnp.bool_)
+
+
+def lm_logits(x: jax.Array, lm_head: jax.Array, config: ModelConfig) -> jax.Array:
+    """float32 logits [N, V] of final hidden states x [N, W] (final soft-cap applied)."""
+    logits = linear(x, lm_head).astype(jnp.float32)
+    cap = config.final_logit_softcap
+    if cap:
+        logits = cap * jnp.tanh(logits / cap)
+    return logits

@@ -1,10 +1,16 @@
-"""Llama-family decoder (Llama 2/3/3.x, SmolLM2, ...) as a functional Flax linen module.
+"""Llama-family decoder (Llama 2/3/3.x, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3; Gemma
+subclasses it) as a functional Flax linen module.
 
 `LlamaForCausalLM(config).apply({"params": params}, step, kv_cache)` runs one engine step:
 it writes this step's K/V into the paged cache and returns logits for the last scheduled
 token of each sequence only. Layers are a `nn.scan` over params stacked on a leading axis,
 so a 30-layer model compiles about as fast as a 2-layer one; the KV pool rides in the scan
 carry and every layer gathers from / scatters into it by layer index, never copying it.
+
+The variants are config flags, not copies: q/k/v biases (Qwen2), per-head q/k RMSNorm
+(Qwen3), a sliding window on all layers (Mistral) or on some (Gemma 2: a per-layer flag
+array is scanned alongside the params), Gemma's norms, GeGLU, sandwich norms and soft-caps.
+Phi-3 differs only in its checkpoint's fused weight names (the HF loader's map).
 """
 
 from __future__ import annotations
@@ -13,53 +19,43 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pagedjax.kernels import get_paged_attention, reference
 from pagedjax.step_input import KVCache, StepInput
 
 from .config import ModelConfig
-from .layers import apply_rope, gated_mlp, linear, rms_norm, rope_cos_sin, rope_inv_freq
+from .layers import (attention, declare_params, lm_logits, mlp, norm, rope_cos_sin,
+                     rope_inv_freq, window_flags)
+from .params import expected_shapes
 
 _init = nn.initializers.normal(0.02)
 
 
+def layer_shapes(config: ModelConfig) -> dict:
+    """One layer's params shapes (params.py's "layers" leaves without the layer axis)."""
+    return {k: s[1:] for k, s in expected_shapes(config)["layers"].items()}
+
+
 class LlamaDecoderLayer(nn.Module):
-    """One pre-norm attention + SwiGLU block; called once per layer by nn.scan."""
+    """One pre-norm attention + MLP block; called once per layer by nn.scan."""
 
     config: ModelConfig
     attention_backend: str = "reference"  # a resolved name: "reference" | "pallas"
 
     @nn.compact
-    def __call__(self, carry, step: StepInput, cos: jax.Array, sin: jax.Array):
+    def __call__(self, carry, step: StepInput, cos: jax.Array, sin: jax.Array,
+                 window_flag=None):
         c = self.config
         x, k_cache, v_cache, layer = carry  # x: [T, E]
-        E, H, K, D = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        qkv_rows = (H + 2 * K) * D
-        attn_norm = self.param("attn_norm", nn.initializers.ones, (E,))
-        wqkv = self.param("wqkv", _init, (qkv_rows, E))
-        bqkv = self.param("bqkv", nn.initializers.zeros, (qkv_rows,)) if c.attention_bias else None
-        wo = self.param("wo", _init, (E, H * D))
-        bo = self.param("bo", nn.initializers.zeros, (E,)) if c.attention_bias else None
-        mlp_norm = self.param("mlp_norm", nn.initializers.ones, (E,))
-        w_gate_up = self.param("w_gate_up", _init, (2 * c.intermediate_size, E))
-        w_down = self.param("w_down", _init, (E, c.intermediate_size))
-
-        num_tokens = x.shape[0]
-        qkv = linear(rms_norm(x, attn_norm, c.rms_norm_eps), wqkv, bqkv)
-        q = qkv[:, : H * D].reshape(num_tokens, H, D)
-        k = qkv[:, H * D : (H + K) * D].reshape(num_tokens, K, D)
-        v = qkv[:, (H + K) * D :].reshape(num_tokens, K, D)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-
-        k_cache, v_cache = reference.write_kv(k_cache, v_cache, layer, k, v, step.slot_mapping)
-        attn = get_paged_attention(self.attention_backend)(
-            q, k, v, k_cache, v_cache, layer,
-            token_seq=step.token_seq, positions=step.positions,
-            context_lens=step.context_lens, block_tables=step.block_tables,
-            scale=D ** -0.5, slot_mapping=step.slot_mapping,
-        )
-        x = x + linear(attn.reshape(num_tokens, H * D), wo, bo)
-        x = x + gated_mlp(rms_norm(x, mlp_norm, c.rms_norm_eps), w_gate_up, w_down)
+        p = declare_params(self, layer_shapes(c), _init)
+        h, k_cache, v_cache = attention(
+            norm(x, p, "attn_norm", c), p, c, step, k_cache, v_cache, layer,
+            self.attention_backend, cos, sin, window_flag)
+        if c.sandwich_norms:
+            h = norm(h, p, "post_attn_norm", c)
+        x = x + h
+        h = mlp(norm(x, p, "mlp_norm", c), p, c)
+        if c.sandwich_norms:
+            h = norm(h, p, "post_mlp_norm", c)
+        x = x + h
         return (x, k_cache, v_cache, layer + 1), None
 
 
@@ -77,28 +73,33 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         embed = self.param("embed", _init, (c.vocab_size, c.hidden_size))
         x = jnp.take(embed, step.input_ids, axis=0)  # [T, E]
+        if c.embed_scale:  # Gemma: scaled by sqrt(hidden), rounded to the model dtype
+            x = x * jnp.asarray(c.hidden_size ** 0.5, dtype=x.dtype)
         cos, sin = rope_cos_sin(step.positions, jnp.asarray(rope_inv_freq(c)))
 
+        flags = window_flags(c)
         layers = nn.scan(
             LlamaDecoderLayer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast,
+                     nn.broadcast if flags is None else 0),
             length=c.num_layers,
         )(c, self.attention_backend, name="layers")
         carry = (x, kv_cache.k, kv_cache.v, jnp.int32(0))
-        (x, k_cache, v_cache, _), _ = layers(carry, step, cos, sin)
+        (x, k_cache, v_cache, _), _ = layers(carry, step, cos, sin, flags)
 
-        final_norm = self.param("final_norm", nn.initializers.ones, (c.hidden_size,))
+        final_norm = {"final_norm": self.param("final_norm", nn.initializers.ones,
+                                               (c.hidden_size,))}
         # Only each sequence's last scheduled token needs logits: the [V, E] projection
         # dominates a small model's step, so never run it over every token.
-        last = rms_norm(jnp.take(x, step.logits_indices, axis=0), final_norm, c.rms_norm_eps)
+        last = norm(jnp.take(x, step.logits_indices, axis=0), final_norm, "final_norm", c)
         if c.tie_word_embeddings:
             lm_head = embed
         else:
             lm_head = self.param("lm_head", _init, (c.vocab_size, c.hidden_size))
-        logits = linear(last, lm_head).astype(jnp.float32)  # [B, V]
+        logits = lm_logits(last, lm_head, c)  # [B, V]
         if all_token_logits:  # prompt logprobs: the [T, V] projection, only when asked
-            token_logits = linear(rms_norm(x, final_norm, c.rms_norm_eps), lm_head)
-            return (logits, token_logits.astype(jnp.float32)), KVCache(k_cache, v_cache)
+            token_logits = lm_logits(norm(x, final_norm, "final_norm", c), lm_head, c)
+            return (logits, token_logits), KVCache(k_cache, v_cache)
         return logits, KVCache(k_cache, v_cache)

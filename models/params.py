@@ -1,25 +1,34 @@
 """The params pytree contract shared by loaders and model files.
 
-Llama-family params are a plain nested dict of arrays. Matrices are stored [out, in]
-(the model computes x @ W.T), which ran XLA CPU's large vocabulary projection fastest.
-Per-layer arrays are stacked on a leading layer axis L so the model scans over layers:
+Params are a plain nested dict of arrays. Matrices are stored [out, in] (the model computes
+x @ W.T), which ran XLA CPU's large vocabulary projection fastest. Per-layer arrays are
+stacked on a leading layer axis L so the model scans over layers. The Llama layout, which
+every family shares; the config's family flags add or swap the leaves marked below:
 
     {
-      "embed":      [V, E],
+      "embed":      [V, E],                  [V, W] with config.embed_dim = W (OPT)
+      "pos_embed":  [P + offset, E],         learned positions (GPT-2, OPT) only
+      "proj_in":    [E, W], "proj_out": [W, E]   only with config.embed_dim (OPT)
       "layers": {
         "attn_norm": [L, E],
         "wqkv":      [L, (H + 2K) * D, E],   rows: q heads, then k heads, then v heads
         "bqkv":      [L, (H + 2K) * D],      only when config.attention_bias
+        "q_norm":    [L, D], "k_norm": [L, D]    only when config.qk_norm (Qwen3)
         "wo":        [L, E, H * D],
-        "bo":        [L, E],                 only when config.attention_bias
+        "bo":        [L, E],                 only when config.o_bias
+        "post_attn_norm": [L, E]             only when config.sandwich_norms (Gemma 2)
         "mlp_norm":  [L, E],
-        "w_gate_up": [L, 2 * F, E],          rows: gate, then up
+        "w_gate_up": [L, 2 * F, E],          rows: gate, then up (config.gated_mlp)
+        "w_up":      [L, F, E],              instead of w_gate_up when not config.gated_mlp
+        "b_gate_up" / "b_up": [L, 2F] / [L, F], "b_down": [L, E]   only with config.mlp_bias
         "w_down":    [L, E, F],
+        "post_mlp_norm": [L, E]              only when config.sandwich_norms
       },
-      "final_norm": [E],
-      "lm_head":    [V, E],                  absent when config.tie_word_embeddings
+      "final_norm": [E],                     absent when not config.final_norm
+      "lm_head":    [V, E],                  [V, W] with embed_dim; absent when tied
     }
 
+With config.norm_type == "layer" every norm "x" also has a bias "x_b" of the same shape.
 q and k rows are in HF order (HF's rotate_half RoPE convention), not GGUF's interleaved one.
 """
 
@@ -36,21 +45,54 @@ def expected_shapes(config: ModelConfig) -> dict[str, Any]:
     """The shape of every leaf a params pytree for `config` must have."""
     c = config
     L, E, F, V = c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
-    qkv_rows = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-    layers = {
-        "attn_norm": (L, E),
-        "wqkv": (L, qkv_rows, E),
-        "wo": (L, E, c.num_heads * c.head_dim),
-        "mlp_norm": (L, E),
-        "w_gate_up": (L, 2 * F, E),
-        "w_down": (L, E, F),
-    }
+    D, W = c.head_dim, c.word_dim
+    qkv_rows = (c.num_heads + 2 * c.num_kv_heads) * D
+    norm_bias = c.norm_type == "layer"
+
+    def norm(shapes: dict, name: str, shape: tuple) -> None:
+        shapes[name] = shape
+        if norm_bias:
+            shapes[name + "_b"] = shape
+
+    layers: dict[str, Any] = {}
+    norm(layers, "attn_norm", (L, E))
+    layers["wqkv"] = (L, qkv_rows, E)
     if c.attention_bias:
         layers["bqkv"] = (L, qkv_rows)
+    if c.qk_norm:
+        layers["q_norm"] = (L, D)
+        layers["k_norm"] = (L, D)
+    layers["wo"] = (L, E, c.num_heads * D)
+    if c.o_bias:
         layers["bo"] = (L, E)
-    shapes = {"embed": (V, E), "layers": layers, "final_norm": (E,)}
+    if c.sandwich_norms:
+        norm(layers, "post_attn_norm", (L, E))
+    norm(layers, "mlp_norm", (L, E))
+    if c.gated_mlp:
+        layers["w_gate_up"] = (L, 2 * F, E)
+        if c.mlp_bias:
+            layers["b_gate_up"] = (L, 2 * F)
+    else:
+        layers["w_up"] = (L, F, E)
+        if c.mlp_bias:
+            layers["b_up"] = (L, F)
+    layers["w_down"] = (L, E, F)
+    if c.mlp_bias:
+        layers["b_down"] = (L, E)
+    if c.sandwich_norms:
+        norm(layers, "post_mlp_norm", (L, E))
+
+    shapes: dict[str, Any] = {"embed": (V, W)}
+    if c.position_embedding == "learned":
+        shapes["pos_embed"] = (c.max_position_embeddings + c.position_offset, E)
+    if c.embed_dim is not None:
+        shapes["proj_in"] = (E, W)
+        shapes["proj_out"] = (W, E)
+    shapes["layers"] = layers
+    if c.final_norm:
+        norm(shapes, "final_norm", (E,))
     if not c.tie_word_embeddings:
-        shapes["lm_head"] = (V, E)
+        shapes["lm_head"] = (V, W)
     return shapes
 
 

@@ -5,10 +5,21 @@ from __future__ import annotations
 import flax.linen as nn
 
 from .config import ModelConfig
+from .gemma import GemmaForCausalLM
+from .gpt2 import GPT2LMHeadModel, OPTForCausalLM
 from .llama import LlamaForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    # Llama variants: flags on the Llama model (see models/llama.py).
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Phi3ForCausalLM": LlamaForCausalLM,
+    "GemmaForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+    "OPTForCausalLM": OPTForCausalLM,
 }
 
 SUPPORTED_ARCHITECTURES = tuple(sorted(MODEL_CLASSES))

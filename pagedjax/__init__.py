@@ -2,7 +2,9 @@
 
 from .api import EngineCache, clear_engine_cache, generate
 from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
+from .checkpoint import load_params, save_params
 from .config import EngineConfig
+from .flax_params import params_from_flax
 from .llm import LLM
 from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
@@ -11,4 +13,5 @@ __version__ = "0.1.0"
 
 __all__ = ["LLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence",
            "CompletionOutput", "EngineCache", "EngineConfig", "Logprob", "RequestMetrics",
-           "RequestOutput", "SamplingParams", "clear_engine_cache", "generate"]
+           "RequestOutput", "SamplingParams", "clear_engine_cache", "generate", "load_params",
+           "params_from_flax", "save_params"]

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence, Union
 
 from pagedjax.models import ModelConfig
 
+from .flax_params import params_from_flax
 from .llm import LLM
 from .sampling_params import SamplingParams
 
@@ -60,7 +61,8 @@ def generate(model: Union[None, str, LLM, Any], prompts: Union[str, Sequence[Any
     """Generate a completion text for each prompt (greedy unless `temperature` > 0).
 
     model: None (default model), a path / hub id, an `LLM`, or a params pytree — the
-    latter needs `config=` (ModelConfig) and `tokenizer=`. `sampling_params` overrides
+    latter needs `config=` (ModelConfig) and `tokenizer=`; linen `{"params": ...}` and
+    NNX states are unwrapped (`params_from_flax`). `sampling_params` overrides
     the max_tokens / temperature / top_p / top_k / seed shortcuts. Extra keyword
     arguments configure a newly built engine (e.g. max_model_len, num_blocks).
     """
@@ -80,9 +82,11 @@ def _resolve_llm(model, config, tokenizer, cache: EngineCache, engine_kwargs) ->
         return model
     if model is None or isinstance(model, str):
         return LLM(model, **engine_kwargs)
-    if not isinstance(model, dict):
-        raise ValueError(f"model must be None, a path, an LLM or a params dict, got "
-                         f"{type(model).__name__}")
+    try:
+        model = params_from_flax(model)  # linen {"params": ...}, nnx.State, ...
+    except ValueError:
+        raise ValueError(f"model must be None, a path, an LLM or a params pytree, got "
+                         f"{type(model).__name__}") from None
     if config is None or tokenizer is None:
         raise ValueError("config and tokenizer are required when model is a params pytree")
     key = (config, id(tokenizer), tuple(sorted(engine_kwargs.items())))

@@ -1,10 +1,14 @@
 """Offline beam search (vLLM's `LLM.beam_search`, names and scoring included).
 
-Every step submits each live beam (prompt + tokens so far) as its own request with
+Every step runs each live beam (prompt + tokens so far) as its own request with
 `SamplingParams(logprobs=2 * beam_width, max_tokens=1, temperature=0)` and expands it by
-the returned top tokens, exactly like vLLM's offline implementation. Beams do not share
-KV blocks yet: each step re-prefills every beam (vLLM relies on prefix caching there,
-which pagedjax lacks), so this costs O(max_tokens) prefills per beam.
+the returned top tokens, exactly like vLLM's offline implementation. Unlike vLLM (which
+relies on prefix caching), beams share KV blocks: the prompt is prefilled once, and each
+later step's request is `Engine.fork_request`ed from the previous step's request of its
+parent beam, which finished with `retain_blocks` so its pages are still there. The fork
+shares those pages by reference count (copy-on-write for a partly filled last page) and
+prefills only the beam's newest token. A fork the KV pool can't hold while other beams'
+pages are kept falls back to prefilling its whole prefix.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from .request import Request
 from .sampling_params import MAX_LOGPROBS, SamplingParams
 
 if TYPE_CHECKING:
@@ -98,30 +103,52 @@ def beam_search(llm: "LLM", prompts: list, params: BeamSearchParams) -> list[Bea
         return beam_search_score(beam.tokens, beam.cum_logprob, score_eos,
                                  params.length_penalty)
 
-    beams = [[BeamSearchSequence(tokens=list(t))] for t in prompt_tokens]
+    # A live beam is (sequence, request): `request` ran the beam's tokens but the last
+    # one, finished with retain_blocks, and its pages are kept (None at the start).
+    beams: list[list[tuple[BeamSearchSequence, Optional[Request]]]] = [
+        [(BeamSearchSequence(tokens=list(t)), None)] for t in prompt_tokens]
     completed: list[list[BeamSearchSequence]] = [[] for _ in prompt_tokens]
-    for _ in range(params.max_tokens):
-        live = [(i, beam) for i, group in enumerate(beams) for beam in group]
-        if not live:
-            break
-        outputs = llm.generate([{"prompt_token_ids": beam.tokens} for _, beam in live],
-                               step_params, use_tqdm=False)
-        candidates: list[list[BeamSearchSequence]] = [[] for _ in prompt_tokens]
-        for (i, beam), output in zip(live, outputs):
-            entry = output.outputs[0].logprobs[0]
-            for token_id, logprob in entry.items():
-                new = BeamSearchSequence(tokens=beam.tokens + [token_id],
-                                         logprobs=beam.logprobs + [entry],
-                                         cum_logprob=beam.cum_logprob + logprob.logprob)
-                if token_id in eos and not params.ignore_eos:
-                    new.finish_reason = "stop"
-                    completed[i].append(new)
-                elif len(new.tokens) >= engine.max_model_len:
-                    new.finish_reason = "length"
-                    completed[i].append(new)
-                else:
-                    candidates[i].append(new)
-        beams = [sorted(c, key=key, reverse=True)[:params.beam_width] for c in candidates]
+    retained: list[Request] = []  # finished step requests whose pages are still kept
+    queued: list[Request] = []  # step requests that may still be unfinished
+    try:
+        for _ in range(params.max_tokens):
+            live = [(i, beam, parent) for i, group in enumerate(beams)
+                    for beam, parent in group]
+            if not live:
+                break
+            queued.clear()  # the previous step's requests all finished
+            step_requests = [_submit(engine, beam, parent, step_params, queued)
+                             for _, beam, parent in live]
+            # Every fork holds its own references now: the previous step's pages can go.
+            for request in retained:
+                engine.release_request(request)
+            retained = []
+            _run(engine, live, step_requests, step_params, queued, retained)
+            candidates: list[list[tuple[BeamSearchSequence, Request]]] = [
+                [] for _ in prompt_tokens]
+            for (i, beam, _), request in zip(live, step_requests):
+                entry = request.logprobs[0]
+                for token_id, logprob in entry.items():
+                    new = BeamSearchSequence(tokens=beam.tokens + [token_id],
+                                             logprobs=beam.logprobs + [entry],
+                                             cum_logprob=beam.cum_logprob + logprob.logprob)
+                    if token_id in eos and not params.ignore_eos:
+                        new.finish_reason = "stop"
+                        completed[i].append(new)
+                    elif len(new.tokens) >= engine.max_model_len:
+                        new.finish_reason = "length"
+                        completed[i].append(new)
+                    else:
+                        candidates[i].append((new, request))
+            beams = [sorted(c, key=lambda pair: key(pair[0]), reverse=True)[:params.beam_width]
+                     for c in candidates]
+    finally:
+        for request in queued:
+            if not request.is_finished:
+                engine.abort_request(request.request_id)
+        for request in retained + queued:
+            engine.release_request(request)
+    beams = [[beam for beam, _ in group] for group in beams]
 
     results = []
     for group, done in zip(beams, completed):
@@ -132,3 +159,46 @@ def beam_search(llm: "LLM", prompts: list, params: BeamSearchParams) -> list[Bea
             beam.text = llm.tokenizer.decode(beam.tokens)
         results.append(BeamSearchOutput(sequences=best))
     return results
+
+
+def _submit(engine, beam: BeamSearchSequence, parent: Optional[Request],
+            step_params: SamplingParams, queued: list[Request]) -> Request:
+    """Queue the step request of `beam`: forked from `parent` (its last token is the only
+    new one) when there is a parent, else a plain request for the prompt."""
+    if parent is None:
+        request = engine.make_request(beam.tokens, step_params)
+        request.retain_blocks = True
+        queued.append(request)
+        engine.add_request(request)
+    else:
+        request = engine.fork_request(parent, beam.tokens[len(parent.prompt_token_ids):],
+                                      step_params, num_parent_tokens=len(parent.prompt_token_ids),
+                                      retain_blocks=True)
+        queued.append(request)
+    return request
+
+
+def _run(engine, live, step_requests: list[Request], step_params: SamplingParams,
+         queued: list[Request], retained: list[Request]) -> None:
+    """Step the engine until every step request has its token (and its logprobs).
+
+    A request the scheduler ends without a token (the pool, partly held by finished
+    requests' kept pages, could not take it) is run again after those pages are
+    released; its re-run then prefills its whole prefix."""
+    pending = list(range(len(step_requests)))
+    while pending:
+        while any(not step_requests[j].is_finished for j in pending):
+            engine.step()
+        failed = [j for j in pending if not step_requests[j].output_token_ids]
+        done = [step_requests[j] for j in pending if step_requests[j].output_token_ids]
+        retained.extend(done)
+        if failed and not done and not any(r.block_ids for r in retained):
+            raise RuntimeError("beam search: the KV cache is too small for one beam")
+        if failed:  # free the pool for the re-runs (later forks of these prefill all)
+            for request in retained:
+                engine.release_request(request)
+        for j in failed:
+            engine.release_request(step_requests[j])
+            _, beam, _ = live[j]
+            step_requests[j] = _submit(engine, beam, None, step_params, queued)
+        pending = failed

@@ -148,6 +148,18 @@ class BlockManager:
             copies.append((src, fresh))
         return copies
 
+    def num_blocks_to_write(self, request: Request, start: int, end: int) -> int:
+        """Free pages `copy_on_write(request, start, end)` followed by
+        `ensure_capacity(request, end)` would take: the shared pages holding positions
+        [start, end) plus the pages still missing up to `end`."""
+        if end <= start:
+            return 0
+        first = start // self.block_size
+        last = min(len(request.block_ids), self.blocks_needed(end))
+        shared = sum(1 for i in range(first, last)
+                     if self._ref_counts[request.block_ids[i]] > 1)
+        return shared + max(0, self.blocks_needed(end) - len(request.block_ids))
+
     def fork(self, block_ids: Sequence[int]) -> list[int]:
         """Share already-allocated pages with another sequence; returns a copy of the ids.
 

@@ -217,6 +217,55 @@ class Engine:
         """Queue a request built by `make_request` (FCFS)."""
         self.scheduler.add_request(request)
 
+    def fork_request(self, parent: Request, extra_token_ids: Sequence[int],
+                     sampling_params: SamplingParams, *,
+                     num_parent_tokens: Optional[int] = None,
+                     request_id: Optional[str] = None,
+                     retain_blocks: bool = False) -> Request:
+        """Build and queue a request that continues `parent` from its cached KV.
+
+        Its prompt is `parent.all_token_ids[:num_parent_tokens] + extra_token_ids`
+        (`num_parent_tokens` defaults to the parent's computed tokens). The pages holding
+        the parent's first min(num_parent_tokens, parent.num_computed_tokens,
+        len(prompt) - 1) tokens are shared by reference count, a partly filled last one is
+        copied on write, and only the remaining prompt tokens are prefilled. `parent` may
+        be running, waiting or finished with `retain_blocks` (not yet released); one that
+        holds no pages (preempted, finished and freed) just gives its tokens, and the new
+        request prefills its whole prompt. A forked request that gets preempted re-prefills
+        its whole prompt like any other. Raises ValueError for bad inputs (nothing queued).
+        """
+        if not isinstance(parent, Request):
+            raise ValueError(f"parent must be a Request, got {type(parent).__name__}")
+        if num_parent_tokens is None:
+            num_parent_tokens = parent.num_computed_tokens
+        if (isinstance(num_parent_tokens, bool) or not isinstance(num_parent_tokens, int)
+                or not 0 <= num_parent_tokens <= parent.num_tokens):
+            raise ValueError(f"num_parent_tokens must be an int in [0, {parent.num_tokens}], "
+                             f"got {num_parent_tokens!r}")
+        if isinstance(sampling_params, SamplingParams) and (
+                sampling_params.prompt_logprobs is not None):
+            raise ValueError("prompt_logprobs: a forked request does not compute its "
+                             "shared prefix, so it cannot return prompt logprobs")
+        prompt = parent.all_token_ids[:num_parent_tokens] + list(extra_token_ids)
+        request = self.make_request(prompt, sampling_params, request_id=request_id)
+        request.retain_blocks = retain_blocks
+        cached = min(num_parent_tokens, parent.num_computed_tokens, len(prompt) - 1)
+        if parent.block_ids and cached > 0:
+            shared = parent.block_ids[:self.block_manager.blocks_needed(cached)]
+            request.block_ids = self.block_manager.fork(shared)
+            request.num_computed_tokens = cached
+        try:
+            self.scheduler.add_request(request, forked=True)
+        except BaseException:
+            self.block_manager.free(request)
+            request.num_computed_tokens = 0
+            raise
+        return request
+
+    def release_request(self, request: Request) -> None:
+        """Free the KV pages a finished `retain_blocks` request kept (no-op otherwise)."""
+        self.scheduler.release(request)
+
     def abort_request(self, request_id: str) -> Optional[Request]:
         """Stop a request wherever it is and free its blocks."""
         return self.scheduler.abort(request_id)

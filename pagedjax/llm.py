@@ -10,6 +10,7 @@ from pagedjax.models import SUPPORTED_ARCHITECTURES, ModelConfig
 from .beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from .config import EngineConfig
 from .engine import Engine, KVCacheStats
+from .flax_params import params_from_flax
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .progress import GenerateProgress
 from .request import Request
@@ -60,9 +61,14 @@ class LLM:
     @classmethod
     def from_params(cls, params: Any, config: ModelConfig, tokenizer: Any,
                     **engine_kwargs) -> "LLM":
-        """Serve an in-memory params pytree (e.g. from a training run) with its config."""
+        """Serve an in-memory params pytree (e.g. from a training run) with its config.
+
+        `params` is the params dict, linen variables `{"params": ...}`, an `nnx.State`,
+        `nnx.split(...)` output or an `nnx.Module` (see `pagedjax.params_from_flax`).
+        Device arrays already in the engine dtype are used as they are, never copied."""
         if not isinstance(config, ModelConfig):
             raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+        params = params_from_flax(params)
         return cls(None, tokenizer=tokenizer, _loaded=(config, params, tokenizer),
                    **engine_kwargs)
 
@@ -86,8 +92,9 @@ class LLM:
     def beam_search(self, prompts: Union[PromptType, Sequence[PromptType]],
                     params: BeamSearchParams) -> list[BeamSearchOutput]:
         """vLLM's offline beam search: one BeamSearchOutput per prompt, its `sequences`
-        (prompt + generated `tokens`, `text`, `cum_logprob`) sorted best first. Beams are
-        re-submitted every step and do not share KV blocks yet (pagedjax/beam_search.py)."""
+        (prompt + generated `tokens`, `text`, `cum_logprob`) sorted best first. Each step
+        forks every beam from its parent beam's cached KV blocks, so only the new token is
+        prefilled (pagedjax/beam_search.py)."""
         return beam_search(self, prompts, params)
 
     def generate_stream(self, prompts: Union[PromptType, Sequence[PromptType]],
@@ -287,8 +294,9 @@ class LLM:
         return time.perf_counter() - start
 
     def update_params(self, params: Any) -> None:
-        """Use new weights of the same shapes (e.g. the latest training step); no recompile."""
-        self.engine.set_params(params)
+        """Use new weights of the same shapes (e.g. the latest training step); no recompile.
+        Accepts the same containers as `from_params`."""
+        self.engine.set_params(params_from_flax(params))
 
     def get_tokenizer(self):
         """The tokenizer prompts are encoded with."""

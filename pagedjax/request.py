@@ -59,6 +59,9 @@ class Request:
     child_index: int = 0
     sequences: list = field(default_factory=list)
     pending_children: list = field(default_factory=list)
+    # Keep the KV pages when the request finishes (not when it is aborted), so that
+    # Engine.fork_request can continue from them, until Engine.release_request frees them.
+    retain_blocks: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -109,6 +109,8 @@ class Scheduler:
         self.running: list[Request] = []
         self._unfinished: dict[str, Request] = {}
         self._num_preemptions = 0
+        # Finished requests with retain_blocks whose pages are kept until release().
+        self._retained: dict[int, Request] = {}
 
     # ------------------------------------------------------------------ queue state
 
@@ -137,12 +139,15 @@ class Scheduler:
 
     # ------------------------------------------------------------------ intake
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, *, forked: bool = False) -> None:
         """Validate `request` and queue it (first come, first served).
 
         Raises ValueError for an empty prompt, a prompt that leaves no room under
         `max_model_len` for a generated token, a prompt larger than the whole KV pool, a
-        duplicate `request_id`, or a request that is not fresh.
+        duplicate `request_id`, or a request that is not fresh. With `forked=True`
+        (Engine.fork_request) the request may already hold the pages of its first
+        `num_computed_tokens` prompt tokens (shared with another request, at least one
+        prompt token left to prefill); only the rest of its prompt is prefilled.
         """
         prompt_len = len(request.prompt_token_ids)
         if prompt_len == 0:
@@ -161,8 +166,13 @@ class Scheduler:
                 f"block_size={bm.block_size})")
         if request.request_id in self._unfinished:
             raise ValueError(f"request_id: {request.request_id!r} is already in use")
-        if (request.status is not RequestStatus.WAITING or request.block_ids
-                or request.num_computed_tokens):
+        cached = request.num_computed_tokens
+        if forked:
+            not_fresh = not (0 <= cached < prompt_len
+                             and len(request.block_ids) == bm.blocks_needed(cached))
+        else:
+            not_fresh = bool(request.block_ids or cached)
+        if request.status is not RequestStatus.WAITING or not_fresh:
             raise ValueError(
                 f"request: {request.request_id!r} is not a fresh request "
                 f"(status={request.status.value}, num_computed_tokens="
@@ -258,7 +268,20 @@ class Scheduler:
             if self._num_seats() + 1 + len(request.pending_children) > self.max_num_seqs:
                 break
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not bm.ensure_capacity(request, request.num_computed_tokens + num_new):
+            target = request.num_computed_tokens + num_new
+            if request.block_ids:  # a fork: writes into shared pages copy them first
+                fits = bm.can_allocate(bm.num_blocks_to_write(
+                    request, request.num_computed_tokens, target))
+                fits = fits and self._reserve(request, target, out)
+            else:
+                fits = bm.ensure_capacity(request, target)
+            if not fits:
+                if request.block_ids and not self.running:
+                    # Pages kept by finished requests (retain_blocks) may fill the pool:
+                    # drop the shared prefix and retry as a plain recompute.
+                    bm.free(request)
+                    request.num_computed_tokens = 0
+                    continue
                 if not self.running:
                     # An empty pool can't take even this chunk: the sequence is longer than
                     # the pool can ever hold, so waiting would block the queue forever.
@@ -377,11 +400,25 @@ class Scheduler:
         self._num_preemptions += 1
         self.waiting.appendleft(request)
 
+    def release(self, request: Request) -> None:
+        """Free the pages a finished `retain_blocks` request kept (no-op otherwise)."""
+        if self._retained.pop(id(request), None) is not None:
+            self.block_manager.free(request)
+
+    @property
+    def num_retained(self) -> int:
+        """Finished requests whose pages are kept until `release`."""
+        return len(self._retained)
+
     def _finish(self, request: Request, reason: str,
                 stop_reason: Optional[int | str] = None) -> list[Request]:
-        """End `request` and free its pages; children it never forked end with it.
-        Returns every request ended."""
-        self.block_manager.free(request)
+        """End `request` and free its pages (kept until `release` with retain_blocks,
+        unless aborted); children it never forked end with it. Returns every request
+        ended."""
+        if request.retain_blocks and reason != "abort":
+            self._retained[id(request)] = request
+        else:
+            self.block_manager.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason

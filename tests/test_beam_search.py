@@ -129,3 +129,156 @@ def test_params_frozen_and_checked_by_llm(llm):
         params.beam_width = 3
     with pytest.raises(ValueError, match="params"):
         llm.beam_search("hi", SamplingParams())
+
+
+# ---- prefix sharing: beams fork from their parent beam's cached KV -------------------
+
+LONG_PROMPT = list(range(60, 100))  # 40 tokens: 10 full blocks of 4
+
+
+def reprefill_beam_search(llm, prompt, beam_width, max_tokens):
+    """The previous implementation: every step re-submits every beam as a new request."""
+    params = SamplingParams(logprobs=2 * beam_width, max_tokens=1, temperature=0.0,
+                            ignore_eos=True)
+    beams = [(list(prompt), 0.0)]
+    for _ in range(max_tokens):
+        outs = llm.generate([{"prompt_token_ids": t} for t, _ in beams], params,
+                            use_tqdm=False)
+        candidates = [(tokens + [tid], cum + lp.logprob)
+                      for (tokens, cum), out in zip(beams, outs)
+                      for tid, lp in out.outputs[0].logprobs[0].items()]
+        beams = sorted(candidates, key=lambda c: c[1] / len(c[0]), reverse=True)[:beam_width]
+    return beams
+
+
+def test_beams_share_prefix_blocks(llm):
+    engine = llm.engine
+    params = BeamSearchParams(beam_width=4, max_tokens=8, ignore_eos=True)
+    prompt_tokens_before = engine.stats.num_prompt_tokens
+    engine.stats.peak_used_blocks = 0
+    out = llm.beam_search({"prompt_token_ids": LONG_PROMPT}, params)[0]
+    prefilled = engine.stats.num_prompt_tokens - prompt_tokens_before
+    peak = engine.stats.peak_used_blocks
+    engine.block_manager.check_no_leak()
+    assert engine.scheduler.num_retained == 0
+    # The prompt once, then one new token per beam per step (re-prefilling every beam's
+    # whole prefix each step took 40 + 4 * (41 + ... + 47) = 1272 tokens).
+    assert prefilled == len(LONG_PROMPT) + params.beam_width * (params.max_tokens - 1)
+    # The prompt's 10 blocks are shared; each beam adds at most 3 (its 8 tokens + a
+    # copied-on-write block). Four unshared 47-token beams would hold 4 * 12 = 48.
+    assert peak <= 10 + params.beam_width * 3
+    # Same beams as the re-prefill algorithm.
+    ref = reprefill_beam_search(llm, LONG_PROMPT, 4, 8)
+    assert [s.tokens for s in out.sequences] == [tokens for tokens, _ in ref]
+    for seq, (_, cum) in zip(out.sequences, ref):
+        assert seq.cum_logprob == pytest.approx(cum, abs=1e-4)
+    engine.block_manager.check_no_leak()
+
+
+def test_beam_search_error_leaks_nothing(llm, monkeypatch):
+    engine = llm.engine
+    real_step, calls = engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("boom")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with pytest.raises(RuntimeError, match="boom"):
+        llm.beam_search({"prompt_token_ids": LONG_PROMPT},
+                        BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True))
+    monkeypatch.undo()
+    assert not engine.has_unfinished_requests()
+    assert engine.scheduler.num_retained == 0
+    engine.block_manager.check_no_leak()
+
+
+@pytest.fixture(scope="module")
+def small_llm(tiny_llama_dir):
+    return make_llm(tiny_llama_dir, num_blocks=33)  # 32 usable blocks of 4 slots
+
+
+def test_fork_request_shares_blocks_and_survives_preemption(small_llm):
+    # 32 usable blocks of 4: two 40-token requests and two forks growing to 55 tokens
+    # can't all fit, so the newest running ones (the forks) get preempted and recompute.
+    llm = small_llm
+    engine, bm = llm.engine, llm.engine.block_manager
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompt = list(range(20, 50))  # 30 tokens: 7 full blocks and a half-full one
+    parent = engine.make_request(prompt, SamplingParams(temperature=0, max_tokens=1,
+                                                        ignore_eos=True))
+    parent.retain_blocks = True
+    engine.add_request(parent)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert parent.is_finished and len(parent.block_ids) == 8  # kept after finishing
+    assert engine.scheduler.num_retained == 1
+    others = [engine.make_request(list(range(100 + 50 * k, 140 + 50 * k)), greedy)
+              for k in range(2)]
+    for request in others:
+        engine.add_request(request)
+    forks = [engine.fork_request(parent, [tok], greedy, num_parent_tokens=30)
+             for tok in (77, 78)]
+    for fork in forks:
+        assert fork.prompt_token_ids == prompt + [fork.prompt_token_ids[-1]]
+        assert fork.num_computed_tokens == 30 and fork.block_ids == parent.block_ids
+    assert all(bm.ref_count(b) == 3 for b in parent.block_ids)
+    engine.release_request(parent)
+    engine.release_request(parent)  # idempotent
+    assert engine.scheduler.num_retained == 0
+    prompt_before, copies_before = engine.stats.num_prompt_tokens, engine.stats.num_block_copies
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert sum(f.num_preemptions for f in forks) >= 1
+    assert engine.stats.num_block_copies > copies_before  # the shared half-full block
+    recomputed = sum(31 * f.num_preemptions for f in forks)
+    assert engine.stats.num_prompt_tokens - prompt_before >= 80 + 2 + recomputed
+    bm.check_no_leak()
+    refs = llm.generate([{"prompt_token_ids": f.prompt_token_ids} for f in forks] +
+                        [{"prompt_token_ids": r.prompt_token_ids} for r in others],
+                        greedy, use_tqdm=False)
+    for request, ref in zip(forks + others, refs):
+        assert request.output_token_ids == ref.outputs[0].token_ids
+    bm.check_no_leak()
+
+
+def test_fork_request_validation(llm):
+    engine = llm.engine
+    parent = engine.make_request([1, 2, 3], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="num_parent_tokens"):
+        engine.fork_request(parent, [4], SamplingParams(), num_parent_tokens=9)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        engine.fork_request(parent, [4], SamplingParams(prompt_logprobs=1))
+    with pytest.raises(ValueError, match="parent"):
+        engine.fork_request("x", [4], SamplingParams())
+    # A parent holding no pages: the fork is a plain request for its whole prompt.
+    fork = engine.fork_request(parent, [4, 5], SamplingParams(max_tokens=2, temperature=0,
+                                                              ignore_eos=True))
+    assert fork.prompt_token_ids == [4, 5] and fork.num_computed_tokens == 0
+    fork2 = engine.fork_request(parent, [9], SamplingParams(max_tokens=2, temperature=0),
+                                num_parent_tokens=3)
+    assert fork2.prompt_token_ids == [1, 2, 3, 9] and not fork2.block_ids
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert len(fork.output_token_ids) == 2
+    engine.block_manager.check_no_leak()
+
+
+def test_beam_search_in_a_pool_too_small_to_keep_every_beam(small_llm):
+    # A 118-token prompt takes 30 of the 32 blocks; four beams' own blocks plus their
+    # copies on write don't fit next to it, so some steps fall back to re-running beams
+    # with their whole prefix. The beams must not change.
+    prompt = [(7 * i) % 200 + 3 for i in range(118)]
+    before = small_llm.engine.stats.num_prompt_tokens
+    out = small_llm.beam_search({"prompt_token_ids": prompt},
+                                BeamSearchParams(beam_width=4, max_tokens=6, ignore_eos=True))[0]
+    assert small_llm.engine.stats.num_prompt_tokens - before > 118 + 4 * 5  # fell back
+    small_llm.engine.block_manager.check_no_leak()
+    assert small_llm.engine.scheduler.num_retained == 0
+    ref = reprefill_beam_search(small_llm, prompt, 4, 6)
+    assert [s.tokens for s in out.sequences] == [tokens for tokens, _ in ref]
+    for seq, (_, cum) in zip(out.sequences, ref):
+        assert seq.cum_logprob == pytest.approx(cum, abs=1e-4)
+    small_llm.engine.block_manager.check_no_leak()

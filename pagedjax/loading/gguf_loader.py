@@ -5,12 +5,14 @@ Q4_0/1, Q5_0/1, K-quants, ...) and copied into preallocated stacked arrays.
 
 llama.cpp's converter permutes the rows of each q and k projection so that RoPE can rotate
 adjacent pairs (GPT-J style): per head, `w.reshape(2, head_dim // 2, in).swapaxes(0, 1)`.
-Our models use HF's rotate-half convention, so the loader undoes that permutation.
+Our models use HF's rotate-half convention, so the loader undoes that permutation (llama
+files only: qwen2, qwen3, phi3 and gemma files keep HF's order).
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 from typing import Any, Optional, Sequence
@@ -26,9 +28,23 @@ from .gguf_tokenizer import tokenizer_from_gguf
 from .params_builder import ParamsBuilder
 from .tokenizer import Tokenizer
 
-# GGUF general.architecture -> HF architecture name. Only llama-layout files for now:
-# other architectures use other tensor names, permutations and config keys.
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
+# GGUF general.architecture -> HF architecture name: the ones whose tensors use the llama
+# names below (Qwen2 adds q/k/v biases, Qwen3 per-head q/k norms). Other architectures use
+# other tensor names, fused tensors and config keys.
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                      "gemma": "GemmaForCausalLM"}
+# Only llama.cpp's llama converter permutes q/k rows (its "normal" RoPE); qwen2/qwen3 use the
+# NEOX (rotate-half) RoPE and keep HF's row order.
+_PERMUTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# Per-architecture tensor names that differ from the llama ones: Phi-3 keeps q/k/v and
+# gate/up fused (ffn_up holds gate rows, then up rows, like params' w_gate_up).
+_ARCH_LAYER_TENSORS = {
+    "Phi3ForCausalLM": {"attn_qkv.weight": ("wqkv", None), "ffn_up.weight": ("w_gate_up", None)},
+}
+# llama.cpp's Gemma converter stores norm weights as 1 + w (its RMSNorm multiplies by the
+# weight); params keep HF's w, which models/layers.py's rms_norm_plus_one uses.
+_NORM_PLUS_ONE_ARCHITECTURES = ("GemmaForCausalLM",)
 
 # GGUF per-layer tensor name -> (params leaf, fused part).
 _LAYER_TENSORS = {
@@ -45,6 +61,8 @@ _LAYER_TENSORS = {
     "ffn_gate.weight": ("w_gate_up", "gate"),
     "ffn_up.weight": ("w_gate_up", "up"),
     "ffn_down.weight": ("w_down", None),
+    "attn_q_norm.weight": ("q_norm", None),
+    "attn_k_norm.weight": ("k_norm", None),
 }
 _TOP_TENSORS = {"token_embd.weight": "embed", "output_norm.weight": "final_norm",
                 "output.weight": "lm_head"}
@@ -81,6 +99,9 @@ def load_gguf(path: str | os.PathLike, dtype: Any = np.float32,
             f"GGUF tokenizer has {tokenizer.vocab_size} tokens but token_embd.weight has only "
             f"{config.vocab_size} rows"
         )
+    # The reader's parsed metadata fields (one numpy array per token string and merge:
+    # ~100 MB for a 49k vocabulary) are done with; the tensors keep only the memmap.
+    del reader
     params = _load_params(tensors, config, np_dtype)
     return config, params, tokenizer
 
@@ -165,7 +186,20 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConf
         max_position_embeddings=int(get("context_length", 2048)),
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
+        attention_out_bias="blk.0.attn_output.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        **_family_config(arch, get),
     )
+
+
+def _family_config(arch: str, get) -> dict[str, Any]:
+    """ModelConfig fields a GGUF architecture implies beyond the llama ones."""
+    if arch == "gemma":
+        return dict(norm_type="rms_plus_one", embed_scale=True, hidden_act="gelu_tanh")
+    window = get("attention.sliding_window")
+    if arch == "phi3" and window:
+        return dict(sliding_window=int(window))
+    return {}
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str, tensors: dict[str, Any],
@@ -232,23 +266,67 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _dequantize(tensor) -> np.ndarray:
+# Quantized tensors are dequantized this many output bytes at a time: gguf's dequantize
+# makes several full-size temporaries, which for a big embedding would cost more than the
+# tensor itself.
+_DEQUANT_CHUNK_BYTES = 16 << 20
+
+
+def _release_file_pages(data: np.ndarray) -> None:
+    """Drop the pages of the file that `data` maps from this process's resident set.
+
+    Tensors are read through one read-only memmap; pages already read would otherwise stay
+    resident (counted in RSS) until the load ends, adding the file's size to its peak. A
+    read-only mapping re-reads a dropped page from the page cache if it is touched again.
+    """
+    base = data
+    while base is not None and getattr(base, "_mmap", None) is None:
+        base = getattr(base, "base", None)
+    mapping = getattr(base, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
     try:
-        values = dequantize(tensor.data, tensor.tensor_type)
+        mapping.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        pass
+
+
+def _dequantize(tensor) -> np.ndarray:
+    shape = _logical_shape(tensor)
+    data, qtype = tensor.data, tensor.tensor_type
+    # The tensors before this one are in the params by now. (Always safe: a view still
+    # held into the shared, read-only mapping just re-reads its page when touched.)
+    _release_file_pages(data)
+    try:
+        rows = data.shape[0] if data.ndim >= 2 else 0
+        row_bytes = 4 * math.prod(shape[1:]) if len(shape) >= 2 else 0
+        if qtype.name == "F32" or rows < 2 or rows * row_bytes <= _DEQUANT_CHUNK_BYTES:
+            return dequantize(data, qtype).reshape(shape)
+        values = np.empty(shape, np.float32)
+        step = max(1, _DEQUANT_CHUNK_BYTES // row_bytes)
+        for start in range(0, rows, step):
+            chunk = dequantize(data[start:start + step], qtype)
+            values[start:start + step] = chunk.reshape(-1, *shape[1:])
+        return values
     except NotImplementedError as err:
         raise ValueError(
             f"GGUF tensor {tensor.name} has type {tensor.tensor_type.name}, which gguf cannot "
             f"dequantize: {err}"
         ) from err
-    return values.reshape(_logical_shape(tensor))
 
 
-def _slot_for(name: str) -> tuple[str, Optional[int], Optional[str]]:
+def _layer_tensors(architecture: str) -> dict[str, tuple[str, Optional[str]]]:
+    return {**_LAYER_TENSORS, **_ARCH_LAYER_TENSORS.get(architecture, {})}
+
+
+def _slot_for(name: str, architecture: str = "LlamaForCausalLM"
+              ) -> tuple[str, Optional[int], Optional[str]]:
     if name in _TOP_TENSORS:
         return _TOP_TENSORS[name], None, None
     match = _LAYER_NAME.fullmatch(name)
-    if match and match.group(2) in _LAYER_TENSORS:
-        leaf, part = _LAYER_TENSORS[match.group(2)]
+    layer_tensors = _layer_tensors(architecture)
+    if match and match.group(2) in layer_tensors:
+        leaf, part = layer_tensors[match.group(2)]
         return leaf, int(match.group(1)), part
     raise ValueError(f"GGUF tensor {name} is not a known llama tensor; not supported")
 
@@ -269,9 +347,11 @@ def _load_params(tensors: dict[str, Any], config: ModelConfig, dtype: np.dtype) 
     for name, tensor in tensors.items():
         if name == _ROPE_FREQS:
             continue  # folded into config.rope_scaling
-        leaf, layer, part = _slot_for(name)
+        leaf, layer, part = _slot_for(name, config.architecture)
         values = _dequantize(tensor)
-        if part in ("q", "k"):
+        if leaf.endswith("norm") and config.architecture in _NORM_PLUS_ONE_ARCHITECTURES:
+            values = values - 1.0
+        if part in ("q", "k") and config.architecture in _PERMUTED_ARCHITECTURES:
             heads = config.num_heads if part == "q" else config.num_kv_heads
             values = _unpermute_rows(values, heads)
         builder.put(name, values, leaf, layer, part)

@@ -8,6 +8,8 @@ import os
 import re
 from typing import Any, Optional, Sequence
 
+from pagedjax.checkpoint import is_pagedjax_checkpoint
+
 from .gguf_loader import load_gguf
 from .hf_loader import DEFAULT_SUPPORTED_ARCHITECTURES, load_hf_checkpoint
 
@@ -39,7 +41,8 @@ def default_gguf_path() -> str:
 
 
 def resolve_model(model: Optional[str | os.PathLike]) -> tuple[str, str]:
-    """Where a model's files are: ("gguf", file path) or ("hf", directory).
+    """Where a model's files are: ("gguf", file path), ("hf", directory) or ("orbax",
+    directory written by `pagedjax.save_params`).
 
     `model` is None (the default SmolLM2 GGUF), a .gguf file, a directory with
     config.json or exactly one .gguf, or a hub id "org/name" found in the local HF cache
@@ -68,6 +71,8 @@ def resolve_model(model: Optional[str | os.PathLike]) -> tuple[str, str]:
 
 
 def _resolve_dir(path: str) -> tuple[str, str]:
+    if is_pagedjax_checkpoint(path):
+        return "orbax", path
     if os.path.isfile(os.path.join(path, "config.json")):
         return "hf", path
     ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
@@ -139,8 +144,29 @@ def load_model(model: Optional[str | os.PathLike], dtype: Any = None,
                supported_architectures: Sequence[str] = DEFAULT_SUPPORTED_ARCHITECTURES
                ) -> tuple[Any, dict[str, Any], Any]:
     """(config, params, tokenizer) for `model` (see `resolve_model`), params in `dtype`
-    (default float32) as numpy arrays."""
+    (default float32) as numpy arrays; an orbax directory's params come back as device
+    arrays in `dtype` (default: as saved)."""
     kind, path = resolve_model(model)
+    if kind == "orbax":
+        return _load_orbax(path, dtype, supported_architectures)
     if kind == "gguf":
         return load_gguf(path, dtype=dtype, supported_architectures=supported_architectures)
     return load_hf_checkpoint(path, dtype=dtype, supported_architectures=supported_architectures)
+
+
+def _load_orbax(path: str, dtype: Any, supported_architectures: Sequence[str]
+                ) -> tuple[Any, dict[str, Any], Any]:
+    """A `pagedjax.save_params` directory: params as device arrays (in `dtype` when given),
+    the tokenizer when one was saved with them (else None: pass `tokenizer=` to LLM)."""
+    from pagedjax.checkpoint import read_checkpoint_config, load_params
+
+    from .tokenizer import Tokenizer
+
+    config = read_checkpoint_config(path)
+    if config.architecture not in supported_architectures:
+        raise ValueError(f"architecture {config.architecture} is not supported; supported: "
+                         f"{', '.join(supported_architectures)}")
+    _, params = load_params(path, dtype=dtype)
+    tokenizer = (Tokenizer.from_hf_dir(path)
+                 if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
+    return config, params, tokenizer

@@ -23,7 +23,8 @@ def _fused_parts(config: ModelConfig) -> _Parts:
     kv = config.num_kv_heads * config.head_dim
     f = config.intermediate_size
     qkv = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
-    return {"wqkv": qkv, "bqkv": qkv, "w_gate_up": {"gate": (0, f), "up": (f, 2 * f)}}
+    gate_up = {"gate": (0, f), "up": (f, 2 * f)}
+    return {"wqkv": qkv, "bqkv": qkv, "w_gate_up": gate_up, "b_gate_up": gate_up}
 
 
 class ParamsBuilder:
@@ -32,7 +33,7 @@ class ParamsBuilder:
     A slot is (leaf, layer, part): `leaf` is a key of `models/params.py` ("embed",
     "wqkv", ...), `layer` the layer index for leaves under "layers" (else None), and `part`
     the block of rows of a fused leaf ("q"/"k"/"v" of wqkv and bqkv, "gate"/"up" of
-    w_gate_up; else None).
+    w_gate_up and b_gate_up; else None, which for a fused leaf means all of its rows).
     """
 
     def __init__(self, config: ModelConfig, dtype: np.dtype):
@@ -64,7 +65,8 @@ class ParamsBuilder:
         if leaf not in self._layers:
             return False
         parts = self._parts.get(leaf)
-        return (part in parts) if parts else part is None
+        # part None on a fused leaf: one checkpoint tensor fills all of it (Phi-3's qkv_proj).
+        return (part is None or part in parts) if parts else part is None
 
     def put(self, name: str, value: np.ndarray, leaf: str, layer: Optional[int] = None,
             part: Optional[str] = None) -> None:
@@ -77,8 +79,11 @@ class ParamsBuilder:
         if not self.has_slot(leaf, layer, part):
             raise ValueError(f"tensor {name} has no place in the params of this config "
                              f"(slot {leaf}/{layer}/{part})")
-        key = (leaf, layer, part)
-        if key in self._filled:
+        if part is None and layer is not None and leaf in self._parts:
+            keys = {(leaf, layer, p) for p in self._parts[leaf]}  # the whole fused leaf
+        else:
+            keys = {(leaf, layer, part)}
+        if keys & self._filled:
             raise ValueError(f"tensor {name} appears twice in the checkpoint")
         target = self._top[leaf] if layer is None else self._layers[leaf][layer]
         if part is not None:
@@ -89,7 +94,7 @@ class ParamsBuilder:
                 f"tensor {name} has shape {tuple(value.shape)}, expected {target.shape}"
             )
         target[...] = value  # casts (e.g. bf16/f16 -> f32) while copying
-        self._filled.add(key)
+        self._filled |= keys
 
     def build(self, describe: Callable[[str, Optional[int], Optional[str]], str]) -> dict[str, Any]:
         """The params pytree; ValueError naming (via `describe`) the first unfilled slot."""

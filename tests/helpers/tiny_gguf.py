@@ -36,6 +36,36 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+# K-quant super-blocks of 256 values: (block bytes, {field: (start, stop)} of the f16 scales
+# set by hand; everything else is random bits). Byte layouts as in ggml-common.h.
+K_QUANT_LAYOUTS = {
+    "Q4_K": (144, {"d": (0, 2), "dmin": (2, 4)}),   # d, dmin, scales[12], qs[128]
+    "Q5_K": (176, {"d": (0, 2), "dmin": (2, 4)}),   # d, dmin, scales[12], qh[32], qs[128]
+    "Q6_K": (210, {"d": (208, 210)}),                # ql[128], qh[64], scales[16] (int8), d
+}
+# d (and dmin) per type so that random blocks dequantize to values of about the weights'
+# spread `s`: d * scale * q with 6-bit scales and 4/5/6-bit q (Q6_K: signed 8-bit scales).
+_K_QUANT_D = {"Q4_K": 1 / (32 * 7.5), "Q5_K": 1 / (32 * 15.5), "Q6_K": 1 / (64 * 32)}
+
+
+def random_k_quant_blocks(array: np.ndarray, qtype: str, seed: str) -> np.ndarray:
+    """Random `qtype` ("Q4_K", "Q5_K", "Q6_K") blocks for a matrix shaped like `array`,
+    as the uint8 [rows, row bytes] array GGUFWriter takes; values have about the spread of
+    `array` (and mean near 0). Deterministic in `seed`."""
+    rows, cols = array.shape
+    if cols % 256:
+        raise ValueError(f"{qtype} needs rows of a multiple of 256 values, got {cols}")
+    block_bytes, f16_fields = K_QUANT_LAYOUTS[qtype]
+    rng = np.random.default_rng(sum(seed.encode()) * 7919 + len(seed))
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, block_bytes), dtype=np.uint8)
+    d = np.float16(float(np.std(array)) * _K_QUANT_D[qtype])
+    for field, (start, stop) in f16_fields.items():
+        # dmin ~ d * mean(q): the subtracted minimum re-centres the values near 0.
+        value = d if field == "d" else np.float16(float(d) * {"Q4_K": 7.5, "Q5_K": 15.5}[qtype])
+        blocks[:, start:stop] = np.frombuffer(value.tobytes(), np.uint8)
+    return blocks.reshape(rows, cols // 256 * block_bytes)
+
+
 def _gguf_name(hf_name: str) -> Optional[str]:
     top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
@@ -51,7 +81,12 @@ def make_tiny_llama_gguf(model_dir: str | os.PathLike, path: str | os.PathLike, 
                          qtype: str = "F32", pre: str = "gpt-2",
                          tokenizer_model: str = "gpt2", architecture: str = "llama") -> str:
     """Convert the HF checkpoint in `model_dir` (e.g. from `make_tiny_llama`) to a GGUF at
-    `path`; matrices are stored as `qtype` ("F32", "F16" or "Q8_0"), norms as F32.
+    `path`; matrices are stored as `qtype`, norms as F32.
+
+    `qtype` is any type `gguf.quants.quantize` writes ("F32", "F16", "BF16", "Q8_0", "Q4_0",
+    "Q4_1", "Q5_0", "Q5_1") or a K-quant ("Q4_K", "Q5_K", "Q6_K"). gguf-py cannot quantize
+    K-quants, so their matrices are random blocks of the right layout (see
+    `random_k_quant_blocks`), not the model's weights; rows must be a multiple of 256 long.
 
     `pre`, `tokenizer_model` and `architecture` are written as given, so tests can make
     files the loader must reject."""
@@ -112,7 +147,10 @@ def make_tiny_llama_gguf(model_dir: str | os.PathLike, path: str | os.PathLike, 
             if quant == gguf.GGMLQuantizationType.F16:
                 writer.add_tensor(name, array.astype(np.float16))
             else:
-                data = gguf.quants.quantize(array, quant)
+                if quant.name in K_QUANT_LAYOUTS:
+                    data = random_k_quant_blocks(array, quant.name, seed=name)
+                else:
+                    data = gguf.quants.quantize(array, quant)
                 writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=quant)
         else:
             writer.add_tensor(name, np.ascontiguousarray(array, np.float32))

@@ -1,0 +1,265 @@
+"""The model zoo: every registered architecture besides Llama (tests/test_model_parity.py)
+against HF transformers on tiny random checkpoints saved with save_pretrained.
+
+For each variant: fp32 logits equal HF's at prefill (chunked, two sequences in one step)
+and decode (two sequences per step), and greedy token ids equal HF's over 32 tokens for
+several prompts through `LLM` with several sequences per step. Sliding windows are 8
+tokens, shorter than the prompts, so they change the result. Half-precision checkpoints
+(bf16, fp16) of one family load and agree with HF.
+"""
+
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedjax import LLM
+from pagedjax.batching import build_step_input
+from pagedjax.models import SUPPORTED_ARCHITECTURES, build_model
+from pagedjax.models.config import ModelConfig
+from pagedjax.request import Request
+from pagedjax.sampling_params import SamplingParams
+from tests.helpers.hf_reference import hf_greedy
+from tests.helpers.tiny_zoo import make_tiny_model
+
+# name -> (architecture, HF config overrides). Base: 2 layers, hidden 64, 4 heads, 2 KV
+# heads, head_dim 16 (see tests/helpers/tiny_zoo.py).
+VARIANTS = {
+    "mistral_gqa_window": ("MistralForCausalLM", dict(sliding_window=8)),
+    "qwen2_bias_tied": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    # layer_types [full, sliding]: the window on the upper layer only.
+    "qwen2_window_upper_layer": ("Qwen2ForCausalLM", dict(
+        use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    "qwen3_qknorm_mha": ("Qwen3ForCausalLM", dict(num_key_value_heads=4, head_dim=32)),
+    "phi3_fused": ("Phi3ForCausalLM", dict()),
+    "gemma_mqa_tied": ("GemmaForCausalLM", dict(num_key_value_heads=1, head_dim=32)),
+    "gemma2_softcap_window": ("Gemma2ForCausalLM", dict(
+        num_hidden_layers=3, sliding_window=8, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, query_pre_attn_scalar=24)),
+    "gpt2_mha_tied": ("GPT2LMHeadModel", dict()),
+    "opt_project_in_out": ("OPTForCausalLM", dict(word_embed_proj_dim=32)),
+    "opt_postnorm_untied": ("OPTForCausalLM", dict(do_layer_norm_before=False,
+                                                   tie_word_embeddings=False)),
+}
+ATOL = 2e-4  # fp32; logits are O(1-10)
+ENGINE = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, num_blocks=40,
+              block_size=8)
+
+
+def _make(tmp_path_factory, name, **kwargs):
+    arch, overrides = VARIANTS[name]
+    model_dir = make_tiny_model(tmp_path_factory.mktemp(name), arch, **overrides, **kwargs)
+    return model_dir
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def tiny(request, tmp_path_factory):
+    model_dir = _make(tmp_path_factory, request.param)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    llm = LLM(model_dir, **ENGINE)
+    assert llm.engine.model_config.architecture == VARIANTS[request.param][0]
+    return SimpleNamespace(name=request.param, hf=hf, llm=llm, dir=model_dir)
+
+
+def hf_logits(hf, token_ids):
+    with torch.no_grad():
+        return hf(torch.tensor([token_ids])).logits[0].float().numpy()
+
+
+def check_logits(engine, hf, atol=ATOL, rtol=1e-4):
+    """Chunked two-sequence prefill, then four two-sequence decode steps, each step's
+    last-token logits compared with HF's full forward of the same tokens."""
+    model = build_model(engine.model_config)
+    apply = jax.jit(lambda p, s, kv: model.apply({"params": p}, s, kv))
+    rng = np.random.default_rng(0)
+    vocab = engine.model_config.vocab_size
+    prompts = [rng.integers(3, vocab, size=n).tolist() for n in (9, 20)]
+    requests = [Request(request_id=str(i), prompt_token_ids=p,
+                        sampling_params=SamplingParams(temperature=0), seed=0)
+                for i, p in enumerate(prompts)]
+
+    def step(chunks):
+        for chunk in chunks:
+            assert engine.block_manager.ensure_capacity(
+                chunk.request, chunk.start_position + chunk.num_new_tokens)
+        _, step_input = build_step_input(chunks, engine.buckets, engine.config.block_size)
+        logits, engine.runner.kv_cache = apply(engine.runner.params, jax.device_put(step_input),
+                                               engine.runner.kv_cache)
+        return np.asarray(logits, dtype=np.float32)[:len(chunks)]
+
+    def compare(got, sequences):
+        for row, seq in zip(got, sequences):
+            np.testing.assert_allclose(row, hf_logits(hf, seq)[-1], atol=atol, rtol=rtol)
+
+    # Prefill both prompts in one step, the second in two chunks (6 + 14 tokens).
+    step([SimpleNamespace(request=requests[1], start_position=0, num_new_tokens=6)])
+    got = step([SimpleNamespace(request=requests[0], start_position=0, num_new_tokens=9),
+                SimpleNamespace(request=requests[1], start_position=6, num_new_tokens=14)])
+    compare(got, prompts)
+    sequences = [list(p) for p in prompts]
+    for _ in range(4):
+        for seq, request in zip(sequences, requests):
+            seq.append(int(np.argmax(hf_logits(hf, seq)[-1])))
+            request.output_token_ids.append(seq[-1])
+        got = step([SimpleNamespace(request=r, start_position=len(s) - 1, num_new_tokens=1)
+                    for r, s in zip(requests, sequences)])
+        compare(got, sequences)
+    for request in requests:
+        engine.block_manager.free(request)
+
+
+def test_logits_match_hf_at_prefill_and_decode(tiny):
+    check_logits(tiny.llm.engine, tiny.hf)
+
+
+def test_greedy_ids_match_hf_over_32_tokens(tiny):
+    rng = np.random.default_rng(1)
+    vocab = tiny.llm.engine.model_config.vocab_size
+    prompts = [rng.integers(3, vocab, size=n).tolist() for n in (3, 11, 20, 6)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outputs = tiny.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                use_tqdm=False)
+    assert tiny.llm.engine.stats.max_seqs_in_step > 1
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(tiny.hf, prompt, 32)
+    tiny.llm.engine.block_manager.check_no_leak()
+
+
+def test_prompt_logprobs_match_hf(tiny):
+    """The all-token logits path (prompt logprobs) of every model file, soft-cap and
+    OPT's project_out included."""
+    prompt = np.random.default_rng(2).integers(3, tiny.llm.engine.model_config.vocab_size,
+                                               size=20).tolist()
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    out = tiny.llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(tiny.hf(torch.tensor([prompt])).logits[0].double(), -1).numpy()
+    assert out.prompt_logprobs[0] is None
+    for pos in range(1, len(prompt)):
+        token = prompt[pos]
+        assert abs(out.prompt_logprobs[pos][token].logprob - ref[pos - 1, token]) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["mistral_gqa_window", "qwen2_window_upper_layer",
+                                  "gemma2_softcap_window"])
+def test_sliding_window_matters(tmp_path_factory, name):
+    """The 8-token window changes HF's logits for these prompt lengths, so the parity
+    tests above do check it."""
+    model_dir = _make(tmp_path_factory, name)
+    windowed = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                sliding_window=10_000).eval()
+    tokens = list(range(3, 23))
+    assert np.abs(hf_logits(windowed, tokens)[-1] - hf_logits(full, tokens)[-1]).max() > 1e-2
+
+
+# Half-precision activations vs HF fp32, logits O(1-10): observed max |diff| about 0.05
+# (bf16) and under 0.01 (fp16); the tolerances leave about 2x room.
+HALF_ATOL = {"bfloat16": 0.1, "float16": 0.02}
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF_ATOL))
+def test_half_precision_checkpoints(tmp_path_factory, dtype):
+    """A bf16 / fp16 checkpoint loads (default dtype on CPU: fp32 params holding the
+    stored values) and matches HF's fp32 upcast to fp32 tolerance; run in its own dtype
+    it matches HF fp32 within HALF_ATOL."""
+    model_dir = _make(tmp_path_factory, "qwen2_bias_tied", dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    llm = LLM(model_dir, **ENGINE)
+    check_logits(llm.engine, hf)
+
+    half = LLM(model_dir, dtype=dtype, **ENGINE)
+    assert half.engine.runner.params["embed"].dtype == np.dtype(dtype)
+    check_logits(half.engine, hf, atol=HALF_ATOL[dtype], rtol=0)
+
+
+def test_registry_lists_every_architecture():
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                 "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM",
+                 "Gemma2ForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM"):
+        assert arch in SUPPORTED_ARCHITECTURES
+    config = ModelConfig(architecture="MambaForCausalLM", vocab_size=8, hidden_size=8,
+                         intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
+                         head_dim=8)
+    with pytest.raises(ValueError, match="not supported; supported: .*GemmaForCausalLM.*"
+                                         "Qwen3ForCausalLM"):
+        build_model(config)
+
+
+def test_config_validation():
+    base = dict(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=8,
+                intermediate_size=8, num_layers=2, num_heads=1, num_kv_heads=1, head_dim=8)
+    with pytest.raises(ValueError, match="hidden_act"):
+        ModelConfig(**base, hidden_act="mish")
+    with pytest.raises(ValueError, match="sliding_window must be"):
+        ModelConfig(**base, sliding_window=0)
+    with pytest.raises(ValueError, match="sliding_window_layers"):
+        ModelConfig(**base, sliding_window=4, sliding_window_layers=(True,))
+    with pytest.raises(ValueError, match="attn_logit_softcap"):
+        ModelConfig(**base, attn_logit_softcap=-1.0)
+    config = ModelConfig(**base, sliding_window=4, sliding_window_layers=(True, False))
+    assert hash(config) == hash(config.replace())
+    assert [config.layer_uses_window(i) for i in range(2)] == [True, False]
+    gemma = {"architectures": ["GemmaForCausalLM"], "vocab_size": 8, "hidden_size": 8,
+             "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+             "hidden_act": "gelu"}
+    qwen = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 8, "hidden_size": 8,
+            "intermediate_size": 8, "num_hidden_layers": 3, "num_attention_heads": 1,
+            "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+    # transformers 4.x files have no layer_types: the window starts at max_window_layers.
+    assert ModelConfig.from_hf_dict(qwen).sliding_window_layers == (False, True, True)
+    assert ModelConfig.from_hf_dict({**qwen, "use_sliding_window": False}).sliding_window is None
+    # Early Gemma config.json files say "gelu"; the model uses the tanh approximation.
+    assert ModelConfig.from_hf_dict(gemma).hidden_act == "gelu_tanh"
+    assert ModelConfig.from_hf_dict(gemma).tie_word_embeddings  # Gemma's default
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        ModelConfig.from_hf_dict({
+            "architectures": ["Phi3ForCausalLM"], "vocab_size": 8, "hidden_size": 8,
+            "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+            "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}})
+
+
+@pytest.mark.parametrize("name,gguf_arch", [("qwen2_bias_tied", "qwen2"),
+                                            ("qwen3_qknorm_mha", "qwen3"),
+                                            ("phi3_fused", "phi3"),
+                                            ("gemma_mqa_tied", "gemma")])
+def test_gguf_matches_hf(tmp_path_factory, name, gguf_arch):
+    """GGUF files of the llama-named architectures (qwen2: q/k/v biases, no q/k row
+    permutation; qwen3: q/k norms; phi3: fused qkv and gate_up; gemma: norms stored as
+    1 + w) load and match HF to fp32 tolerance."""
+    from tests.helpers.tiny_zoo import make_tiny_gguf
+
+    model_dir = _make(tmp_path_factory, name)
+    path = make_tiny_gguf(model_dir, tmp_path_factory.mktemp("gguf") / "m.gguf", gguf_arch)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    llm = LLM(path, **ENGINE)
+    assert llm.engine.model_config.architecture == VARIANTS[name][0]
+    check_logits(llm.engine, hf)
+
+
+@pytest.mark.parametrize("name,prefix", [("gpt2_mha_tied", "transformer."),
+                                         ("opt_project_in_out", "model.")])
+def test_base_model_checkpoint_names(tmp_path_factory, name, prefix):
+    """Hub GPT-2 / OPT files were saved from the bare base model: their names lack the
+    "transformer." / "model." prefix (and GPT-2's hold attention-mask buffers)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from pagedjax.loading import load_hf_checkpoint
+
+    model_dir = _make(tmp_path_factory, name)
+    bare = str(tmp_path_factory.mktemp(name + "_bare"))
+    shutil.copytree(model_dir, bare, dirs_exist_ok=True)
+    path = bare + "/model.safetensors"
+    tensors = {k[len(prefix):] if k.startswith(prefix) else k: v
+               for k, v in load_file(path).items()}
+    if name.startswith("gpt2"):
+        tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 8, 8), np.float32))
+    save_file(tensors, path, metadata={"format": "pt"})
+    _, expected, _ = load_hf_checkpoint(model_dir)
+    _, got, _ = load_hf_checkpoint(bare)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
