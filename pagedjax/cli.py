@@ -39,6 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None,
+                        help="branch, tag or commit of a hub id model (default: main)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="default: the model's max_position_embeddings")
@@ -61,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pagedjax import LLM
     from pagedjax.server import serve
 
-    llm = LLM(args.model, **_engine_kwargs(args))
+    llm = LLM(args.model, revision=args.revision, **_engine_kwargs(args))
     serve(llm, host=args.host, port=args.port, warmup=not args.no_warmup,
           served_model_names=args.served_model_name or (), api_key=args.api_key,
           chat_template=args.chat_template)
@@ -74,7 +76,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k)
     load_start = time.perf_counter()
-    llm = LLM(args.model, **_engine_kwargs(args))
+    llm = LLM(args.model, revision=args.revision, **_engine_kwargs(args))
     load_seconds = time.perf_counter() - load_start
     start = time.perf_counter()
     if args.chat:

@@ -26,11 +26,14 @@ class LLM:
     """Load a model once, then generate for batches of prompts with continuous batching.
 
     `model` is a local directory (HF config.json + safetensors + tokenizer), a .gguf file,
-    a hub id found in the local HF cache, or None for the default SmolLM2-135M-Instruct
-    GGUF. Use `LLM.from_params` to serve weights that already live in memory.
+    a hub id found in the local HF cache (or downloaded unless HF_HUB_OFFLINE is set), or
+    None for the default SmolLM2-135M-Instruct GGUF. `revision` picks a hub id's branch,
+    tag or commit (default: main). Use `LLM.from_params` to serve weights that already
+    live in memory.
     """
 
-    def __init__(self, model: Optional[str] = None, *, dtype: str = "auto",
+    def __init__(self, model: Optional[str] = None, *, revision: Optional[str] = None,
+                 dtype: str = "auto",
                  max_model_len: Optional[int] = None, block_size: int = 16,
                  num_blocks: Optional[int] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 512, seed: int = 0,
@@ -48,10 +51,11 @@ class LLM:
             from .loading import load_model  # pulls in gguf/safetensors only when loading
 
             model_config, params, loaded_tokenizer = load_model(
-                model, supported_architectures=SUPPORTED_ARCHITECTURES)
+                model, supported_architectures=SUPPORTED_ARCHITECTURES, revision=revision)
         else:
             model_config, params, loaded_tokenizer = _loaded
         self.model = model
+        self.revision = revision
         self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         if self.tokenizer is None:
             raise ValueError("tokenizer: none was given and the model has none")

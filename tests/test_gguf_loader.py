@@ -191,8 +191,9 @@ def test_llama_bpe_pre_tokenizer_builds(tiny_dir, tmp_path):
 
 
 def test_unsupported_architecture(tiny_dir, tmp_path):
-    path = make_tiny_llama_gguf(tiny_dir, tmp_path / "x.gguf", architecture="gpt2")
-    with pytest.raises(ValueError, match="GGUF architecture 'gpt2' is not supported"):
+    path = make_tiny_llama_gguf(tiny_dir, tmp_path / "x.gguf", architecture="falcon")
+    with pytest.raises(ValueError, match="GGUF architecture 'falcon' is not supported; "
+                                         "supported: gemma, gemma2, gpt2, llama"):
         load_gguf(path)
 
 

@@ -329,6 +329,39 @@ def test_resolve_from_hf_cache(tiny_dirs, offline_empty_cache):
     assert config.num_layers == 2 and tokenizer.eos_token_id == 2
 
 
+def test_resolve_revision_from_hf_cache(tiny_dirs, offline_empty_cache):
+    """Two snapshots: main -> abc123 (untied), tag v2 -> def456 (tied, bf16); a revision is a
+    ref (branch/tag) or a commit folder, and an unknown one is an error naming it."""
+    from pagedjax import LLM
+
+    repo = offline_empty_cache / "models--tiny-org--tiny-llama"
+    main = repo / "snapshots" / "abc123"
+    tagged = repo / "snapshots" / "def456"
+    shutil.copytree(tiny_dirs["untied_f32"], main)
+    shutil.copytree(tiny_dirs["tied_bf16_sharded"], tagged)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "refs" / "v2").write_text("def456\n")
+    name = "tiny-org/tiny-llama"
+    assert resolve_model(name) == ("hf", str(main))
+    assert resolve_model(name, revision="main") == ("hf", str(main))
+    assert resolve_model(name, revision="v2") == ("hf", str(tagged))
+    assert resolve_model(name, revision="def456") == ("hf", str(tagged))  # a commit
+    assert resolve_model(name, revision="abc123") == ("hf", str(main))
+    assert load_model(name, revision="v2")[0].tie_word_embeddings
+    assert not load_model(name)[0].tie_word_embeddings
+    for bad in ("v3", "0123abc"):
+        with pytest.raises(ValueError, match=f"model 'tiny-org/tiny-llama' revision '{bad}' "
+                                             "not found"):
+            resolve_model(name, revision=bad)
+    with pytest.raises(ValueError, match="revision 'nope' not found"):
+        LLM(name, revision="nope")
+    with pytest.raises(ValueError, match="not a valid"):
+        resolve_model(name, revision="../../etc")
+    with pytest.raises(ValueError, match="only for hub ids"):
+        resolve_model(tiny_dirs["untied_f32"], revision="main")
+
+
 def test_load_model_dispatch_and_architecture_check(tiny_dirs, tmp_path, offline_empty_cache):
     from tests.helpers.tiny_gguf import make_tiny_llama_gguf
 

@@ -222,22 +222,63 @@ def test_config_validation():
             "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}})
 
 
-@pytest.mark.parametrize("name,gguf_arch", [("qwen2_bias_tied", "qwen2"),
-                                            ("qwen3_qknorm_mha", "qwen3"),
-                                            ("phi3_fused", "phi3"),
-                                            ("gemma_mqa_tied", "gemma")])
-def test_gguf_matches_hf(tmp_path_factory, name, gguf_arch):
-    """GGUF files of the llama-named architectures (qwen2: q/k/v biases, no q/k row
+@pytest.mark.parametrize("name,gguf_arch,changes", [
+    ("qwen2_bias_tied", "qwen2", {}),
+    ("qwen3_qknorm_mha", "qwen3", {}),
+    ("phi3_fused", "phi3", {}),
+    ("gemma_mqa_tied", "gemma", {}),
+    # GGUF has no query_pre_attn_scalar: llama.cpp uses head_dim below 46 layers.
+    ("gemma2_softcap_window", "gemma2", dict(query_pre_attn_scalar=16)),
+    ("gpt2_mha_tied", "gpt2", {}),
+])
+def test_gguf_matches_hf(tmp_path_factory, name, gguf_arch, changes):
+    """GGUF files as llama.cpp's converter writes them (qwen2: q/k/v biases, no q/k row
     permutation; qwen3: q/k norms; phi3: fused qkv and gate_up; gemma: norms stored as
-    1 + w) load and match HF to fp32 tolerance."""
+    1 + w; gemma2: also sandwich norms, soft-caps and window from metadata; gpt2: fused
+    qkv, LayerNorm and linear biases, learned positions) load and match HF to fp32
+    tolerance."""
     from tests.helpers.tiny_zoo import make_tiny_gguf
 
-    model_dir = _make(tmp_path_factory, name)
+    arch, overrides = VARIANTS[name]
+    model_dir = make_tiny_model(tmp_path_factory.mktemp(name), arch,
+                                **{**overrides, **changes})
     path = make_tiny_gguf(model_dir, tmp_path_factory.mktemp("gguf") / "m.gguf", gguf_arch)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     llm = LLM(path, **ENGINE)
     assert llm.engine.model_config.architecture == VARIANTS[name][0]
     check_logits(llm.engine, hf)
+
+
+def test_gguf_gemma2_attention_scale_follows_llama_cpp():
+    """llama.cpp's Gemma 2 rule: 1 / sqrt(hidden / heads) for the 46-layer 27B model,
+    1 / sqrt(head_dim) otherwise (both agree with the released config.json files)."""
+    from types import SimpleNamespace as NS
+
+    from pagedjax.loading.gguf_loader import config_from_gguf
+
+    def config(layers, hidden, heads, head_dim, **extra):
+        meta = {"general.architecture": "gemma2", "gemma2.block_count": layers,
+                "gemma2.embedding_length": hidden, "gemma2.feed_forward_length": 8,
+                "gemma2.attention.head_count": heads, "gemma2.attention.head_count_kv": heads // 2,
+                "gemma2.attention.key_length": head_dim,
+                "gemma2.attention.value_length": head_dim,
+                "gemma2.attention.layer_norm_rms_epsilon": 1e-6, **extra}
+        tensors = {"token_embd.weight": NS(shape=np.array([hidden, 32]))}
+        return config_from_gguf(meta, tensors)
+
+    c27 = config(46, 4608, 32, 128)  # gemma-2-27b: query_pre_attn_scalar 144
+    assert c27.query_pre_attn_scalar == 144 and c27.attention_scale == 144 ** -0.5
+    c9 = config(42, 3584, 16, 256)  # gemma-2-9b: query_pre_attn_scalar 256
+    assert c9.query_pre_attn_scalar == 256
+    # llama.cpp's defaults for files without soft-cap / window keys.
+    assert (c9.attn_logit_softcap, c9.final_logit_softcap, c9.sliding_window) == (50.0, 30.0,
+                                                                                  4096)
+    assert c9.sliding_window_layers[:3] == (True, False, True)
+    assert c9.architecture == "Gemma2ForCausalLM" and c9.sandwich_norms and c9.tie_word_embeddings
+    small = config(3, 64, 4, 16, **{"gemma2.attn_logit_softcapping": 5.0,
+                                    "gemma2.attention.sliding_window": 8})
+    assert small.query_pre_attn_scalar == 16 and small.attn_logit_softcap == 5.0
+    assert small.sliding_window == 8
 
 
 @pytest.mark.parametrize("name,prefix", [("gpt2_mha_tied", "transformer."),

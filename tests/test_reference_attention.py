@@ -21,14 +21,23 @@ def dense_attention(q, k, v, scale):  # q: [n, H, D], k/v: [ctx, K, D], causal a
     return out
 
 
+# (cached context length, new tokens this step) of each sequence in one step.
+STEPS = {
+    # Decodes, a fresh prefill and ONE continuing chunk: the per-sequence path.
+    "one_chunk": [(9, 1), (0, 6), (5, 3), (1, 1), (12, 1)],
+    # Two continuing chunks (5+3 and 12+2, mid-page): the per-token fallback path.
+    "two_chunks": [(9, 1), (0, 6), (5, 3), (1, 1), (12, 2)],
+    "decodes_only": [(9, 1), (3, 1), (16, 1), (1, 1)],
+}
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 1)])
-def test_mixed_prefill_and_decode_over_scattered_pages(num_heads, num_kv_heads):
+def test_mixed_prefill_and_decode_over_scattered_pages(num_heads, num_kv_heads, step):
     rng = np.random.default_rng(num_heads * 10 + num_kv_heads)
     L, S, P, D = 2, 4, 24, 8
     layer = 1
-    # (cached context length, new tokens this step): a decode, a fresh prefill, a
-    # continuing prefill chunk, a decode at length 1 and a context ending mid-page.
-    seqs = [(9, 1), (0, 6), (5, 3), (1, 1), (12, 2)]
+    seqs = STEPS[step]
     free_pages = list(rng.permutation(np.arange(1, P)))  # scattered, never the null page
     tables = []
     for ctx, new in seqs:

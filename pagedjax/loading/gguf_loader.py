@@ -6,7 +6,12 @@ Q4_0/1, Q5_0/1, K-quants, ...) and copied into preallocated stacked arrays.
 llama.cpp's converter permutes the rows of each q and k projection so that RoPE can rotate
 adjacent pairs (GPT-J style): per head, `w.reshape(2, head_dim // 2, in).swapaxes(0, 1)`.
 Our models use HF's rotate-half convention, so the loader undoes that permutation (llama
-files only: qwen2, qwen3, phi3 and gemma files keep HF's order).
+files only: qwen2, qwen3, phi3, gemma and gemma2 files keep HF's order).
+
+gpt2 files hold GPT-2's fused attn_qkv and learned position_embd; llama.cpp's converter
+transposes HF's Conv1D weights to [out, in], so they need no transpose here. gemma2 files
+do not store query_pre_attn_scalar: the loader applies llama.cpp's own rule (see
+`gemma2_query_pre_attn_scalar`).
 """
 
 from __future__ import annotations
@@ -33,18 +38,41 @@ from .tokenizer import Tokenizer
 # other tensor names, fused tensors and config keys.
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                      "gemma": "GemmaForCausalLM"}
+                      "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                      "gpt2": "GPT2LMHeadModel"}
 # Only llama.cpp's llama converter permutes q/k rows (its "normal" RoPE); qwen2/qwen3 use the
 # NEOX (rotate-half) RoPE and keep HF's row order.
 _PERMUTED_ARCHITECTURES = ("LlamaForCausalLM",)
 # Per-architecture tensor names that differ from the llama ones: Phi-3 keeps q/k/v and
 # gate/up fused (ffn_up holds gate rows, then up rows, like params' w_gate_up).
+# GPT-2 keeps q/k/v fused too (HF's c_attn rows: q, k, v), has LayerNorm and linear
+# biases and a plain (ungated) MLP. Gemma 2 adds norms after attention and the MLP
+# (its ffn_norm is the MLP's pre-norm, HF's pre_feedforward_layernorm).
 _ARCH_LAYER_TENSORS = {
     "Phi3ForCausalLM": {"attn_qkv.weight": ("wqkv", None), "ffn_up.weight": ("w_gate_up", None)},
+    "GPT2LMHeadModel": {
+        "attn_norm.bias": ("attn_norm_b", None),
+        "attn_qkv.weight": ("wqkv", None), "attn_qkv.bias": ("bqkv", None),
+        "ffn_norm.bias": ("mlp_norm_b", None),
+        "ffn_up.weight": ("w_up", None), "ffn_up.bias": ("b_up", None),
+        "ffn_down.bias": ("b_down", None),
+    },
+    "Gemma2ForCausalLM": {
+        "post_attention_norm.weight": ("post_attn_norm", None),
+        "post_ffw_norm.weight": ("post_mlp_norm", None),
+    },
 }
-# llama.cpp's Gemma converter stores norm weights as 1 + w (its RMSNorm multiplies by the
+_ARCH_TOP_TENSORS = {
+    "GPT2LMHeadModel": {"position_embd.weight": "pos_embed", "output_norm.bias": "final_norm_b"},
+}
+# llama.cpp's Gemma converters store norm weights as 1 + w (its RMSNorm multiplies by the
 # weight); params keep HF's w, which models/layers.py's rms_norm_plus_one uses.
-_NORM_PLUS_ONE_ARCHITECTURES = ("GemmaForCausalLM",)
+_NORM_PLUS_ONE_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM")
+# What llama.cpp assumes for Gemma 2 files without these keys (llama_hparams defaults).
+_GEMMA2_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                    "attention.sliding_window": 4096}
+# llama.cpp's Gemma 2 model type by layer count: 46 layers is the 27B model.
+_GEMMA2_27B_LAYERS = 46
 
 # GGUF per-layer tensor name -> (params leaf, fused part).
 _LAYER_TENSORS = {
@@ -170,32 +198,78 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConf
     embed_shape = _logical_shape(tensors["token_embd.weight"])
     vocab_size = embed_shape[0]
     rope_theta = _decimal(get("rope.freq_base", 10000.0))
+    num_layers = need("block_count")
+    # GPT-2 uses LayerNorm (its own key); the others RMSNorm.
+    eps_key = "attention.layer_norm_epsilon" if arch == "gpt2" else \
+        "attention.layer_norm_rms_epsilon"
+    max_positions = int(get("context_length", 2048))
+    if arch == "gpt2":
+        if "position_embd.weight" not in tensors:
+            raise ValueError("GGUF gpt2 file is missing tensor position_embd.weight")
+        # The table's rows are the positions the model has (context_length says the same
+        # for files llama.cpp's converter wrote: both are n_positions / n_ctx).
+        max_positions = _logical_shape(tensors["position_embd.weight"])[0]
 
     return ModelConfig(
         architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=need("feed_forward_length"),
-        num_layers=need("block_count"),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=_decimal(_required(meta, f"{arch}.attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=_decimal(_required(meta, f"{arch}.{eps_key}")),
         rope_theta=rope_theta,
         rope_scaling=_rope_scaling(meta, arch, tensors, rope_theta, head_dim),
-        max_position_embeddings=int(get("context_length", 2048)),
+        max_position_embeddings=max_positions,
         tie_word_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
         attention_out_bias="blk.0.attn_output.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
-        **_family_config(arch, get),
+        **_family_config(arch, get, hidden=hidden, num_heads=num_heads, head_dim=head_dim,
+                         num_layers=num_layers),
     )
 
 
-def _family_config(arch: str, get) -> dict[str, Any]:
+def gemma2_query_pre_attn_scalar(num_layers: int, hidden_size: int, num_heads: int,
+                                 head_dim: int) -> float:
+    """The attention scale llama.cpp uses for a Gemma 2 GGUF (scores * scalar ** -0.5).
+
+    GGUF files have no query_pre_attn_scalar; llama.cpp (llama-model.cpp, Gemma 2 hparams,
+    after gemma_pytorch's config) scales by 1 / sqrt(hidden_size / num_heads) for the
+    27B model, which it recognizes by its 46 layers, and by 1 / sqrt(head_dim) otherwise.
+    That matches every released Gemma 2 config.json: 2B and 9B have
+    query_pre_attn_scalar = head_dim = 256, 27B has 144 = 4608 / 32."""
+    if num_layers == _GEMMA2_27B_LAYERS:
+        return float(hidden_size // num_heads)
+    return float(head_dim)
+
+
+def _family_config(arch: str, get, *, hidden: int, num_heads: int, head_dim: int,
+                   num_layers: int) -> dict[str, Any]:
     """ModelConfig fields a GGUF architecture implies beyond the llama ones."""
     if arch == "gemma":
         return dict(norm_type="rms_plus_one", embed_scale=True, hidden_act="gelu_tanh")
+    if arch == "gemma2":
+        def value(key: str) -> Any:
+            return get(key, _GEMMA2_DEFAULTS[key])
+
+        window = int(value("attention.sliding_window"))
+        return dict(
+            norm_type="rms_plus_one", embed_scale=True, hidden_act="gelu_tanh",
+            sandwich_norms=True,
+            attn_logit_softcap=_decimal(value("attn_logit_softcapping")),
+            final_logit_softcap=_decimal(value("final_logit_softcapping")),
+            # llama.cpp: the window on even layers (swa pattern 2), as HF's Gemma 2.
+            sliding_window=window,
+            sliding_window_layers=tuple(i % 2 == 0 for i in range(num_layers)),
+            query_pre_attn_scalar=gemma2_query_pre_attn_scalar(num_layers, hidden,
+                                                               num_heads, head_dim))
+    if arch == "gpt2":
+        # llama.cpp's GPT-2 graph: LayerNorm with bias, tanh GELU, ungated MLP with biases.
+        return dict(norm_type="layer", hidden_act="gelu_tanh", gated_mlp=False, mlp_bias=True,
+                    position_embedding="learned")
     window = get("attention.sliding_window")
     if arch == "phi3" and window:
         return dict(sliding_window=int(window))
@@ -319,10 +393,15 @@ def _layer_tensors(architecture: str) -> dict[str, tuple[str, Optional[str]]]:
     return {**_LAYER_TENSORS, **_ARCH_LAYER_TENSORS.get(architecture, {})}
 
 
+def _top_tensors(architecture: str) -> dict[str, str]:
+    return {**_TOP_TENSORS, **_ARCH_TOP_TENSORS.get(architecture, {})}
+
+
 def _slot_for(name: str, architecture: str = "LlamaForCausalLM"
               ) -> tuple[str, Optional[int], Optional[str]]:
-    if name in _TOP_TENSORS:
-        return _TOP_TENSORS[name], None, None
+    top = _top_tensors(architecture)
+    if name in top:
+        return top[name], None, None
     match = _LAYER_NAME.fullmatch(name)
     layer_tensors = _layer_tensors(architecture)
     if match and match.group(2) in layer_tensors:
@@ -331,12 +410,13 @@ def _slot_for(name: str, architecture: str = "LlamaForCausalLM"
     raise ValueError(f"GGUF tensor {name} is not a known llama tensor; not supported")
 
 
-def _gguf_name(leaf: str, layer: Optional[int], part: Optional[str]) -> str:
+def _gguf_name(leaf: str, layer: Optional[int], part: Optional[str],
+               architecture: str = "LlamaForCausalLM") -> str:
     """The GGUF tensor name for a params slot (for error messages)."""
-    for name, top_leaf in _TOP_TENSORS.items():
+    for name, top_leaf in _top_tensors(architecture).items():
         if layer is None and top_leaf == leaf:
             return name
-    for suffix, (l, p) in _LAYER_TENSORS.items():
+    for suffix, (l, p) in reversed(list(_layer_tensors(architecture).items())):
         if l == leaf and p == part:
             return f"blk.{layer}.{suffix}"
     return f"{leaf}[{layer}].{part}"
@@ -356,4 +436,5 @@ def _load_params(tensors: dict[str, Any], config: ModelConfig, dtype: np.dtype) 
             values = _unpermute_rows(values, heads)
         builder.put(name, values, leaf, layer, part)
         del values  # keep at most one dequantized tensor alive
-    return builder.build(_gguf_name)
+    return builder.build(lambda leaf, layer, part: _gguf_name(leaf, layer, part,
+                                                              config.architecture))

@@ -40,19 +40,33 @@ def default_gguf_path() -> str:
     )
 
 
-def resolve_model(model: Optional[str | os.PathLike]) -> tuple[str, str]:
+def resolve_model(model: Optional[str | os.PathLike],
+                  revision: Optional[str] = None) -> tuple[str, str]:
     """Where a model's files are: ("gguf", file path), ("hf", directory) or ("orbax",
     directory written by `pagedjax.save_params`).
 
     `model` is None (the default SmolLM2 GGUF), a .gguf file, a directory with
     config.json or exactly one .gguf, or a hub id "org/name" found in the local HF cache
     (or downloaded, unless HF_HUB_OFFLINE is set).
+
+    `revision` (hub ids only) is a branch, tag or commit hash: the cache's
+    refs/<revision> or snapshots/<commit> folder, else downloaded when online. None means
+    the default branch (main).
     """
+    if revision is not None:
+        if not isinstance(revision, str) or not revision.strip():
+            raise ValueError(f"revision must be a non-empty string, got {revision!r}")
+        if ".." in revision.split("/") or revision.startswith("/"):
+            raise ValueError(f"revision {revision!r} is not a valid branch, tag or commit")
     if model is None:
+        if revision is not None:
+            raise ValueError("revision is only for hub ids; no model was given")
         return "gguf", default_gguf_path()
     if not isinstance(model, (str, os.PathLike)):
         raise ValueError(f"model must be a path or hub id string, got {type(model).__name__}")
     name = os.fspath(model)
+    if revision is not None and os.path.exists(os.path.expanduser(name)):
+        raise ValueError(f"revision is only for hub ids; {name!r} is a local path")
     if os.path.isfile(name):
         if name.endswith(".gguf"):
             return "gguf", name
@@ -64,8 +78,12 @@ def resolve_model(model: Optional[str | os.PathLike]) -> tuple[str, str]:
         return resolve_model(expanded)
     if not _HUB_ID.fullmatch(name):
         raise ValueError(f"model {name!r} not found: not a local path and not a hub id")
-    snapshot = _hub_snapshot(name)
+    snapshot = _hub_snapshot(name, revision)
     if snapshot is None:
+        if revision is not None:
+            raise ValueError(f"model {name!r} revision {revision!r} not found: not in the HF "
+                             "cache" + (" (HF_HUB_OFFLINE is set)" if _offline() else
+                                        " and not downloadable"))
         raise ValueError(f"model {name!r} not found: not a local path and not in the HF cache")
     return _resolve_dir(snapshot)
 
@@ -99,10 +117,11 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _hub_snapshot(repo_id: str) -> Optional[str]:
-    """A local snapshot folder of `repo_id`: from the cache, else downloaded when online."""
+def _hub_snapshot(repo_id: str, revision: Optional[str] = None) -> Optional[str]:
+    """A local snapshot folder of `repo_id` at `revision` (None: main): from the cache,
+    else downloaded when online."""
     cache = hf_cache_dir()
-    found = _scan_cache(cache, repo_id)
+    found = _scan_cache(cache, repo_id, revision)
     if found is not None:
         return found
     try:
@@ -110,43 +129,48 @@ def _hub_snapshot(repo_id: str) -> Optional[str]:
     except ImportError:
         return None
     try:
-        return huggingface_hub.snapshot_download(repo_id, cache_dir=cache, local_files_only=True)
+        return huggingface_hub.snapshot_download(repo_id, cache_dir=cache, revision=revision,
+                                                 local_files_only=True)
     except Exception:  # not cached: LocalEntryNotFoundError and friends
         pass
     if _offline():
         return None
     try:
-        return huggingface_hub.snapshot_download(repo_id, cache_dir=cache,
+        return huggingface_hub.snapshot_download(repo_id, cache_dir=cache, revision=revision,
                                                  allow_patterns=_DOWNLOAD_PATTERNS)
-    except Exception:  # network errors, unknown repo, gated repo: all mean "not found"
+    except Exception:  # network errors, unknown repo or revision, gated repo: "not found"
         return None
 
 
-def _scan_cache(cache: str, repo_id: str) -> Optional[str]:
-    # Cache layout: models--org--name/refs/main holds the revision whose files are in
-    # models--org--name/snapshots/<revision>/.
+def _scan_cache(cache: str, repo_id: str, revision: Optional[str] = None) -> Optional[str]:
+    # Cache layout: models--org--name/refs/<branch or tag> holds the commit whose files
+    # are in models--org--name/snapshots/<commit>/.
     repo_dir = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
     snapshots = os.path.join(repo_dir, "snapshots")
     if not os.path.isdir(snapshots):
         return None
-    ref = os.path.join(repo_dir, "refs", "main")
+    ref = os.path.join(repo_dir, "refs", revision or "main")
     if os.path.isfile(ref):
         with open(ref, encoding="utf-8") as f:
-            revision = f.read().strip()
-        path = os.path.join(snapshots, revision)
-        if os.path.isdir(path):
+            commit = f.read().strip()
+        path = os.path.join(snapshots, commit)
+        if commit and os.path.isdir(path):
             return path
+    if revision is not None:
+        # A commit hash names its snapshot folder directly.
+        path = os.path.join(snapshots, revision)
+        return path if os.path.isdir(path) else None
     revisions = sorted(os.listdir(snapshots))
     return os.path.join(snapshots, revisions[0]) if len(revisions) == 1 else None
 
 
 def load_model(model: Optional[str | os.PathLike], dtype: Any = None,
-               supported_architectures: Sequence[str] = DEFAULT_SUPPORTED_ARCHITECTURES
-               ) -> tuple[Any, dict[str, Any], Any]:
-    """(config, params, tokenizer) for `model` (see `resolve_model`), params in `dtype`
-    (default float32) as numpy arrays; an orbax directory's params come back as device
-    arrays in `dtype` (default: as saved)."""
-    kind, path = resolve_model(model)
+               supported_architectures: Sequence[str] = DEFAULT_SUPPORTED_ARCHITECTURES,
+               revision: Optional[str] = None) -> tuple[Any, dict[str, Any], Any]:
+    """(config, params, tokenizer) for `model` at `revision` (see `resolve_model`),
+    params in `dtype` (default float32) as numpy arrays; an orbax directory's params come
+    back as device arrays in `dtype` (default: as saved)."""
+    kind, path = resolve_model(model, revision)
     if kind == "orbax":
         return _load_orbax(path, dtype, supported_architectures)
     if kind == "gguf":

@@ -85,13 +85,38 @@ _GGUF_LAYER_NAMES = {
 }
 _GGUF_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
                    "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+# Gemma 2's extra norms (gguf-py's tensor_mapping: ATTN_POST_NORM, FFN_PRE_NORM, FFN_POST_NORM).
+_GGUF_GEMMA2_LAYER_NAMES = {
+    **_GGUF_LAYER_NAMES,
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+# GPT-2 (HF name after "transformer.h.N.") -> llama.cpp's gpt2 tensor names.
+_GGUF_GPT2_LAYER_NAMES = {
+    "ln_1.weight": "attn_norm.weight", "ln_1.bias": "attn_norm.bias",
+    "attn.c_attn.weight": "attn_qkv.weight", "attn.c_attn.bias": "attn_qkv.bias",
+    "attn.c_proj.weight": "attn_output.weight", "attn.c_proj.bias": "attn_output.bias",
+    "ln_2.weight": "ffn_norm.weight", "ln_2.bias": "ffn_norm.bias",
+    "mlp.c_fc.weight": "ffn_up.weight", "mlp.c_fc.bias": "ffn_up.bias",
+    "mlp.c_proj.weight": "ffn_down.weight", "mlp.c_proj.bias": "ffn_down.bias",
+}
+_GGUF_GPT2_TOP_NAMES = {
+    "transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+    "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+}
+# GPT-2's Conv1D weights are [in, out]; llama.cpp's converter transposes them.
+_GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 
 
 def make_tiny_gguf(model_dir: str | os.PathLike, path: str | os.PathLike,
                    gguf_arch: str) -> str:
-    """Convert a tiny Qwen2/Qwen3/Phi-3/Gemma checkpoint from `make_tiny_model` to an F32
-    GGUF the way llama.cpp's converter does for these: NEOX RoPE (q/k rows not permuted),
-    Phi-3's fused qkv / gate_up kept fused, Gemma's norm weights stored as 1 + w."""
+    """Convert a tiny Qwen2/Qwen3/Phi-3/Gemma/Gemma 2/GPT-2 checkpoint from `make_tiny_model`
+    to an F32 GGUF the way llama.cpp's converter does for these: NEOX RoPE (q/k rows not
+    permuted), Phi-3's fused qkv / gate_up kept fused, Gemma's norm weights stored as 1 + w,
+    Gemma 2's soft-caps and window as metadata (no query_pre_attn_scalar, no RoPE base),
+    GPT-2's Conv1D weights transposed to [out, in] and its LayerNorm epsilon key."""
     import json
 
     import gguf
@@ -106,18 +131,33 @@ def make_tiny_gguf(model_dir: str | os.PathLike, path: str | os.PathLike,
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     writer = gguf.GGUFWriter(path, gguf_arch)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if gguf_arch == "gpt2":
+        # What llama.cpp's GPT2Model.set_gguf_parameters writes.
+        writer.add_block_count(config.n_layer)
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_feed_forward_length(4 * config.n_embd)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    else:
+        head_dim = (getattr(config, "head_dim", None)
+                    or config.hidden_size // config.num_attention_heads)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        if gguf_arch == "gemma2":
+            writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+            writer.add_sliding_window(config.sliding_window)
+        else:
+            writer.add_rope_dimension_count(head_dim)
+            writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     with open(os.path.join(model_dir, "tokenizer.json"), encoding="utf-8") as f:
         tok_json = json.load(f)
@@ -133,14 +173,22 @@ def make_tiny_gguf(model_dir: str | os.PathLike, path: str | os.PathLike,
     writer.add_eos_token_id(config.eos_token_id)
     writer.add_pad_token_id(config.pad_token_id)
     writer.add_add_bos_token(False)
+    gpt2 = gguf_arch == "gpt2"
+    top_names = _GGUF_GPT2_TOP_NAMES if gpt2 else _GGUF_TOP_NAMES
+    layer_names = {"gpt2": _GGUF_GPT2_LAYER_NAMES,
+                   "gemma2": _GGUF_GEMMA2_LAYER_NAMES}.get(gguf_arch, _GGUF_LAYER_NAMES)
     for hf_name, array in state.items():
-        if hf_name in _GGUF_TOP_NAMES:
-            name = _GGUF_TOP_NAMES[hf_name]
+        if gpt2 and hf_name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # attention-mask buffers: the converter drops them
+        if hf_name in top_names:
+            name = top_names[hf_name]
         else:
             _, _, layer, rest = hf_name.split(".", 3)
-            name = f"blk.{layer}.{_GGUF_LAYER_NAMES[rest]}"
-        if gguf_arch == "gemma" and name.endswith("norm.weight"):
+            name = f"blk.{layer}.{layer_names[rest]}"
+        if gguf_arch in ("gemma", "gemma2") and name.endswith("norm.weight"):
             array = array + 1.0
+        if gpt2 and hf_name.endswith(_GPT2_CONV1D):
+            array = array.T
         writer.add_tensor(name, np.ascontiguousarray(array, np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
