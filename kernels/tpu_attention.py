@@ -14,7 +14,6 @@ would remove it) and (b) is rebuilt from `slot_mapping`.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 

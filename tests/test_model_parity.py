@@ -3,18 +3,14 @@ and decode, with two sequences sharing each paged step."""
 
 from types import SimpleNamespace
 
-import jax
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from pagedjax import LLM
-from pagedjax.batching import build_step_input
-from pagedjax.models import build_model
-from pagedjax.request import Request
 from pagedjax.sampling_params import SamplingParams
-from tests.helpers.hf_reference import hf_greedy
+from tests.helpers.hf_reference import check_paged_logits, hf_greedy
 from tests.helpers.tiny_models import make_tiny_llama
 
 VARIANTS = {
@@ -37,51 +33,8 @@ def tiny(request, tmp_path_factory):
     return SimpleNamespace(hf=hf, llm=llm)
 
 
-def hf_logits(hf, token_ids):
-    with torch.no_grad():
-        return hf(torch.tensor([token_ids])).logits[0].numpy()
-
-
 def test_logits_match_hf_at_prefill_and_decode(tiny):
-    engine = tiny.llm.engine
-    model = build_model(engine.model_config)
-    apply = jax.jit(lambda p, s, kv: model.apply({"params": p}, s, kv))
-    rng = np.random.default_rng(0)
-    vocab = engine.model_config.vocab_size
-    prompts = [rng.integers(3, vocab, size=n).tolist() for n in (7, 13)]
-    requests = [Request(request_id=str(i), prompt_token_ids=p,
-                        sampling_params=SamplingParams(temperature=0), seed=0)
-                for i, p in enumerate(prompts)]
-
-    def step(chunks):
-        for chunk in chunks:
-            assert engine.block_manager.ensure_capacity(
-                chunk.request, chunk.start_position + chunk.num_new_tokens)
-        _, step_input = build_step_input(chunks, engine.buckets, engine.config.block_size)
-        logits, engine.runner.kv_cache = apply(engine.runner.params, jax.device_put(step_input),
-                                               engine.runner.kv_cache)
-        return np.asarray(logits)[:len(chunks)]
-
-    # Prefill both prompts in one step, the second in two chunks (5 + 8 tokens).
-    step([SimpleNamespace(request=requests[1], start_position=0, num_new_tokens=5)])
-    got = step([SimpleNamespace(request=requests[0], start_position=0, num_new_tokens=7),
-                SimpleNamespace(request=requests[1], start_position=5, num_new_tokens=8)])
-    for row, prompt in zip(got, prompts):
-        np.testing.assert_allclose(row, hf_logits(tiny.hf, prompt)[-1], atol=ATOL, rtol=1e-4)
-
-    # Decode four tokens for both sequences at once, feeding HF's greedy choice.
-    sequences = [list(p) for p in prompts]
-    for _ in range(4):
-        expected = [hf_logits(tiny.hf, seq)[-1] for seq in sequences]
-        for seq, exp, request in zip(sequences, expected, requests):
-            seq.append(int(np.argmax(exp)))
-            request.output_token_ids.append(seq[-1])
-        got = step([SimpleNamespace(request=r, start_position=len(s) - 1, num_new_tokens=1)
-                    for r, s in zip(requests, sequences)])
-        for row, seq in zip(got, sequences):
-            np.testing.assert_allclose(row, hf_logits(tiny.hf, seq)[-1], atol=ATOL, rtol=1e-4)
-    for request in requests:
-        engine.block_manager.free(request)
+    check_paged_logits(tiny.llm.engine, tiny.hf, atol=ATOL)
 
 
 def test_greedy_ids_match_hf_generate_over_32_tokens(tiny):

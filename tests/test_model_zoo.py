@@ -17,12 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagedjax import LLM
-from pagedjax.batching import build_step_input
 from pagedjax.models import SUPPORTED_ARCHITECTURES, build_model
 from pagedjax.models.config import ModelConfig
-from pagedjax.request import Request
 from pagedjax.sampling_params import SamplingParams
-from tests.helpers.hf_reference import hf_greedy
+from tests.helpers.hf_reference import check_paged_logits, hf_greedy, hf_logits
 from tests.helpers.tiny_zoo import make_tiny_model
 
 # name -> (architecture, HF config overrides). Base: 2 layers, hidden 64, 4 heads, 2 KV
@@ -64,55 +62,8 @@ def tiny(request, tmp_path_factory):
     return SimpleNamespace(name=request.param, hf=hf, llm=llm, dir=model_dir)
 
 
-def hf_logits(hf, token_ids):
-    with torch.no_grad():
-        return hf(torch.tensor([token_ids])).logits[0].float().numpy()
-
-
-def check_logits(engine, hf, atol=ATOL, rtol=1e-4):
-    """Chunked two-sequence prefill, then four two-sequence decode steps, each step's
-    last-token logits compared with HF's full forward of the same tokens."""
-    model = build_model(engine.model_config)
-    apply = jax.jit(lambda p, s, kv: model.apply({"params": p}, s, kv))
-    rng = np.random.default_rng(0)
-    vocab = engine.model_config.vocab_size
-    prompts = [rng.integers(3, vocab, size=n).tolist() for n in (9, 20)]
-    requests = [Request(request_id=str(i), prompt_token_ids=p,
-                        sampling_params=SamplingParams(temperature=0), seed=0)
-                for i, p in enumerate(prompts)]
-
-    def step(chunks):
-        for chunk in chunks:
-            assert engine.block_manager.ensure_capacity(
-                chunk.request, chunk.start_position + chunk.num_new_tokens)
-        _, step_input = build_step_input(chunks, engine.buckets, engine.config.block_size)
-        logits, engine.runner.kv_cache = apply(engine.runner.params, jax.device_put(step_input),
-                                               engine.runner.kv_cache)
-        return np.asarray(logits, dtype=np.float32)[:len(chunks)]
-
-    def compare(got, sequences):
-        for row, seq in zip(got, sequences):
-            np.testing.assert_allclose(row, hf_logits(hf, seq)[-1], atol=atol, rtol=rtol)
-
-    # Prefill both prompts in one step, the second in two chunks (6 + 14 tokens).
-    step([SimpleNamespace(request=requests[1], start_position=0, num_new_tokens=6)])
-    got = step([SimpleNamespace(request=requests[0], start_position=0, num_new_tokens=9),
-                SimpleNamespace(request=requests[1], start_position=6, num_new_tokens=14)])
-    compare(got, prompts)
-    sequences = [list(p) for p in prompts]
-    for _ in range(4):
-        for seq, request in zip(sequences, requests):
-            seq.append(int(np.argmax(hf_logits(hf, seq)[-1])))
-            request.output_token_ids.append(seq[-1])
-        got = step([SimpleNamespace(request=r, start_position=len(s) - 1, num_new_tokens=1)
-                    for r, s in zip(requests, sequences)])
-        compare(got, sequences)
-    for request in requests:
-        engine.block_manager.free(request)
-
-
 def test_logits_match_hf_at_prefill_and_decode(tiny):
-    check_logits(tiny.llm.engine, tiny.hf)
+    check_paged_logits(tiny.llm.engine, tiny.hf, atol=ATOL)
 
 
 def test_greedy_ids_match_hf_over_32_tokens(tiny):
@@ -169,11 +120,11 @@ def test_half_precision_checkpoints(tmp_path_factory, dtype):
     model_dir = _make(tmp_path_factory, "qwen2_bias_tied", dtype=dtype)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     llm = LLM(model_dir, **ENGINE)
-    check_logits(llm.engine, hf)
+    check_paged_logits(llm.engine, hf, atol=ATOL)
 
     half = LLM(model_dir, dtype=dtype, **ENGINE)
     assert half.engine.runner.params["embed"].dtype == np.dtype(dtype)
-    check_logits(half.engine, hf, atol=HALF_ATOL[dtype], rtol=0)
+    check_paged_logits(half.engine, hf, atol=HALF_ATOL[dtype], rtol=0)
 
 
 def test_registry_lists_every_architecture():
@@ -246,7 +197,7 @@ def test_gguf_matches_hf(tmp_path_factory, name, gguf_arch, changes):
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     llm = LLM(path, **ENGINE)
     assert llm.engine.model_config.architecture == VARIANTS[name][0]
-    check_logits(llm.engine, hf)
+    check_paged_logits(llm.engine, hf, atol=ATOL)
 
 
 def test_gguf_gemma2_attention_scale_follows_llama_cpp():

@@ -84,7 +84,7 @@ def test_empty_prompt_is_rejected():
 @pytest.mark.parametrize("prompt_len", [16, 17, 100])
 def test_prompt_too_long_for_max_model_len_is_rejected(prompt_len):
     sched = make_scheduler(max_model_len=16)
-    with pytest.raises(ValueError, match=rf"max_model_len=16.*") as info:
+    with pytest.raises(ValueError, match=r"max_model_len=16.*") as info:
         sched.add_request(make_request("r", prompt_len))
     assert str(prompt_len) in str(info.value)
     assert sched.num_waiting == 0

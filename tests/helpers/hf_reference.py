@@ -1,6 +1,15 @@
 """HF transformers reference computations shared by the parity tests."""
 
+from types import SimpleNamespace
+
+import jax
+import numpy as np
 import torch
+
+from pagedjax.batching import build_step_input
+from pagedjax.models import build_model
+from pagedjax.request import Request
+from pagedjax.sampling_params import SamplingParams
 
 
 def hf_greedy(hf, token_ids, num_tokens):
@@ -10,6 +19,53 @@ def hf_greedy(hf, token_ids, num_tokens):
         generated = []
         for _ in range(num_tokens):
             generated.append(int(out.logits[0, -1].argmax()))
-            out = hf(torch.tensor([[generated[-1]]]), past_key_values=out.past_key_values,
-                     use_cache=True)
+            out = hf(torch.tensor([[generated[-1]]]), cache=out.cache, use_cache=True)
     return generated
+
+
+def hf_logits(hf, token_ids):
+    """HF's fp32 logits [len(token_ids), V] for one sequence."""
+    with torch.no_grad():
+        return hf(torch.tensor([token_ids])).logits[0].float().numpy()
+
+
+def check_paged_logits(engine, hf, atol: float, rtol: float = 1e-4) -> None:
+    """Chunked two-sequence prefill, then four two-sequence decode steps, each step's
+    last-token logits compared with HF's full forward of the same tokens."""
+    model = build_model(engine.model_config)
+    apply = jax.jit(lambda p, s, kv: model.apply({"params": p}, s, kv))
+    rng = np.random.default_rng(0)
+    vocab = engine.model_config.vocab_size
+    prompts = [rng.integers(3, vocab, size=n).tolist() for n in (9, 20)]
+    requests = [Request(request_id=str(i), prompt_token_ids=p,
+                        sampling_params=SamplingParams(temperature=0), seed=0)
+                for i, p in enumerate(prompts)]
+
+    def step(chunks):
+        for chunk in chunks:
+            assert engine.block_manager.ensure_capacity(
+                chunk.request, chunk.start_position + chunk.num_new_tokens)
+        _, step_input = build_step_input(chunks, engine.buckets, engine.config.block_size)
+        logits, engine.runner.kv_cache = apply(engine.runner.params, jax.device_put(step_input),
+                                               engine.runner.kv_cache)
+        return np.asarray(logits, dtype=np.float32)[:len(chunks)]
+
+    def compare(got, sequences):
+        for row, seq in zip(got, sequences):
+            np.testing.assert_allclose(row, hf_logits(hf, seq)[-1], atol=atol, rtol=rtol)
+
+    # Prefill both prompts in one step, the second in two chunks (6 + 14 tokens).
+    step([SimpleNamespace(request=requests[1], start_position=0, num_new_tokens=6)])
+    got = step([SimpleNamespace(request=requests[0], start_position=0, num_new_tokens=9),
+                SimpleNamespace(request=requests[1], start_position=6, num_new_tokens=14)])
+    compare(got, prompts)
+    sequences = [list(p) for p in prompts]
+    for _ in range(4):
+        for seq, request in zip(sequences, requests):
+            seq.append(int(np.argmax(hf_logits(hf, seq)[-1])))
+            request.output_token_ids.append(seq[-1])
+        got = step([SimpleNamespace(request=r, start_position=len(s) - 1, num_new_tokens=1)
+                    for r, s in zip(requests, sequences)])
+        compare(got, sequences)
+    for request in requests:
+        engine.block_manager.free(request)
