@@ -7,25 +7,20 @@ from transformers import AutoModelForCausalLM
 
 from pagedjax import LLM, Logprob, SamplingParams
 from pagedjax.sampling_params import MAX_LOGPROBS
+from tests.helpers.engines import make_llm
+from tests.helpers.hf_reference import hf_logprobs
 
 PROMPTS = [[5, 17, 42, 99, 7, 3, 250], [8, 9, 10, 11, 12, 13, 14, 15, 16, 200, 201]]
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    return LLM(tiny_llama_dir, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64,
-               block_size=4, num_blocks=128)
+    return make_llm(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")
 def hf(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-
-
-def hf_logprobs(hf, token_ids):
-    with torch.no_grad():
-        logits = hf(torch.tensor([token_ids])).logits[0].double()
-    return torch.log_softmax(logits, dim=-1).numpy()  # [len, V]
 
 
 def test_greedy_logprobs_match_hf(llm, hf):

@@ -14,13 +14,17 @@ import jax
 import numpy as np
 import pytest
 import torch
+from pagedjax.models import SUPPORTED_ARCHITECTURES, build_model
+from pagedjax.models.config import ModelConfig
 from transformers import AutoModelForCausalLM
 
 from pagedjax import LLM
-from pagedjax.models import SUPPORTED_ARCHITECTURES, build_model
-from pagedjax.models.config import ModelConfig
 from pagedjax.sampling_params import SamplingParams
-from tests.helpers.hf_reference import check_paged_logits, hf_greedy, hf_logits
+from tests.helpers.hf_reference import (
+    check_greedy_matches_hf,
+    check_paged_logits,
+    hf_logits,
+)
 from tests.helpers.tiny_zoo import make_tiny_model
 
 # name -> (architecture, HF config overrides). Base: 2 layers, hidden 64, 4 heads, 2 KV
@@ -67,16 +71,7 @@ def test_logits_match_hf_at_prefill_and_decode(tiny):
 
 
 def test_greedy_ids_match_hf_over_32_tokens(tiny):
-    rng = np.random.default_rng(1)
-    vocab = tiny.llm.engine.model_config.vocab_size
-    prompts = [rng.integers(3, vocab, size=n).tolist() for n in (3, 11, 20, 6)]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    outputs = tiny.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                use_tqdm=False)
-    assert tiny.llm.engine.stats.max_seqs_in_step > 1
-    for prompt, output in zip(prompts, outputs):
-        assert output.outputs[0].token_ids == hf_greedy(tiny.hf, prompt, 32)
-    tiny.llm.engine.block_manager.check_no_leak()
+    check_greedy_matches_hf(tiny.llm, tiny.hf, lengths=(3, 11, 20, 6))
 
 
 def test_prompt_logprobs_match_hf(tiny):

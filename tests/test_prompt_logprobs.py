@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from pagedjax import Logprob, SamplingParams
 from tests.helpers.engines import make_llm
+from tests.helpers.hf_reference import hf_logprobs
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 8, 9, 10, 11, 12, 13, 14, 15, 16, 200, 201, 31, 77, 64,
           90, 120, 33, 44]
@@ -15,12 +16,6 @@ PROMPT = [5, 17, 42, 99, 7, 3, 250, 8, 9, 10, 11, 12, 13, 14, 15, 16, 200, 201, 
 @pytest.fixture(scope="module")
 def hf(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-
-
-def hf_logprobs(hf, token_ids):
-    with torch.no_grad():
-        logits = hf(torch.tensor([token_ids])).logits[0].double()
-    return torch.log_softmax(logits, dim=-1).numpy()  # [len, V]
 
 
 def check_prompt_logprobs(entries, prompt, ref, k, tokenizer):

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import torch
+from pagedjax.models import build_model
 
 from pagedjax.batching import build_step_input
-from pagedjax.models import build_model
 from pagedjax.request import Request
 from pagedjax.sampling_params import SamplingParams
 
@@ -69,3 +69,24 @@ def check_paged_logits(engine, hf, atol: float, rtol: float = 1e-4) -> None:
         compare(got, sequences)
     for request in requests:
         engine.block_manager.free(request)
+
+
+def hf_logprobs(hf, token_ids):
+    """HF's log_softmax [len(token_ids), V] (float64) for one sequence."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([token_ids])).logits[0].double()
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+def check_greedy_matches_hf(llm, hf, lengths, num_tokens: int = 32) -> None:
+    """Random prompts of `lengths` generated greedily as one batch through the engine give
+    HF's greedy ids (past EOS too), with more than one sequence per step and no leak."""
+    rng = np.random.default_rng(1)
+    vocab = llm.engine.model_config.vocab_size
+    prompts = [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+    params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert llm.engine.stats.max_seqs_in_step > 1
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, num_tokens)
+    llm.engine.block_manager.check_no_leak()
