@@ -87,12 +87,16 @@ def matmul_roofline(n: int = 2048, seconds: float = 3.0) -> float:
     return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
 
 
-def run_pagedjax(prompts, new_tokens: int, max_num_seqs: int) -> Result:
+def run_pagedjax(prompts, new_tokens: int, max_num_seqs: int, kv_bytes_per_token: int) -> Result:
     """pagedjax: one warm-up pass compiles the buckets, the timed pass is what's reported."""
     from pagedjax import LLM, SamplingParams
 
     max_len = max(len(p) for p in prompts) + new_tokens
-    llm = LLM(max_model_len=max(1024, max_len), max_num_seqs=max_num_seqs)
+    # A KV pool that holds the whole workload (as the HF continuous-batching run gets), so
+    # the timing measures batching, not preemption by a small default pool.
+    kv_bytes = kv_bytes_per_token * sum(len(p) + new_tokens for p in prompts)
+    llm = LLM(max_model_len=max(1024, max_len), max_num_seqs=max_num_seqs,
+              kv_cache_memory_bytes=max(1 << 30, int(kv_bytes * 1.1)))
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     batch = [{"prompt_token_ids": p} for p in prompts]
     start = time.perf_counter()
@@ -109,7 +113,9 @@ def run_pagedjax(prompts, new_tokens: int, max_num_seqs: int) -> Result:
              "first_pass_seconds": round(first_seconds, 2),
              "recompiles_in_timed_pass": llm.num_compiles - compiles,
              "host_overhead": round(1 - device / seconds, 4),
-             "mean_kv_waste": round(llm.engine.stats.mean_waste, 4)}
+             "mean_kv_waste": round(llm.engine.stats.mean_waste, 4),
+             "preemptions": llm.engine.scheduler.num_preemptions,
+             "max_seqs_in_step": llm.engine.stats.max_seqs_in_step}
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     return Result("pagedjax", seconds, sum(map(len, prompts)), generated, notes)
 
@@ -153,10 +159,11 @@ def run_hf_continuous(model, prompts, new_tokens: int) -> Result:
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    max_len = max(map(len, prompts)) + new_tokens
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               do_sample=False, eos_token_id=-1, pad_token_id=0)
-    cb = ContinuousBatchingConfig(num_blocks=max(64, 4 * len(prompts) * max_len // 256),
+    # A pool that holds the whole workload with a quarter to spare, like pagedjax's.
+    total_tokens = sum(len(p) + new_tokens for p in prompts)
+    cb = ContinuousBatchingConfig(num_blocks=max(64, -(-5 * total_tokens // (4 * 256))),
                                   max_batch_tokens=512, block_size=256)
     start = time.perf_counter()
     outputs = model.generate_batch(prompts, generation_config=config,
@@ -231,6 +238,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     config, params_tree, tokenizer = load_model(None)
     num_params = sum(int(np.prod(x.shape)) for x in _leaves(params_tree))
+    kv_bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
     del params_tree
     roofline = matmul_roofline()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
@@ -244,7 +252,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         spec = WORKLOADS[name]
         count = max(1, int(spec["num_prompts"] * args.scale))
         prompts = make_prompts(tokenizer, count, spec["min_len"], spec["max_len"])
-        results = [run_pagedjax(prompts, spec["new_tokens"], args.max_num_seqs)]
+        results = [run_pagedjax(prompts, spec["new_tokens"], args.max_num_seqs,
+                                kv_bytes_per_token)]
         if hf_model is not None:
             results.append(run_hf_continuous(hf_model, prompts, spec["new_tokens"]))
             if not args.skip_hf_static:

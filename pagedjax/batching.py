@@ -22,15 +22,13 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
     sequences have empty context and read logits of token 0 (their samples are ignored).
     """
     num_tokens = sum(s.num_new_tokens for s in scheduled)
-    context_pages = max((-(-s.start_position // block_size) for s in scheduled
-                         if s.num_new_tokens), default=0)
     entries = [_penalty_entries(s.request) for s in scheduled]
     widest = max((len(e[0]) for e in entries if e is not None), default=0)
     with_logprobs = any(s.request.sampling_params.logprobs is not None for s in scheduled)
     with_prompt_logprobs = any(needs_prompt_logprobs(s) for s in scheduled)
-    key = buckets.key_for(num_tokens, len(scheduled), context_pages, widest, with_logprobs,
+    key = buckets.key_for(num_tokens, len(scheduled), widest, with_logprobs,
                           with_prompt_logprobs)
-    T, B, M = key.num_tokens, key.num_seqs, key.num_pages
+    T, B, M = key.num_tokens, key.num_seqs, buckets.pages_per_seq
 
     input_ids = np.zeros(T, np.int32)
     positions = np.zeros(T, np.int32)

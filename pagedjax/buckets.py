@@ -1,4 +1,8 @@
-"""Power-of-two shape buckets: the finite set of step shapes the engine ever compiles."""
+"""Power-of-two shape buckets: the finite set of step shapes the engine ever compiles.
+
+Block tables are always `pages_per_seq` wide (max_model_len / block_size, as in vLLM V1):
+attention reads context up to the step's longest one at run time, so a wider table
+costs a few bytes of transfer, not compute, and adds no shape to compile."""
 
 from __future__ import annotations
 
@@ -22,8 +26,7 @@ def _powers(low: int, high: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class BucketKey:
-    """One compiled step shape: T tokens, B sequences, M block-table columns, and W
-    sparse penalty/bias entries per sequence (0 when no sequence uses penalties, logit
+    """One compiled step shape: T tokens, B sequences, and W sparse penalty/bias entries per sequence (0 when no sequence uses penalties, logit
     bias, allowed_token_ids or bad_words; such shapes are compiled on first use, not by warmup).
     `with_logprobs` is True when some sequence asked for logprobs: only then does the step
     compute and return them (also compiled on first use; warmup covers False only).
@@ -32,7 +35,6 @@ class BucketKey:
 
     num_tokens: int
     num_seqs: int
-    num_pages: int
     penalty_width: int = 0
     with_logprobs: bool = False
     with_prompt_logprobs: bool = False
@@ -40,11 +42,11 @@ class BucketKey:
 
 @dataclass(frozen=True)
 class Buckets:
-    """Bucket ladders for tokens (T), sequences (B) and block-table width (M)."""
+    """Bucket ladders for tokens (T) and sequences (B); the block-table width M is fixed."""
 
     tokens: tuple[int, ...]
     seqs: tuple[int, ...]
-    pages: tuple[int, ...]
+    pages_per_seq: int
 
     @classmethod
     def for_limits(cls, *, max_num_batched_tokens: int, max_num_seqs: int,
@@ -53,24 +55,20 @@ class Buckets:
         return cls(
             tokens=_powers(min(min_token_bucket, max_num_batched_tokens), max_num_batched_tokens),
             seqs=_powers(1, max_num_seqs),
-            pages=_powers(1, max_pages_per_seq),
+            pages_per_seq=max_pages_per_seq,
         )
 
-    def key_for(self, num_tokens: int, num_seqs: int, num_pages: int,
-                penalty_entries: int = 0, with_logprobs: bool = False,
-                with_prompt_logprobs: bool = False) -> BucketKey:
+    def key_for(self, num_tokens: int, num_seqs: int, penalty_entries: int = 0,
+                with_logprobs: bool = False, with_prompt_logprobs: bool = False) -> BucketKey:
         """The smallest bucket holding a step of these sizes."""
         return BucketKey(_fit(self.tokens, num_tokens, "tokens"),
                          _fit(self.seqs, num_seqs, "sequences"),
-                         _fit(self.pages, max(num_pages, 1), "pages per sequence"),
                          penalty_width(penalty_entries), bool(with_logprobs),
                          bool(with_prompt_logprobs))
 
     def all_keys(self) -> list[BucketKey]:
         """Every shape a step can take (a step never has more sequences than tokens)."""
-        return [BucketKey(t, b, m)
-                for t, b, m in itertools.product(self.tokens, self.seqs, self.pages)
-                if b <= t]
+        return [BucketKey(t, b) for t, b in itertools.product(self.tokens, self.seqs) if b <= t]
 
 
 MIN_PENALTY_WIDTH = 16

@@ -112,7 +112,7 @@ class Engine:
         kv_cache = allocate_kv_cache(model_config.num_layers, model_config.num_kv_heads,
                                      num_blocks, block_size, model_config.head_dim, self.dtype)
         self.runner = ModelRunner(lambda p, s, kv, **kw: model.apply({"params": p}, s, kv, **kw),
-                                  self.cast_params(params), kv_cache)
+                                  self.cast_params(params), kv_cache, self.max_pages_per_seq)
         self.stats = EngineStats()
         self._request_counter = itertools.count()
 

@@ -27,9 +27,10 @@ def allocate_kv_cache(num_layers: int, num_kv_heads: int, num_blocks: int, block
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def step_input_spec(key: BucketKey) -> StepInput:
-    """Abstract shapes of a StepInput padded to `key` (for ahead-of-time compiles)."""
-    T, B, M, W = key.num_tokens, key.num_seqs, key.num_pages, key.penalty_width
+def step_input_spec(key: BucketKey, pages_per_seq: int) -> StepInput:
+    """Abstract shapes of a StepInput padded to `key` with block tables `pages_per_seq`
+    wide (for ahead-of-time compiles)."""
+    T, B, M, W = key.num_tokens, key.num_seqs, pages_per_seq, key.penalty_width
 
     def spec(shape, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(shape, dtype)
@@ -53,8 +54,9 @@ def step_input_spec(key: BucketKey) -> StepInput:
 class ModelRunner:
     """Runs padded steps of one model over one KV pool; counts and times compiles."""
 
-    def __init__(self, apply_fn: Callable, params: Any, kv_cache: KVCache):
+    def __init__(self, apply_fn: Callable, params: Any, kv_cache: KVCache, pages_per_seq: int):
         self.params = params
+        self.pages_per_seq = pages_per_seq  # block-table width of every step
         self.kv_cache = kv_cache
         self._compiled: dict[BucketKey, Any] = {}
         self.compile_seconds = 0.0
@@ -99,8 +101,8 @@ class ModelRunner:
         kv_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.kv_cache)
         targets_spec = (jax.ShapeDtypeStruct((key.num_tokens,), jnp.int32)
                         if key.with_prompt_logprobs else None)
-        lowered = self._jitted.lower(params_spec, kv_spec, step_input_spec(key), targets_spec,
-                                     key.with_logprobs, key.with_prompt_logprobs)
+        lowered = self._jitted.lower(params_spec, kv_spec, step_input_spec(key, self.pages_per_seq),
+                                     targets_spec, key.with_logprobs, key.with_prompt_logprobs)
         self._compiled[key] = lowered.compile()
         self.compile_seconds += time.perf_counter() - start
 

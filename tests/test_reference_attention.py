@@ -7,17 +7,21 @@ import pytest
 from pagedjax.kernels import paged_attention, write_kv
 
 
-def dense_attention(q, k, v, scale):  # q: [n, H, D], k/v: [ctx, K, D], causal at the end
+def dense_attention(q, k, v, scale, window=None, soft_cap=None):
+    """q: [n, H, D], k/v: [ctx, K, D]; the n queries are the last n positions (causal)."""
     n, H, D = q.shape
     ctx, K, _ = k.shape
     group = H // K
     out = np.zeros_like(q)
     for t in range(n):
         visible = ctx - n + t + 1
+        first = 0 if window is None else max(0, visible - window)
         for h in range(H):
-            scores = (k[:visible, h // group] @ q[t, h]) * scale
+            scores = (k[first:visible, h // group] @ q[t, h]) * scale
+            if soft_cap is not None:
+                scores = soft_cap * np.tanh(scores / soft_cap)
             p = np.exp(scores - scores.max())
-            out[t, h] = (p / p.sum()) @ v[:visible, h // group]
+            out[t, h] = (p / p.sum()) @ v[first:visible, h // group]
     return out
 
 
@@ -28,16 +32,30 @@ STEPS = {
     # Two continuing chunks (5+3 and 12+2, mid-page): the per-token fallback path.
     "two_chunks": [(9, 1), (0, 6), (5, 3), (1, 1), (12, 2)],
     "decodes_only": [(9, 1), (3, 1), (16, 1), (1, 1)],
+    # Contexts over several loop chunks of CONTEXT_CHUNK_TOKENS keys, lengths apart.
+    "long_contexts": [(70, 1), (5, 1), (41, 3), (33, 1), (0, 4)],
 }
 
 
 @pytest.mark.parametrize("step", sorted(STEPS))
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2), (8, 1)])
 def test_mixed_prefill_and_decode_over_scattered_pages(num_heads, num_kv_heads, step):
+    check_step(STEPS[step], num_heads, num_kv_heads)
+
+
+@pytest.mark.parametrize("window,soft_cap", [(7, None), (None, 2.0), (20, 1.5)])
+def test_sliding_window_and_soft_cap_over_chunked_context(window, soft_cap):
+    check_step(STEPS["long_contexts"], 6, 2, window=window, soft_cap=soft_cap)
+    check_step(STEPS["two_chunks"], 4, 4, window=window, soft_cap=soft_cap)
+
+
+def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None):
+    """One step of `seqs` ((cached, new) per sequence) against dense_attention, and the
+    cache write landing exactly at the scheduled slots."""
     rng = np.random.default_rng(num_heads * 10 + num_kv_heads)
-    L, S, P, D = 2, 4, 24, 8
-    layer = 1
-    seqs = STEPS[step]
+    S, D = 4, 8
+    L, layer = 2, 1
+    P = 1 + sum(-(-(ctx + new) // S) for ctx, new in seqs) + 4
     free_pages = list(rng.permutation(np.arange(1, P)))  # scattered, never the null page
     tables = []
     for ctx, new in seqs:
@@ -56,7 +74,8 @@ def test_mixed_prefill_and_decode_over_scattered_pages(num_heads, num_kv_heads, 
         full_v.append(vs)
 
     T = sum(new for _, new in seqs) + 3  # three padding tokens
-    B, M = len(seqs) + 1, 4  # one padded sequence
+    B = len(seqs) + 1  # one padded sequence
+    M = max(-(-ctx // S) for ctx, _ in seqs) + 2  # table columns past the longest context
     q = rng.standard_normal((T, num_heads, D)).astype(np.float32)
     k_new = rng.standard_normal((T, num_kv_heads, D)).astype(np.float32)
     v_new = rng.standard_normal((T, num_kv_heads, D)).astype(np.float32)
@@ -85,12 +104,13 @@ def test_mixed_prefill_and_decode_over_scattered_pages(num_heads, num_kv_heads, 
         jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), k_after, v_after,
         jnp.int32(layer), token_seq=jnp.asarray(token_seq), positions=jnp.asarray(positions),
         context_lens=jnp.asarray(context_lens), block_tables=jnp.asarray(block_tables),
-        scale=scale))
+        scale=scale, sliding_window=window, soft_cap=soft_cap))
     assert np.isfinite(out).all()
 
     offset = 0
     for i, (ctx, new) in enumerate(seqs):
-        expected = dense_attention(q[offset:offset + new], full_k[i], full_v[i], scale)
+        expected = dense_attention(q[offset:offset + new], full_k[i], full_v[i], scale,
+                                   window, soft_cap)
         np.testing.assert_allclose(out[offset:offset + new], expected, rtol=1e-5, atol=1e-5)
         offset += new
 

@@ -1,0 +1,31 @@
+"""Bucket ladders: the step shapes the engine compiles."""
+
+import pytest
+
+from pagedjax.buckets import BucketKey, Buckets
+
+
+def test_smallest_bucket_holding_the_step_is_chosen():
+    buckets = Buckets.for_limits(max_num_batched_tokens=512, max_num_seqs=64,
+                                 max_pages_per_seq=64)
+    assert buckets.tokens == (16, 32, 64, 128, 256, 512)
+    assert buckets.seqs == (1, 2, 4, 8, 16, 32, 64)
+    assert buckets.key_for(1, 1) == BucketKey(16, 1)
+    assert buckets.key_for(17, 3) == BucketKey(32, 4)
+    assert buckets.key_for(512, 64, penalty_entries=20, with_logprobs=True) == BucketKey(
+        512, 64, penalty_width=32, with_logprobs=True)
+    with pytest.raises(ValueError, match="tokens"):
+        buckets.key_for(513, 1)
+    with pytest.raises(ValueError, match="sequences"):
+        buckets.key_for(64, 65)
+
+
+def test_compiled_shapes_do_not_grow_with_max_model_len():
+    # Block tables are always max_model_len / block_size wide and attention stops at the
+    # step's longest context, so a longer model length adds no program to warm up.
+    short, long = (Buckets.for_limits(max_num_batched_tokens=256, max_num_seqs=32,
+                                      max_pages_per_seq=pages) for pages in (4, 512))
+    assert short.all_keys() == long.all_keys()
+    assert long.pages_per_seq == 512
+    assert all(key.num_seqs <= key.num_tokens for key in long.all_keys())
+    assert len(long.all_keys()) == sum(1 for t in long.tokens for b in long.seqs if b <= t)
