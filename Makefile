@@ -25,5 +25,9 @@ run: setup
 test: setup
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
 
+bench: setup
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/startup.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -31,8 +31,8 @@ llm = LLM()
 loaded = time.time()
 report = {"import_s": imported - start, "load_s": loaded - imported}
 if sys.argv[1] == "first-token":
-    out = llm.generate("What is the capital of France?",
-                       SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
     report["first_token_s"] = time.time() - start
     report["text"] = out[0].outputs[0].text
 else:

@@ -26,8 +26,9 @@ def _powers(low: int, high: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class BucketKey:
-    """One compiled step shape: T tokens, B sequences, and W sparse penalty/bias entries per sequence (0 when no sequence uses penalties, logit
-    bias, allowed_token_ids or bad_words; such shapes are compiled on first use, not by warmup).
+    """One compiled step shape: T tokens, B sequences, and W sparse penalty/bias entries
+    per sequence (0 when no sequence uses penalties, logit bias, allowed_token_ids or
+    bad_words; such shapes are compiled on first use, not by warmup).
     `with_logprobs` is True when some sequence asked for logprobs: only then does the step
     compute and return them (also compiled on first use; warmup covers False only).
     `with_prompt_logprobs` likewise: some sequence asked for prompt logprobs, so the step
