@@ -5,29 +5,17 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from pagedjax import BeamSearchOutput, BeamSearchParams, SamplingParams
 from pagedjax.beam_search import beam_search_score
+from tests.helpers.engines import TINY_PROMPTS as PROMPTS
 from tests.helpers.engines import make_llm
-
-PROMPTS = [[5, 17, 42, 99, 7, 3, 250], [8, 9, 10, 11, 12, 13, 14, 15, 16, 200, 201]]
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama_dir):
-    return make_llm(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_llama_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+from tests.helpers.hf_reference import hf_logprobs
 
 
 def hf_next_logprobs(hf, token_ids):
-    with torch.no_grad():
-        logits = hf(torch.tensor([token_ids])).logits[0, -1].double()
-    return torch.log_softmax(logits, dim=-1)
+    """HF's float64 next-token log_softmax [V] after token_ids, as a torch tensor."""
+    return torch.from_numpy(hf_logprobs(hf, token_ids)[-1])
 
 
 def hf_beam_search(hf, prompt, beam_width, max_tokens):
@@ -61,12 +49,12 @@ def test_width_one_is_greedy(llm):
     llm.engine.block_manager.check_no_leak()
 
 
-def test_width_four_matches_reference_and_beats_greedy(llm, hf):
+def test_width_four_matches_reference_and_beats_greedy(llm, tiny_llama_hf):
     prompt = PROMPTS[0]
     out = llm.beam_search({"prompt_token_ids": prompt},
                           BeamSearchParams(beam_width=4, max_tokens=3, ignore_eos=True))[0]
     assert len(out.sequences) == 4
-    ref = hf_beam_search(hf, prompt, beam_width=4, max_tokens=3)
+    ref = hf_beam_search(tiny_llama_hf, prompt, beam_width=4, max_tokens=3)
     assert [s.tokens for s in out.sequences] == [tokens for tokens, _ in ref]
     for seq, (_, cum) in zip(out.sequences, ref):
         assert seq.cum_logprob == pytest.approx(cum, abs=1e-4)
@@ -75,7 +63,7 @@ def test_width_four_matches_reference_and_beats_greedy(llm, hf):
     assert scores == sorted(scores, reverse=True)
     # Each beam's cum_logprob is the model's log-likelihood of its generated tokens.
     best = out.sequences[0]
-    total = sum(float(hf_next_logprobs(hf, best.tokens[:i])[best.tokens[i]])
+    total = sum(float(hf_next_logprobs(tiny_llama_hf, best.tokens[:i])[best.tokens[i]])
                 for i in range(len(prompt), len(best.tokens)))
     assert best.cum_logprob == pytest.approx(total, abs=1e-4)
     # At least as likely as greedy, and no better than a brute-force search over the same
@@ -89,7 +77,7 @@ def test_width_four_matches_reference_and_beats_greedy(llm, hf):
     for _ in range(3):
         nxt = []
         for tokens, cum in level:
-            top = torch.topk(hf_next_logprobs(hf, tokens), 8)
+            top = torch.topk(hf_next_logprobs(tiny_llama_hf, tokens), 8)
             nxt += [(tokens + [t], cum + v) for v, t in zip(top.values.tolist(),
                                                             top.indices.tolist())]
         level = nxt

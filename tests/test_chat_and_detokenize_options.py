@@ -5,7 +5,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from pagedjax import SamplingParams
-from tests.helpers.engines import make_llm
 
 CONVERSATION = [
     {"role": "system", "content": "be brief"},
@@ -13,11 +12,6 @@ CONVERSATION = [
     {"role": "assistant", "content": "on the mat and"},
 ]
 GREEDY = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama_dir):
-    return make_llm(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")

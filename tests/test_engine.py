@@ -6,7 +6,7 @@ import pytest
 import pagedjax
 from pagedjax import LLM, SamplingParams
 from pagedjax.loading import load_model
-from tests.helpers.engines import make_llm
+from tests.helpers.engines import make_llm, token_ids
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -14,15 +14,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 def random_prompts(vocab, lengths, seed=0):
     rng = np.random.default_rng(seed)
     return [{"prompt_token_ids": rng.integers(3, vocab, size=n).tolist()} for n in lengths]
-
-
-def token_ids(outputs):
-    return [o.outputs[0].token_ids for o in outputs]
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama_dir):
-    return make_llm(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,8 @@ def ours(gguf_path):
 
 @pytest.fixture(scope="session")
 def hf_gguf_model(gguf_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     folder, name = os.path.split(gguf_path)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     return {k: v.float().numpy() for k, v in model.state_dict().items()}
@@ -55,7 +56,8 @@ def hf_gguf_model(gguf_path):
 
 @pytest.fixture(scope="session")
 def hf_gguf_tokenizer(gguf_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     folder, name = os.path.split(gguf_path)
     return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
 

@@ -2,28 +2,15 @@
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
-from pagedjax import LLM, Logprob, SamplingParams
+from pagedjax import Logprob, SamplingParams
 from pagedjax.sampling_params import MAX_LOGPROBS
+from tests.helpers.engines import TINY_PROMPTS as PROMPTS
 from tests.helpers.engines import make_llm
 from tests.helpers.hf_reference import hf_logprobs
 
-PROMPTS = [[5, 17, 42, 99, 7, 3, 250], [8, 9, 10, 11, 12, 13, 14, 15, 16, 200, 201]]
 
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama_dir):
-    return make_llm(tiny_llama_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_llama_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-
-
-def test_greedy_logprobs_match_hf(llm, hf):
+def test_greedy_logprobs_match_hf(llm, tiny_llama_hf):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
     plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": PROMPTS[0]}, {"prompt_token_ids": PROMPTS[1]}],
@@ -35,7 +22,7 @@ def test_greedy_logprobs_match_hf(llm, hf):
     assert other.token_ids == ref[0].outputs[0].token_ids
 
     assert len(out.logprobs) == len(out.token_ids) == 6
-    full = hf_logprobs(hf, PROMPTS[0] + out.token_ids)
+    full = hf_logprobs(tiny_llama_hf, PROMPTS[0] + out.token_ids)
     total = 0.0
     for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
         row = full[len(PROMPTS[0]) - 1 + step]
@@ -55,10 +42,10 @@ def test_greedy_logprobs_match_hf(llm, hf):
                                             zip(out.token_ids, out.logprobs))) < 1e-5
 
 
-def test_sampled_token_rank_and_raw_logprobs(llm, hf):
+def test_sampled_token_rank_and_raw_logprobs(llm, tiny_llama_hf):
     """A non-greedy token (forced by allowed_token_ids) gets its raw logprob and true rank."""
     prompt = PROMPTS[0]
-    row = hf_logprobs(hf, prompt)[-1]
+    row = hf_logprobs(tiny_llama_hf, prompt)[-1]
     order = np.argsort(-row, kind="stable")
     forced = int(order[7])  # rank 8 under the raw distribution
     params = SamplingParams(temperature=0, max_tokens=1, allowed_token_ids=[forced], logprobs=2)
@@ -83,8 +70,7 @@ def test_logprobs_zero_returns_only_sampled(llm):
 
 
 def test_default_path_compiles_without_logprobs(tiny_llama_dir):
-    llm = LLM(tiny_llama_dir, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64,
-              block_size=4, num_blocks=128)
+    llm = make_llm(tiny_llama_dir)
     llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(max_tokens=3), use_tqdm=False)
     assert not any(k.with_logprobs for k in llm.engine.runner.compiled_keys)
     assert set(llm.engine.runner.compiled_keys) <= set(llm.engine.buckets.all_keys())

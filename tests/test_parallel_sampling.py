@@ -29,11 +29,6 @@ def assert_clean(llm):
     llm.engine.block_manager.check_no_leak()
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_llama_dir):
-    return make_llm(tiny_llama_dir)
-
-
 def test_n4_distinct_reproducible_and_equal_to_child_seeds(llm):
     params = sampled(n=4)
     first = llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)

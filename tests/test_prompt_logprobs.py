@@ -2,8 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from pagedjax import Logprob, SamplingParams
 from tests.helpers.engines import make_llm
@@ -11,11 +9,6 @@ from tests.helpers.hf_reference import hf_logprobs
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 8, 9, 10, 11, 12, 13, 14, 15, 16, 200, 201, 31, 77, 64,
           90, 120, 33, 44]
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_llama_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
 
 
 def check_prompt_logprobs(entries, prompt, ref, k, tokenizer):
@@ -37,14 +30,14 @@ def check_prompt_logprobs(entries, prompt, ref, k, tokenizer):
 
 
 @pytest.mark.parametrize("budget", [64, 8])  # 8 tokens a step: the prompt is chunked
-def test_prompt_logprobs_match_hf(tiny_llama_dir, hf, budget):
+def test_prompt_logprobs_match_hf(tiny_llama_dir, tiny_llama_hf, budget):
     llm = make_llm(tiny_llama_dir, max_num_batched_tokens=budget)
     other = [3, 4, 5, 6, 7, 8, 9, 10, 11]
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=4)
     plain = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": PROMPT}, {"prompt_token_ids": other}],
                         [params, plain], use_tqdm=False)
-    check_prompt_logprobs(outs[0].prompt_logprobs, PROMPT, hf_logprobs(hf, PROMPT), 4,
+    check_prompt_logprobs(outs[0].prompt_logprobs, PROMPT, hf_logprobs(tiny_llama_hf, PROMPT), 4,
                           llm.get_tokenizer())
     assert outs[1].prompt_logprobs is None
     # Same generated tokens with and without prompt logprobs.
@@ -53,14 +46,14 @@ def test_prompt_logprobs_match_hf(tiny_llama_dir, hf, budget):
     assert outs[0].outputs[0].logprobs is None
 
 
-def test_prompt_logprobs_zero_and_single_token_prompt(tiny_llama_dir, hf):
+def test_prompt_logprobs_zero_and_single_token_prompt(tiny_llama_dir, tiny_llama_hf):
     llm = make_llm(tiny_llama_dir)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=0,
                             logprobs=2)
     outs = llm.generate([{"prompt_token_ids": PROMPT[:6]}, {"prompt_token_ids": [42]}],
                         params, use_tqdm=False)
     entries = outs[0].prompt_logprobs
-    ref = hf_logprobs(hf, PROMPT[:6])
+    ref = hf_logprobs(tiny_llama_hf, PROMPT[:6])
     assert entries[0] is None and len(entries) == 6
     for pos in range(1, 6):
         assert list(entries[pos]) == [PROMPT[pos]]  # k=0: only the prompt token
@@ -69,7 +62,7 @@ def test_prompt_logprobs_zero_and_single_token_prompt(tiny_llama_dir, hf):
     assert len(outs[0].outputs[0].logprobs) == 2  # sampled-token logprobs still work
 
 
-def test_preempted_request_does_not_duplicate_prompt_logprobs(tiny_llama_dir, hf):
+def test_preempted_request_does_not_duplicate_prompt_logprobs(tiny_llama_dir, tiny_llama_hf):
     # A pool too small for all of them: requests are preempted and recomputed.
     llm = make_llm(tiny_llama_dir, num_blocks=20, max_num_batched_tokens=16, max_model_len=48)
     prompts = [PROMPT[i:i + 14] for i in range(4)]
@@ -77,7 +70,7 @@ def test_preempted_request_does_not_duplicate_prompt_logprobs(tiny_llama_dir, hf
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert sum(o.metrics.num_preemptions for o in outs) > 0
     for out, prompt in zip(outs, prompts):
-        check_prompt_logprobs(out.prompt_logprobs, prompt, hf_logprobs(hf, prompt), 2,
+        check_prompt_logprobs(out.prompt_logprobs, prompt, hf_logprobs(tiny_llama_hf, prompt), 2,
                               llm.get_tokenizer())
 
 

@@ -3,7 +3,6 @@
 import pytest
 
 from pagedjax import SamplingParams
-from tests.helpers.engines import make_llm
 
 PROMPTS = ["the cat sat on the mat", "hello there", "once upon a time", "a",
            "streaming tokens one at a time"]
@@ -12,11 +11,6 @@ MAX_TOKENS = 20
 
 def greedy(max_tokens=MAX_TOKENS, **kwargs):
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def llm(tiny_llama_dir):
-    return make_llm(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")

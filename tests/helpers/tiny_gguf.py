@@ -77,6 +77,20 @@ def _gguf_name(hf_name: str) -> Optional[str]:
     return None
 
 
+def hf_checkpoint_tensors(model_dir: str) -> tuple[object, dict[str, np.ndarray]]:
+    """(HF config, float32 numpy state dict) of the checkpoint in `model_dir`, without the
+    lm_head of tied-embedding models (a GGUF stores only the embedding then)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return config, state
+
+
 def make_tiny_llama_gguf(model_dir: str | os.PathLike, path: str | os.PathLike, *,
                          qtype: str = "F32", pre: str = "gpt-2",
                          tokenizer_model: str = "gpt2", architecture: str = "llama") -> str:
@@ -91,15 +105,9 @@ def make_tiny_llama_gguf(model_dir: str | os.PathLike, path: str | os.PathLike, 
     `pre`, `tokenizer_model` and `architecture` are written as given, so tests can make
     files the loader must reject."""
     import gguf
-    import torch
-    from transformers import AutoConfig, LlamaForCausalLM
 
     model_dir, path = os.fspath(model_dir), os.fspath(path)
-    config = AutoConfig.from_pretrained(model_dir)
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    config, state = hf_checkpoint_tensors(model_dir)
 
     writer = gguf.GGUFWriter(path, architecture)
     head_dim = config.hidden_size // config.num_attention_heads

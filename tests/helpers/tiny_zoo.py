@@ -121,15 +121,11 @@ def make_tiny_gguf(model_dir: str | os.PathLike, path: str | os.PathLike,
 
     import gguf
     import numpy as np
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.helpers.tiny_gguf import hf_checkpoint_tensors
 
     model_dir, path = os.fspath(model_dir), os.fspath(path)
-    config = AutoConfig.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    config, state = hf_checkpoint_tensors(model_dir)
     writer = gguf.GGUFWriter(path, gguf_arch)
     if gguf_arch == "gpt2":
         # What llama.cpp's GPT2Model.set_gguf_parameters writes.
