@@ -70,7 +70,7 @@ def make_step(seqs, *, num_heads, num_kv_heads, head_dim, block_size, dtype, see
         offset += new
     key = jax.random.PRNGKey(seed)
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
-    shape = (1, num_kv_heads, num_pages, block_size, head_dim)
+    shape = (1, num_pages, block_size, num_kv_heads, head_dim)
     k_cache = jax.random.normal(k1, shape, dtype)
     v_cache = jax.random.normal(k2, shape, dtype)
     q = jax.random.normal(k3, (T_pad, num_heads, head_dim), dtype)

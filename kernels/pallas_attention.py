@@ -81,14 +81,15 @@ def unsupported_reason(head_dim: int, block_size: int, dtype, platform: str) -> 
 
 def _kernel(layer_ref, first_ref, last_ref, start_ref, end_ref, ctx_ref, table_ref,
             row_seq_ref, row_pos_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, key_seq_ref,
-            key_pos_ref, o_ref, *, scale, num_kv_heads, num_pages, page_size, pages_per_block,
+            key_pos_ref, o_ref, *, scale, head_dim, num_pages, page_size, pages_per_block,
             block_tokens, new_keys, chunks, sliding_window, soft_cap, precision):
     query_block, kv_head = pl.program_id(0), pl.program_id(1)
     rows = q_ref.shape[0]
     row_seq = row_seq_ref[...]  # [R] sequence of each row (-1: padding)
     row_pos = row_pos_ref[...]  # [R] position of each row's token
     qs = [q_ref[:, pl.ds(off, width)] for off, width in chunks]
-    page_base = (layer_ref[0] * num_kv_heads + kv_head) * num_pages
+    page_base = layer_ref[0] * num_pages
+    head_base = kv_head * head_dim  # this head's columns of a [S, K * D] page row
     block_end = (query_block + 1) * block_tokens  # first token index after this block
     keys_per_block = pages_per_block * page_size
 
@@ -120,10 +121,10 @@ def _kernel(layer_ref, first_ref, last_ref, start_ref, end_ref, ctx_ref, table_r
 
         def ctx_body(j, carry):
             pages = table_ref[seq, pl.ds(j * pages_per_block, pages_per_block)] + page_base
-            keys = [k_ref[pages, :, pl.ds(off, width)].reshape(keys_per_block, width)
-                    for off, width in chunks]
-            values = [v_ref[pages, :, pl.ds(off, width)].reshape(keys_per_block, width)
-                      for off, width in chunks]
+            keys = [k_ref[pages, :, pl.ds(head_base + off, width)].reshape(
+                keys_per_block, width) for off, width in chunks]
+            values = [v_ref[pages, :, pl.ds(head_base + off, width)].reshape(
+                keys_per_block, width) for off, width in chunks]
             key_pos = j * keys_per_block + lax.broadcasted_iota(jnp.int32, (keys_per_block,), 0)
             visible = in_seq[:, None] & (key_pos < ctx_len)[None, :]
             if sliding_window is not None:
@@ -169,8 +170,8 @@ def paged_attention(
     q: jax.Array,  # [T, H, D]
     k_new: jax.Array,  # [T, K, D]
     v_new: jax.Array,  # [T, K, D]
-    k_cache: jax.Array,  # [L, K, P, S, D]
-    v_cache: jax.Array,  # [L, K, P, S, D]
+    k_cache: jax.Array,  # [L, P, S, K, D]
+    v_cache: jax.Array,  # [L, P, S, K, D]
     layer: jax.Array,  # [] int32
     token_seq: jax.Array,  # [T]; padding -1; a sequence's tokens contiguous, in order
     positions: jax.Array,  # [T]
@@ -186,7 +187,7 @@ def paged_attention(
 ) -> jax.Array:  # [T, H, D]
     """Pallas ragged paged attention; same semantics and arguments as the reference."""
     num_tokens, num_heads, head_dim = q.shape
-    num_layers, num_kv_heads, num_pages, page_size, _ = k_cache.shape
+    num_layers, num_pages, page_size, num_kv_heads, _ = k_cache.shape
     num_seqs, width = block_tables.shape
     group = num_heads // num_kv_heads
     group_pad = _next_pow2(group)
@@ -234,12 +235,12 @@ def paged_attention(
         block_tables.astype(i32))
     kn = jnp.pad(k_new, ((0, key_tokens - num_tokens), (0, 0), (0, 0))).transpose(1, 0, 2)
     vn = jnp.pad(v_new, ((0, key_tokens - num_tokens), (0, 0), (0, 0))).transpose(1, 0, 2)
-    flat = (num_layers * num_kv_heads * num_pages, page_size, head_dim)
+    flat = (num_layers * num_pages, page_size, num_kv_heads * head_dim)
     k_flat, v_flat = k_cache.reshape(flat), v_cache.reshape(flat)  # free reshapes
 
     f32 = jnp.dtype(q.dtype) == jnp.float32 or jnp.dtype(k_cache.dtype) == jnp.float32
     kernel = functools.partial(
-        _kernel, scale=float(scale), num_kv_heads=num_kv_heads, num_pages=num_pages,
+        _kernel, scale=float(scale), head_dim=head_dim, num_pages=num_pages,
         page_size=page_size, pages_per_block=pages_per_block, block_tokens=block_tokens,
         new_keys=new_keys, chunks=_dim_chunks(head_dim), sliding_window=sliding_window,
         soft_cap=None if soft_cap is None else float(soft_cap),
@@ -259,7 +260,7 @@ def paged_attention(
             pl.BlockSpec((rows,), lambda i, h: (i,)),  # row_seq
             pl.BlockSpec((rows,), lambda i, h: (i,)),  # row_pos
             pl.BlockSpec((None, rows, head_dim), lambda i, h: (h, i, 0)),  # q
-            whole(flat),  # k cache, all layers / heads / pages
+            whole(flat),  # k cache, all layers / pages, heads side by side
             whole(flat),  # v cache
             pl.BlockSpec((None, key_tokens, head_dim), lambda i, h: (h, 0, 0)),  # k_new
             pl.BlockSpec((None, key_tokens, head_dim), lambda i, h: (h, 0, 0)),  # v_new

@@ -13,11 +13,13 @@ reads exactly its own sequence's pages, and a continuing prefill chunk reads its
 for all of its tokens; no Python loop over sequences.
 
 CPU performance shapes the code (decode steps of SmolLM2 with 128 sequences, measured):
-every operand is KV-head first ([K, rows, ..., D]) so each einsum is one batched GEMM
-with leading batch axes (a trailing batch axis, as in [B, N, K, D], made XLA CPU transpose
-the whole context per call: 30 ms against 8 ms per layer); context is read one chunk of
-pages at a time up to the step's longest context (_PagedContext), never materialised
-whole; and a step of single-token sequences skips the [T, T] in-step scores.
+the pool is [L, P, S, K, D], so a page of one layer is one contiguous read of all KV
+heads, and a decode row multiplies the page's keys of all heads at once with its query
+heads placed block-diagonally (_PagedContext.attend_rows: half the time of per-head reads
+of [L, K, P, S, D] pages); einsums keep their batch axes leading (a trailing batch axis
+made XLA CPU transpose the whole context per call); context is read one chunk of pages at
+a time up to the step's longest context, never materialised whole; and a step of
+single-token sequences skips the [T, T] in-step scores.
 """
 
 from __future__ import annotations
@@ -31,23 +33,22 @@ NEG_INF = -1e30
 
 
 def write_kv(
-    k_cache: jax.Array,  # [L, K, P, S, D]
-    v_cache: jax.Array,  # [L, K, P, S, D]
+    k_cache: jax.Array,  # [L, P, S, K, D]
+    v_cache: jax.Array,  # [L, P, S, K, D]
     layer: jax.Array,  # [] int32
     k: jax.Array,  # [T, K, D]
     v: jax.Array,  # [T, K, D]
     slot_mapping: jax.Array,  # [T] flat slot = page * S + offset; padding -> null page 0
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter this step's K/V into `layer` of the paged cache (in place under donation)."""
-    page_size = k_cache.shape[3]
+    page_size = k_cache.shape[2]
     pages = slot_mapping // page_size
     offsets = slot_mapping % page_size
-    # Indexing [layer, :, pages, offsets] puts the advanced (token) axis first, so the
-    # update is laid out [T, K, D] exactly like k and v.
-    k_cache = k_cache.at[layer, :, pages, offsets].set(k.astype(k_cache.dtype),
-                                                      mode="promise_in_bounds")
-    v_cache = v_cache.at[layer, :, pages, offsets].set(v.astype(v_cache.dtype),
-                                                      mode="promise_in_bounds")
+    # [layer, pages, offsets] selects one [K, D] slot per token: the update is [T, K, D].
+    k_cache = k_cache.at[layer, pages, offsets].set(k.astype(k_cache.dtype),
+                                                   mode="promise_in_bounds")
+    v_cache = v_cache.at[layer, pages, offsets].set(v.astype(v_cache.dtype),
+                                                   mode="promise_in_bounds")
     return k_cache, v_cache
 
 
@@ -95,8 +96,8 @@ def paged_attention(
     q: jax.Array,  # [T, H, D] (already scaled or not: `scale` is applied here)
     k_new: jax.Array,  # [T, K, D] this step's keys
     v_new: jax.Array,  # [T, K, D] this step's values
-    k_cache: jax.Array,  # [L, K, P, S, D]
-    v_cache: jax.Array,  # [L, K, P, S, D]
+    k_cache: jax.Array,  # [L, P, S, K, D]
+    v_cache: jax.Array,  # [L, P, S, K, D]
     layer: jax.Array,  # [] int32
     token_seq: jax.Array,  # [T] sequence index of each token; padding -> -1
     positions: jax.Array,  # [T] absolute position of each token
@@ -113,16 +114,16 @@ def paged_attention(
     chunk): each decode reads its own pages, the one chunk's pages are read once for all
     its tokens, and not at all in a step without such a chunk. Otherwise every token
     gathers its sequence's pages itself (correct for any step, but it moves T x context
-    bytes). Context is read in chunks of pages up to the longest context of the step, so
-    the width M of the block tables costs nothing. `sliding_window` and `soft_cap` default
-    off.
+    bytes). Context is read page by page up to the longest context of the step, so the
+    width M of the block tables costs nothing. `sliding_window` and `soft_cap` default off.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
     group = num_heads // num_kv_heads
     num_seqs = block_tables.shape[0]
-    qg = jnp.swapaxes((q.astype(jnp.float32) * scale).reshape(
-        num_tokens, num_kv_heads, group, head_dim), 0, 1)  # [K, T, G, D]
+    q_tokens = (q.astype(jnp.float32) * scale).reshape(
+        num_tokens, num_kv_heads, group, head_dim)  # [T, K, G, D]
+    qg = jnp.swapaxes(q_tokens, 0, 1)  # [K, T, G, D]
     cap = _soft_cap(soft_cap)
 
     valid = token_seq >= 0
@@ -157,19 +158,14 @@ def paged_attention(
         last_token = jax.ops.segment_max(jnp.where(valid, jnp.arange(num_tokens), 0), seq,
                                          num_segments=num_seqs)
         last_token = jnp.clip(last_token, 0, num_tokens - 1)  # empty (padded) sequences
-        decode = pages.attend(qg[:, last_token], block_tables, context_lens[:, None],
-                              positions[last_token][:, None])  # [K, B, G]
+        decode = pages.attend_rows(q_tokens[last_token], block_tables, context_lens,
+                                   positions[last_token])  # [K, B, G]
         decode = _Partial(*(x[:, seq] for x in decode))  # back to token rows [K, T, G]
 
         def chunk_context():  # the (at most one) multi-token chunk with context: [K, T, G]
             chunk = jnp.argmax(chunks_with_context)
             lens = jnp.where(token_seq == chunk, context_lens[chunk], 0)  # [T]
-            # All T tokens' query heads as the rows of one table row.
-            part = pages.attend(qg.reshape(num_kv_heads, 1, num_tokens * group, head_dim),
-                                block_tables[chunk][None], jnp.repeat(lens, group)[None],
-                                jnp.repeat(positions, group)[None])
-            return _Partial(*(x.reshape(num_kv_heads, num_tokens, group, *x.shape[3:])
-                              for x in part))
+            return pages.attend_chunk(qg, block_tables[chunk], lens, positions)
 
         # A step without such a chunk (every decode-only step) never reads its pages.
         chunk = jax.lax.cond(jnp.any(chunks_with_context), chunk_context,
@@ -178,66 +174,131 @@ def paged_attention(
 
     def per_token():
         lens = jnp.where(valid, context_lens[seq], 0)
-        return pages.attend(qg, block_tables[seq], lens[:, None], positions[:, None])
+        return pages.attend_rows(q_tokens, block_tables[seq], lens, positions)
 
     context = jax.lax.cond(jnp.sum(chunks_with_context) <= 1, per_sequence, per_token)
     out = context.merge(in_step)  # [K, T, G, D]
     return jnp.swapaxes(out, 0, 1).reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
 
 
-CONTEXT_CHUNK_TOKENS = 16  # keys per loop step; 16 beat 64 by 5-10% per decode step
+CONTEXT_CHUNK_TOKENS = 16  # keys per loop step (whole pages): 16 beat 32 and 64 on CPU
+MIN_TIER_ROWS = 16  # attend_rows halves its row set down to this many rows
 
 
 class _PagedContext:
-    """Attention of query rows over paged context, one chunk of pages at a time.
+    """Attention of queries over paged context, one chunk of pages at a time.
 
-    Gathering a whole context at once materialises [K, R, N, D] K and V, then reads them
-    twice: on XLA CPU that is memory traffic (and fresh buffer pages) that dominates a
-    decode step. A loop over chunks of CONTEXT_CHUNK_TOKENS keys with an online softmax
-    reads every page once while its K/V are still in cache, and stops at the step's
-    longest context instead of the table width.
+    A page of one layer, [S, K, D], holds every KV head of its S tokens, so each page read
+    is one contiguous piece (12 KB for SmolLM2; a per-head layout read 4 KB pieces and ran
+    at about half the speed on CPU). Loops over chunks of CONTEXT_CHUNK_TOKENS keys with
+    an online softmax read every page once while its K/V are still in cache, and stop at
+    the longest context of the rows they serve; the whole context is never materialised.
     """
 
     def __init__(self, k_cache, v_cache, layer, cap, sliding_window):
-        self.k_cache, self.v_cache, self.layer = k_cache, v_cache, layer
+        num_layers, num_pages, page_size, num_kv_heads, head_dim = k_cache.shape
+        flat = (num_layers * num_pages, page_size, num_kv_heads * head_dim)
+        self.k_pages, self.v_pages = k_cache.reshape(flat), v_cache.reshape(flat)  # free
+        self.first_page = layer * num_pages
+        self.chunk_pages = max(1, CONTEXT_CHUNK_TOKENS // page_size)
+        self.chunk_keys = self.chunk_pages * page_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.cap, self.sliding_window = cap, sliding_window
 
-    def attend(self, q, tables, lens, query_positions) -> _Partial:
-        """q [K, R, Q, D] (R table rows of Q query rows each), tables [R, M]; keys at
-        positions < lens ([R, Q] or [R, 1]) are visible (and within the sliding window of
-        query_positions, same shape). Returns the context part [K, R, Q]."""
-        page_size = self.k_cache.shape[3]
-        chunk_pages = max(1, CONTEXT_CHUNK_TOKENS // page_size)
-        width = -(-tables.shape[1] // chunk_pages) * chunk_pages
+    def _chunks_for(self, length):  # [] keys -> [] loop steps that cover them
+        return (length + self.chunk_keys - 1) // self.chunk_keys
+
+    def _loop(self, tables, first, stop, attend_chunk, acc: _Partial) -> _Partial:
+        """Fold attend_chunk(acc, k, v, keys) over chunks first..stop-1 of the pages in
+        tables [R, M]; k and v are [R, N, K*D] float32, keys [N] their positions."""
+        width = -(-tables.shape[1] // self.chunk_pages) * self.chunk_pages
         tables = jnp.pad(tables, ((0, 0), (0, width - tables.shape[1])))
-        chunk_keys = chunk_pages * page_size
-        num_chunks = (jnp.max(lens) + chunk_keys - 1) // chunk_keys
+        rows = tables.shape[0]
 
         def step(i, acc: _Partial) -> _Partial:
-            cols = jax.lax.dynamic_slice_in_dim(tables, i * chunk_pages, chunk_pages, axis=1)
-            k = _gather_context(self.k_cache, self.layer, cols)  # [K, R, C, D]
-            v = _gather_context(self.v_cache, self.layer, cols)
-            keys = i * chunk_keys + jnp.arange(chunk_keys)  # [C]
-            seen = keys < lens[..., None]  # [R, Q or 1, C]
-            if self.sliding_window is not None:
-                seen &= query_positions[..., None] - keys < self.sliding_window
-            part = _Partial.of(self.cap(jnp.einsum("krqd,krnd->krqn", q, k)), seen[None],
-                               lambda w: jnp.einsum("krqn,krnd->krqd", w, v))
+            cols = jax.lax.dynamic_slice_in_dim(tables, i * self.chunk_pages,
+                                                self.chunk_pages, axis=1)
+            index = self.first_page + cols  # [R, chunk_pages]
+            k, v = (pages.at[index].get(mode="promise_in_bounds").reshape(
+                rows, self.chunk_keys, -1).astype(jnp.float32)
+                for pages in (self.k_pages, self.v_pages))
+            return attend_chunk(acc, k, v, i * self.chunk_keys + jnp.arange(self.chunk_keys))
+
+        return jax.lax.fori_loop(first, stop, step, acc)
+
+    def _visible(self, keys, lens, query_positions):  # [N], [Q], [Q] -> [Q, N]
+        seen = keys[None, :] < lens[:, None]
+        if self.sliding_window is not None:
+            seen &= query_positions[:, None] - keys[None, :] < self.sliding_window
+        return seen
+
+    def attend_rows(self, q, tables, lens, query_positions) -> _Partial:
+        """One query token per table row: q [R, K, G, D], tables [R, M], keys at positions
+        < lens [R] visible (within the window of query_positions [R]). Returns [K, R, G].
+
+        Each row's heads are multiplied with the page's keys of all KV heads at once, q
+        zero outside its own head's block ([R, K*G, K*D] x [R, N, K*D]): one batched GEMM
+        per page with a contiguous contraction, instead of per-head GEMMs over strided
+        pages. The zero blocks add exact zeros to the scores; on the value side the other
+        heads' blocks are computed and dropped (attention is a small part of the FLOPs).
+
+        Rows are sorted longest context first and read in tiers: all R rows up to the
+        longest context of the shorter half, the longer half on to the longest of its own
+        shorter half, and so on down to MIN_TIER_ROWS rows, so a step whose contexts
+        differ (16 to 640 tokens) reads close to each row's own context rather than every
+        row up to the longest."""
+        rows, num_kv_heads, group, head_dim = q.shape
+        order = jnp.argsort(-lens)  # longest first
+        q, tables, lens, query_positions = (x[order] for x in
+                                            (q, tables, lens, query_positions))
+        own_head = jnp.eye(num_kv_heads, dtype=q.dtype)  # [K, K]
+        q_wide = (q[:, :, :, None, :] * own_head[None, :, None, :, None]).reshape(
+            rows, num_kv_heads * group, num_kv_heads * head_dim)  # [R, K*G, K*D]
+
+        acc, done = _Partial.empty(q_wide.shape), 0
+        tier_rows = rows
+        while tier_rows:
+            rest = tier_rows // 2 if tier_rows // 2 >= MIN_TIER_ROWS else 0
+            # Rows rest.. of this tier are complete once the longest of them is read.
+            stop = self._chunks_for(lens[rest])
+
+            def attend_chunk(acc, k, v, keys, q=q_wide[:tier_rows], lens=lens[:tier_rows],
+                             query_positions=query_positions[:tier_rows]):
+                seen = self._visible(keys, lens, query_positions)  # [n, N]
+                part = _Partial.of(self.cap(jnp.einsum("rhx,rnx->rhn", q, k)),
+                                   seen[:, None, :],
+                                   lambda w: jnp.einsum("rhn,rnx->rhx", w, v))
+                return acc.combine(part)
+
+            tier = self._loop(tables[:tier_rows], done, stop, attend_chunk,
+                              _Partial(*(x[:tier_rows] for x in acc)))
+            acc = _Partial(*(jnp.concatenate([t, x[tier_rows:]]) for t, x in zip(tier, acc)))
+            done, tier_rows = jnp.maximum(done, stop), rest
+
+        back = jnp.argsort(order)  # sorted rows -> original rows
+        out = acc.out[back].reshape(rows, num_kv_heads, group, num_kv_heads, head_dim)
+        out = jnp.moveaxis(jnp.diagonal(out, axis1=1, axis2=3), -1, 0)  # [K, R, G, D]
+        return _Partial(*(jnp.swapaxes(x[back].reshape(rows, num_kv_heads, group), 0, 1)
+                          for x in (acc.max, acc.total)), out)
+
+    def attend_chunk(self, q, table, lens, query_positions) -> _Partial:
+        """Many query tokens over one sequence's pages: q [K, T, G, D], table [M], keys
+        at positions < lens [T] visible (within the window of query_positions [T]).
+        Returns [K, T, G]. Each page is regrouped head-first ([K, N, D], a small copy)
+        so the per-head GEMMs run over all T * G query rows at once."""
+        num_kv_heads, _, _, head_dim = q.shape
+
+        def attend_chunk(acc, k, v, keys):
+            k, v = (jnp.swapaxes(x.reshape(-1, num_kv_heads, head_dim), 0, 1)
+                    for x in (k, v))  # [K, N, D]
+            seen = self._visible(keys, lens, query_positions)  # [T, N]
+            part = _Partial.of(self.cap(jnp.einsum("ktgd,knd->ktgn", q, k)),
+                               seen[None, :, None, :],
+                               lambda w: jnp.einsum("ktgn,knd->ktgd", w, v))
             return acc.combine(part)
 
-        return jax.lax.fori_loop(0, num_chunks, step, _Partial.empty(q.shape))
-
-
-def _gather_context(cache, layer, tables):  # [L, K, P, S, D], [R, M] -> [K, R, M*S, D]
-    """Pages of each table row for every KV head, gathered straight from the full cache
-    (flat page rows: no per-layer slice copy) into float32."""
-    num_layers, num_kv_heads, num_pages, page_size, head_dim = cache.shape
-    rows, width = tables.shape
-    flat = cache.reshape(num_layers * num_kv_heads * num_pages, page_size, head_dim)
-    first_row = (layer * num_kv_heads + jnp.arange(num_kv_heads)) * num_pages  # [K]
-    index = first_row[:, None, None] + tables[None]  # [K, R, M]
-    pages = flat.at[index].get(mode="promise_in_bounds")  # [K, R, M, S, D]
-    return pages.reshape(num_kv_heads, rows, width * page_size, head_dim).astype(jnp.float32)
+        return self._loop(table[None], 0, self._chunks_for(jnp.max(lens)), attend_chunk,
+                          _Partial.empty(q.shape))
 
 
 def _soft_cap(cap: float | None):

@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-PAGE_AXIS = 2  # KV pools are [layers, kv_heads, pages, slots, head_dim]
+PAGE_AXIS = 1  # KV pools are [layers, pages, slots, kv_heads, head_dim]
 
 
 def _copy_pages(kv_cache, src, dst):

@@ -22,8 +22,8 @@ from .step_input import KVCache, PenaltyTensors, SamplingTensors, StepInput
 
 def allocate_kv_cache(num_layers: int, num_kv_heads: int, num_blocks: int, block_size: int,
                       head_dim: int, dtype) -> KVCache:
-    """Zero-filled K and V pools [L, K, P, S, D] on the default device."""
-    shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
+    """Zero-filled K and V pools [L, P, S, K, D] on the default device."""
+    shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 

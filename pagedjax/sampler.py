@@ -39,7 +39,7 @@ def sample(logits: jax.Array, sampling: SamplingTensors,
     support.
     """
     logits = apply_penalties(logits, penalties)
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tokens = argmax_rows(logits)
     all_greedy = jnp.all(sampling.temperature == 0.0)
     return jax.lax.cond(
         all_greedy,
@@ -47,6 +47,25 @@ def sample(logits: jax.Array, sampling: SamplingTensors,
         lambda: jnp.where(sampling.temperature == 0.0, greedy_tokens,
                           _sample_random(logits, sampling)),
     )
+
+
+ARGMAX_BLOCK = 512  # vocabulary entries per block of argmax_rows
+
+
+def argmax_rows(x: jax.Array) -> jax.Array:  # [B, V] -> [B] int32
+    """jnp.argmax(x, axis=-1) (first index of the maximum), in two levels: the block
+    holding the row's maximum, then the maximum within that block.
+
+    XLA CPU runs a plain argmax over [B, V] as a scalar (value, index) reduction, about
+    13 ms for 128 x 49152; a max over blocks vectorises, and the (value, index) reductions
+    then see only V / ARGMAX_BLOCK + ARGMAX_BLOCK entries per row (0.4 ms)."""
+    rows, vocab = x.shape
+    blocks = -(-vocab // ARGMAX_BLOCK)
+    padded = jnp.pad(x, ((0, 0), (0, blocks * ARGMAX_BLOCK - vocab)), constant_values=-jnp.inf)
+    padded = padded.reshape(rows, blocks, ARGMAX_BLOCK)
+    best_block = jnp.argmax(jnp.max(padded, axis=-1), axis=-1)  # [B] first block with the max
+    block = jnp.take_along_axis(padded, best_block[:, None, None], axis=1)[:, 0]  # [B, 512]
+    return (best_block * ARGMAX_BLOCK + jnp.argmax(block, axis=-1)).astype(jnp.int32)
 
 
 class StepLogprobs(NamedTuple):
@@ -79,7 +98,7 @@ def _sample_random(logits: jax.Array, sampling: SamplingTensors) -> jax.Array:
     # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
     keys = request_keys(sampling)
     gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (logits.shape[-1],)))(keys)
-    return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
+    return argmax_rows(scaled + gumbel)
 
 
 def _apply_top_k_top_p(scaled: jax.Array, sampling: SamplingTensors) -> jax.Array:

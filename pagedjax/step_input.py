@@ -62,5 +62,5 @@ class StepInput(NamedTuple):
 class KVCache(NamedTuple):
     """The preallocated paged KV pool of every layer; page 0 is the null page."""
 
-    k: jax.Array  # [L, K, P, S, D]
-    v: jax.Array  # [L, K, P, S, D]
+    k: jax.Array  # [L, P, S, K, D]
+    v: jax.Array  # [L, P, S, K, D]

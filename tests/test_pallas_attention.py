@@ -23,7 +23,7 @@ def make_case(seqs, *, num_heads, num_kv_heads, head_dim, page_size, num_pad_tok
     num_pages = pages_needed + 4
     free = list(rng.permutation(np.arange(1, num_pages)))
     tables = [[free.pop() for _ in range(-(-(c + n) // page_size))] for c, n in seqs]
-    shape = (num_layers, num_kv_heads, num_pages, page_size, head_dim)
+    shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
     k_cache = np.full(shape, POISON, np.float32)
     v_cache = np.full(shape, POISON, np.float32)
     T = sum(n for _, n in seqs) + num_pad_tokens
@@ -40,9 +40,9 @@ def make_case(seqs, *, num_heads, num_kv_heads, head_dim, page_size, num_pad_tok
     offset = 0
     for i, ((ctx, new), table) in enumerate(zip(seqs, tables)):
         for pos in range(ctx):
-            k_cache[layer, :, table[pos // page_size], pos % page_size] = (
+            k_cache[layer, table[pos // page_size], pos % page_size] = (
                 rng.standard_normal((num_kv_heads, head_dim)))
-            v_cache[layer, :, table[pos // page_size], pos % page_size] = (
+            v_cache[layer, table[pos // page_size], pos % page_size] = (
                 rng.standard_normal((num_kv_heads, head_dim)))
         sl = slice(offset, offset + new)
         token_seq[sl] = i
@@ -203,7 +203,7 @@ def test_lowers_to_triton_for_cuda_without_a_gpu(shape):
     T, H, K, D, S, B, M, dtype = (shape.pop(k) for k in "T H K D S B M dtype".split())
     sds = jax.ShapeDtypeStruct
     i32 = jnp.int32
-    cache = sds((2, K, 1000, S, D), dtype)
+    cache = sds((2, 1000, S, K, D), dtype)
     specs = (sds((T, H, D), dtype), sds((T, K, D), dtype), sds((T, K, D), dtype), cache,
              cache, sds((), i32), sds((T,), i32), sds((T,), i32), sds((B,), i32),
              sds((B, M), i32))

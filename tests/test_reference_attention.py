@@ -34,6 +34,12 @@ STEPS = {
     "decodes_only": [(9, 1), (3, 1), (16, 1), (1, 1)],
     # Contexts over several loop chunks of CONTEXT_CHUNK_TOKENS keys, lengths apart.
     "long_contexts": [(70, 1), (5, 1), (41, 3), (33, 1), (0, 4)],
+    # Enough rows for attend_rows' tiers (MIN_TIER_ROWS): decodes of contexts 0-90 in a
+    # shuffled order, which the tiers sort longest first and must put back.
+    "many_decodes": [(int(ctx), 1) for ctx in np.random.default_rng(7).integers(0, 90, 41)],
+    # The same rows next to two continuing chunks: the per-token path, tiers over tokens.
+    "many_tokens": [(int(ctx), 1) for ctx in np.random.default_rng(8).integers(0, 90, 30)]
+    + [(37, 3), (12, 2)],
 }
 
 
@@ -61,15 +67,15 @@ def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None):
     for ctx, new in seqs:
         tables.append([free_pages.pop() for _ in range(-(-(ctx + new) // S))])
 
-    k_cache = rng.standard_normal((L, num_kv_heads, P, S, D)).astype(np.float32)
-    v_cache = rng.standard_normal((L, num_kv_heads, P, S, D)).astype(np.float32)
+    k_cache = rng.standard_normal((L, P, S, num_kv_heads, D)).astype(np.float32)
+    v_cache = rng.standard_normal((L, P, S, num_kv_heads, D)).astype(np.float32)
     full_k, full_v = [], []  # every token's K/V per sequence, cached ones written now
     for (ctx, new), table in zip(seqs, tables):
         ks = rng.standard_normal((ctx + new, num_kv_heads, D)).astype(np.float32)
         vs = rng.standard_normal((ctx + new, num_kv_heads, D)).astype(np.float32)
         for pos in range(ctx):
-            k_cache[layer, :, table[pos // S], pos % S] = ks[pos]
-            v_cache[layer, :, table[pos // S], pos % S] = vs[pos]
+            k_cache[layer, table[pos // S], pos % S] = ks[pos]
+            v_cache[layer, table[pos // S], pos % S] = vs[pos]
         full_k.append(ks)
         full_v.append(vs)
 
@@ -119,9 +125,9 @@ def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None):
     k_after = np.asarray(k_after)
     for i, ((ctx, new), table) in enumerate(zip(seqs, tables)):
         for pos in range(ctx + new):
-            np.testing.assert_array_equal(k_after[layer, :, table[pos // S], pos % S],
+            np.testing.assert_array_equal(k_after[layer, table[pos // S], pos % S],
                                           full_k[i][pos])
     np.testing.assert_array_equal(k_after[0], k_cache[0])
     touched = {p for table in tables for p in table} | {0}
     untouched = [p for p in range(P) if p not in touched]
-    np.testing.assert_array_equal(k_after[layer][:, untouched], k_cache[layer][:, untouched])
+    np.testing.assert_array_equal(k_after[layer][untouched], k_cache[layer][untouched])
