@@ -40,6 +40,9 @@ STEPS = {
     # The same rows next to two continuing chunks: the per-token path, tiers over tokens.
     "many_tokens": [(int(ctx), 1) for ctx in np.random.default_rng(8).integers(0, 90, 30)]
     + [(37, 3), (12, 2)],
+    # Over IN_STEP_BLOCK tokens: in-step blocks that start mid-sequence, hold several
+    # sequences, and a padded last block.
+    "long_prefills": [(0, 150), (10, 100), (0, 20), (5, 1), (0, 40)],
 }
 
 
@@ -53,6 +56,7 @@ def test_mixed_prefill_and_decode_over_scattered_pages(num_heads, num_kv_heads, 
 def test_sliding_window_and_soft_cap_over_chunked_context(window, soft_cap):
     check_step(STEPS["long_contexts"], 6, 2, window=window, soft_cap=soft_cap)
     check_step(STEPS["two_chunks"], 4, 4, window=window, soft_cap=soft_cap)
+    check_step(STEPS["long_prefills"], 6, 2, window=window, soft_cap=soft_cap)
 
 
 def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None):
