@@ -100,7 +100,8 @@ def paged_attention(
     k_cache: jax.Array,  # [L, P, S, K, D]
     v_cache: jax.Array,  # [L, P, S, K, D]
     layer: jax.Array,  # [] int32
-    token_seq: jax.Array,  # [T] sequence index of each token; padding -> -1
+    token_seq: jax.Array,  # [T] sequence of each token (a sequence's tokens contiguous, in
+    #                        position order, as the scheduler lays them out); padding -1
     positions: jax.Array,  # [T] absolute position of each token
     context_lens: jax.Array,  # [B] cached tokens of each sequence before this step
     block_tables: jax.Array,  # [B, M] pages holding each sequence's cached context
@@ -115,8 +116,9 @@ def paged_attention(
     chunk): each decode reads its own pages, the one chunk's pages are read once for all
     its tokens, and not at all in a step without such a chunk. Otherwise every token
     gathers its sequence's pages itself (correct for any step, but it moves T x context
-    bytes). Context is read page by page up to the longest context of the step, so the
-    width M of the block tables costs nothing. `sliding_window` and `soft_cap` default off.
+    bytes). Context is read page by page up to the longest context among the rows read
+    together, so the width M of the block tables costs nothing. `sliding_window` and
+    `soft_cap` default off.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]

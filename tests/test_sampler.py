@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagedjax.sampler import _apply_top_k_top_p, sample
+from pagedjax.sampler import ARGMAX_BLOCK, _apply_top_k_top_p, argmax_rows, sample
 from pagedjax.step_input import SamplingTensors
 
 V = 32  # vocab for the statistical tests
@@ -144,6 +144,20 @@ def test_all_greedy_batch_is_argmax():
     logits = np.random.default_rng(3).normal(size=(16, V)).astype(np.float32)
     tokens = np.asarray(_sample(jnp.asarray(logits), _tensors(16, temperature=0.0, top_k=3)))
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [ARGMAX_BLOCK * 3, ARGMAX_BLOCK * 2 + 77, 5])
+def test_two_level_argmax_is_numpy_argmax_with_ties(vocab):
+    """First index of the maximum, also with ties across and inside blocks, a vocabulary
+    that is not a whole number of blocks, and all-equal rows."""
+    rng = np.random.default_rng(vocab)
+    logits = rng.integers(-3, 3, size=(8, vocab)).astype(np.float32)  # many ties
+    logits[1, vocab - 1] = 10.0  # maximum in the padded last block
+    logits[2, [0, vocab - 1]] = 10.0  # tie between the first and the last block
+    logits[3] = 1.0  # every entry equal
+    logits[4, :] = -np.inf
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax_rows)(jnp.asarray(logits))),
+                                  logits.argmax(-1))
 
 
 # ---------------------------------------------------------------- temperature
