@@ -18,8 +18,9 @@ heads, and a decode row multiplies the page's keys of all heads at once with its
 heads placed block-diagonally (_PagedContext.attend_rows: half the time of per-head reads
 of [L, K, P, S, D] pages); einsums keep their batch axes leading (a trailing batch axis
 made XLA CPU transpose the whole context per call); context is read one chunk of pages at
-a time up to the step's longest context, never materialised whole; and a step of
-single-token sequences skips the [T, T] in-step scores.
+a time, never materialised whole, decode rows sorted by context length so that short rows
+stop early; in-step scores are computed only for 128-token blocks that can share a
+sequence, and a step of single-token sequences skips them.
 """
 
 from __future__ import annotations
@@ -250,14 +251,13 @@ class _PagedContext:
         self.first_page = layer * num_pages
         self.chunk_pages = max(1, CONTEXT_CHUNK_TOKENS // page_size)
         self.chunk_keys = self.chunk_pages * page_size
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.cap, self.sliding_window = cap, sliding_window
 
     def _chunks_for(self, length):  # [] keys -> [] loop steps that cover them
         return (length + self.chunk_keys - 1) // self.chunk_keys
 
-    def _loop(self, tables, first, stop, attend_chunk, acc: _Partial) -> _Partial:
-        """Fold attend_chunk(acc, k, v, keys) over chunks first..stop-1 of the pages in
+    def _loop(self, tables, first, stop, fold_chunk, acc: _Partial) -> _Partial:
+        """Fold fold_chunk(acc, k, v, keys) over chunks first..stop-1 of the pages in
         tables [R, M]; k and v are [R, N, K*D] float32, keys [N] their positions."""
         width = -(-tables.shape[1] // self.chunk_pages) * self.chunk_pages
         tables = jnp.pad(tables, ((0, 0), (0, width - tables.shape[1])))
@@ -270,7 +270,7 @@ class _PagedContext:
             k, v = (pages.at[index].get(mode="promise_in_bounds").reshape(
                 rows, self.chunk_keys, -1).astype(jnp.float32)
                 for pages in (self.k_pages, self.v_pages))
-            return attend_chunk(acc, k, v, i * self.chunk_keys + jnp.arange(self.chunk_keys))
+            return fold_chunk(acc, k, v, i * self.chunk_keys + jnp.arange(self.chunk_keys))
 
         return jax.lax.fori_loop(first, stop, step, acc)
 
@@ -310,15 +310,15 @@ class _PagedContext:
             # Rows rest.. of this tier are complete once the longest of them is read.
             stop = self._chunks_for(lens[rest])
 
-            def attend_chunk(acc, k, v, keys, q=q_wide[:tier_rows], lens=lens[:tier_rows],
-                             query_positions=query_positions[:tier_rows]):
+            def fold_chunk(acc, k, v, keys, q=q_wide[:tier_rows], lens=lens[:tier_rows],
+                           query_positions=query_positions[:tier_rows]):
                 seen = self._visible(keys, lens, query_positions)  # [n, N]
                 part = _Partial.of(self.cap(jnp.einsum("rhx,rnx->rhn", q, k)),
                                    seen[:, None, :],
                                    lambda w: jnp.einsum("rhn,rnx->rhx", w, v))
                 return acc.combine(part)
 
-            tier = self._loop(tables[:tier_rows], done, stop, attend_chunk,
+            tier = self._loop(tables[:tier_rows], done, stop, fold_chunk,
                               _Partial(*(x[:tier_rows] for x in acc)))
             acc = _Partial(*(jnp.concatenate([t, x[tier_rows:]]) for t, x in zip(tier, acc)))
             done, tier_rows = jnp.maximum(done, stop), rest
@@ -336,7 +336,7 @@ class _PagedContext:
         so the per-head GEMMs run over all T * G query rows at once."""
         num_kv_heads, _, _, head_dim = q.shape
 
-        def attend_chunk(acc, k, v, keys):
+        def fold_chunk(acc, k, v, keys):
             k, v = (jnp.swapaxes(x.reshape(-1, num_kv_heads, head_dim), 0, 1)
                     for x in (k, v))  # [K, N, D]
             seen = self._visible(keys, lens, query_positions)  # [T, N]
@@ -345,7 +345,7 @@ class _PagedContext:
                                lambda w: jnp.einsum("ktgn,knd->ktgd", w, v))
             return acc.combine(part)
 
-        return self._loop(table[None], 0, self._chunks_for(jnp.max(lens)), attend_chunk,
+        return self._loop(table[None], 0, self._chunks_for(jnp.max(lens)), fold_chunk,
                           _Partial.empty(q.shape))
 
 
