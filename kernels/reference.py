@@ -307,7 +307,8 @@ class _PagedContext:
         tier_rows = rows
         while tier_rows:
             rest = tier_rows // 2 if tier_rows // 2 >= MIN_TIER_ROWS else 0
-            # Rows rest.. of this tier are complete once the longest of them is read.
+            # Rows rest.. of this tier are complete once the longest of them is read; stop
+            # never decreases from tier to tier (lens is sorted longest first).
             stop = self._chunks_for(lens[rest])
 
             def fold_chunk(acc, k, v, keys, q=q_wide[:tier_rows], lens=lens[:tier_rows],
@@ -321,7 +322,7 @@ class _PagedContext:
             tier = self._loop(tables[:tier_rows], done, stop, fold_chunk,
                               _Partial(*(x[:tier_rows] for x in acc)))
             acc = _Partial(*(jnp.concatenate([t, x[tier_rows:]]) for t, x in zip(tier, acc)))
-            done, tier_rows = jnp.maximum(done, stop), rest
+            done, tier_rows = stop, rest
 
         back = jnp.argsort(order)  # sorted rows -> original rows
         out = acc.out[back].reshape(rows, num_kv_heads, group, num_kv_heads, head_dim)
