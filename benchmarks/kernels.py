@@ -70,9 +70,8 @@ def make_step(seqs, *, num_heads, num_kv_heads, head_dim, block_size, dtype, see
         offset += new
     key = jax.random.PRNGKey(seed)
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
-    shape = (1, num_pages, block_size, num_kv_heads, head_dim)
-    k_cache = jax.random.normal(k1, shape, dtype)
-    v_cache = jax.random.normal(k2, shape, dtype)
+    k_cache = jax.random.normal(k1, (1, num_pages, num_kv_heads, head_dim, block_size), dtype)
+    v_cache = jax.random.normal(k2, (1, num_pages, block_size, num_kv_heads, head_dim), dtype)
     q = jax.random.normal(k3, (T_pad, num_heads, head_dim), dtype)
     k_new = jax.random.normal(k4, (T_pad, num_kv_heads, head_dim), dtype)
     v_new = jax.random.normal(k5, (T_pad, num_kv_heads, head_dim), dtype)
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
     H = args.num_heads or (4 if tiny else 32)
     K = args.num_kv_heads or (2 if tiny else 8)
     D = args.head_dim or (8 if tiny else 128)
-    S = args.block_size or (4 if tiny else 16)
+    S = args.block_size or (4 if tiny else 64)
     iters = args.iters or (2 if tiny else 20)
     buckets = TINY_BUCKETS if tiny else GPU_BUCKETS
     tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4

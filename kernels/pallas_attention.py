@@ -15,11 +15,12 @@ Kernel design (flash-attention style, one pass, float32 softmax state):
   loaded K/V tile. Output blocks never overlap, so there are no masked stores.
 * a block may hold tokens of several sequences (decode steps: one token each). The
   kernel loops over the sequences present in the block; for each one it walks the
-  sequence's context pages `pages_per_block` at a time (one gather through the block
-  table: each page is read once per query block) and then the sequence's in-step keys
-  up to the block's last token, updating an online softmax (running max m, sum l,
-  accumulator acc) of the rows that belong to that sequence (others are masked).
-* with a sliding window, page blocks below every row's window are skipped, not masked.
+  sequence's context one page at a time (each page is read once per query block; a
+  page's keys are stored transposed, [K * D, S], so a head's [D, S] tile is the right
+  operand of q @ k as it is) and then the sequence's in-step keys up to the block's
+  last token, updating an online softmax (running max m, sum l, accumulator acc) of the
+  rows that belong to that sequence (others are masked).
+* with a sliding window, pages below every row's window are skipped, not masked.
 * head dims that are not a power of two (96 = 64 + 32) are split into power-of-two
   column chunks, because Triton tiles must be powers of two.
 
@@ -43,7 +44,7 @@ NEG_INF = -1e30
 MIN_ROWS = 16  # Triton's dot needs every tile dimension >= 16
 MAX_ROWS = 64
 NEW_KEYS_PER_BLOCK = 16
-KEYS_PER_PAGE_BLOCK = 64
+MAX_GPU_PAGE = 128  # keys of one page are one tile on GPU
 
 
 def _gpu_compiler_params(head_dim: int):
@@ -74,30 +75,30 @@ def unsupported_reason(head_dim: int, block_size: int, dtype, platform: str) -> 
     if platform == "gpu":
         if head_dim % 16:
             return f"head_dim {head_dim} (a multiple of 16 on GPU)"
-        if block_size & (block_size - 1) or block_size > KEYS_PER_PAGE_BLOCK:
-            return f"block_size {block_size} (a power of two <= {KEYS_PER_PAGE_BLOCK} on GPU)"
+        if block_size & (block_size - 1) or not MIN_ROWS <= block_size <= MAX_GPU_PAGE:
+            return (f"block_size {block_size} (a power of two from {MIN_ROWS} to "
+                    f"{MAX_GPU_PAGE} on GPU)")
     return None
 
 
 def _kernel(layer_ref, first_ref, last_ref, start_ref, end_ref, ctx_ref, table_ref,
             row_seq_ref, row_pos_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, key_seq_ref,
-            key_pos_ref, o_ref, *, scale, head_dim, num_pages, page_size, pages_per_block,
-            block_tokens, new_keys, chunks, sliding_window, soft_cap, precision):
+            key_pos_ref, o_ref, *, scale, head_dim, num_pages, page_size, block_tokens,
+            new_keys, chunks, sliding_window, soft_cap, precision):
     query_block, kv_head = pl.program_id(0), pl.program_id(1)
     rows = q_ref.shape[0]
     row_seq = row_seq_ref[...]  # [R] sequence of each row (-1: padding)
     row_pos = row_pos_ref[...]  # [R] position of each row's token
     qs = [q_ref[:, pl.ds(off, width)] for off, width in chunks]
     page_base = layer_ref[0] * num_pages
-    head_base = kv_head * head_dim  # this head's columns of a [S, K * D] page row
+    head_base = kv_head * head_dim  # this head's rows of a [K * D, S] key page
     block_end = (query_block + 1) * block_tokens  # first token index after this block
-    keys_per_block = pages_per_block * page_size
 
-    def update(carry, keys, values, visible):
+    def update(carry, keys, values, visible, keys_transposed):
         m, l, acc = carry
         s = None
-        for qc, kc in zip(qs, keys):
-            part = pltriton.dot(qc, kc, trans_b=True, precision=precision)
+        for qc, kc in zip(qs, keys):  # kc [width, N] if keys_transposed else [N, width]
+            part = pltriton.dot(qc, kc, trans_b=not keys_transposed, precision=precision)
             s = part if s is None else s + part
         s = s * scale
         if soft_cap is not None:
@@ -120,24 +121,20 @@ def _kernel(layer_ref, first_ref, last_ref, start_ref, end_ref, ctx_ref, table_r
         ctx_len = ctx_ref[seq]
 
         def ctx_body(j, carry):
-            pages = table_ref[seq, pl.ds(j * pages_per_block, pages_per_block)] + page_base
-            keys = [k_ref[pages, :, pl.ds(head_base + off, width)].reshape(
-                keys_per_block, width) for off, width in chunks]
-            values = [v_ref[pages, :, pl.ds(head_base + off, width)].reshape(
-                keys_per_block, width) for off, width in chunks]
-            key_pos = j * keys_per_block + lax.broadcasted_iota(jnp.int32, (keys_per_block,), 0)
+            page = table_ref[seq, j] + page_base
+            keys = [k_ref[page, pl.ds(head_base + off, width), :] for off, width in chunks]
+            values = [v_ref[page, :, pl.ds(head_base + off, width)] for off, width in chunks]
+            key_pos = j * page_size + lax.broadcasted_iota(jnp.int32, (page_size,), 0)
             visible = in_seq[:, None] & (key_pos < ctx_len)[None, :]
             if sliding_window is not None:
                 visible &= window_ok(key_pos)
-            return update(carry, keys, values, visible)
+            return update(carry, keys, values, visible, keys_transposed=True)
 
-        num_ctx_pages = pl.cdiv(ctx_len, page_size)
-        first_block = 0
-        if sliding_window is not None:  # skip page blocks no row of this sequence can see
+        first_page = 0
+        if sliding_window is not None:  # skip pages no row of this sequence can see
             lowest = jnp.min(jnp.where(in_seq, row_pos, jnp.iinfo(jnp.int32).max))
-            first_block = jnp.maximum(lowest - sliding_window + 1, 0) // keys_per_block
-        carry = lax.fori_loop(first_block, pl.cdiv(num_ctx_pages, pages_per_block), ctx_body,
-                              carry)
+            first_page = jnp.maximum(lowest - sliding_window + 1, 0) // page_size
+        carry = lax.fori_loop(first_page, pl.cdiv(ctx_len, page_size), ctx_body, carry)
 
         start = start_ref[seq]
         stop = jnp.minimum(end_ref[seq], block_end)  # causal: no key after the block
@@ -153,7 +150,7 @@ def _kernel(layer_ref, first_ref, last_ref, start_ref, end_ref, ctx_ref, table_r
                        & (key_pos[None, :] <= row_pos[:, None]))
             if sliding_window is not None:
                 visible &= window_ok(key_pos)
-            return update(carry, keys, values, visible)
+            return update(carry, keys, values, visible, keys_transposed=False)
 
         num_new = pl.cdiv(jnp.maximum(stop - start, 0), new_keys)
         return lax.fori_loop(0, num_new, new_body, carry)
@@ -170,7 +167,7 @@ def paged_attention(
     q: jax.Array,  # [T, H, D]
     k_new: jax.Array,  # [T, K, D]
     v_new: jax.Array,  # [T, K, D]
-    k_cache: jax.Array,  # [L, P, S, K, D]
+    k_cache: jax.Array,  # [L, P, K, D, S] (keys transposed within a page)
     v_cache: jax.Array,  # [L, P, S, K, D]
     layer: jax.Array,  # [] int32
     token_seq: jax.Array,  # [T]; padding -1; a sequence's tokens contiguous, in order
@@ -183,11 +180,10 @@ def paged_attention(
     *,
     interpret: bool | None = None,  # None: interpret unless running on a GPU
     block_tokens: int | None = None,  # tokens per query block (None: from T / B)
-    pages_per_block: int | None = None,  # context pages per inner step
 ) -> jax.Array:  # [T, H, D]
     """Pallas ragged paged attention; same semantics and arguments as the reference."""
     num_tokens, num_heads, head_dim = q.shape
-    num_layers, num_pages, page_size, num_kv_heads, _ = k_cache.shape
+    num_layers, num_pages, page_size, num_kv_heads, _ = v_cache.shape
     num_seqs, width = block_tables.shape
     group = num_heads // num_kv_heads
     group_pad = _next_pow2(group)
@@ -197,14 +193,11 @@ def paged_attention(
         per_seq = _next_pow2(max(1, num_tokens // max(num_seqs, 1)))
         block_tokens = max(per_seq, max(1, MIN_ROWS // group_pad))
         block_tokens = min(block_tokens, max(1, MAX_ROWS // group_pad))
-    if pages_per_block is None:
-        pages_per_block = max(1, KEYS_PER_PAGE_BLOCK // page_size)
     padded_tokens = -(-num_tokens // block_tokens) * block_tokens
     num_blocks = padded_tokens // block_tokens
     rows = block_tokens * group_pad
     new_keys = NEW_KEYS_PER_BLOCK
     key_tokens = padded_tokens + new_keys  # the last in-step key block may overhang
-    table_width = max(1, -(-width // pages_per_block)) * pages_per_block
 
     i32 = jnp.int32
     token_seq = token_seq.astype(i32)
@@ -231,17 +224,16 @@ def paged_attention(
     seq_end = jnp.zeros((num_seqs,), i32).at[seq_ids].max(index + 1, mode="drop")
     seq_start = jnp.minimum(seq_start, seq_end)
 
-    tables = jnp.zeros((num_seqs, table_width), i32).at[:, :width].set(
-        block_tables.astype(i32))
+    tables = block_tables.astype(i32)
     kn = jnp.pad(k_new, ((0, key_tokens - num_tokens), (0, 0), (0, 0))).transpose(1, 0, 2)
     vn = jnp.pad(v_new, ((0, key_tokens - num_tokens), (0, 0), (0, 0))).transpose(1, 0, 2)
-    flat = (num_layers * num_pages, page_size, num_kv_heads * head_dim)
-    k_flat, v_flat = k_cache.reshape(flat), v_cache.reshape(flat)  # free reshapes
+    k_flat = k_cache.reshape(num_layers * num_pages, num_kv_heads * head_dim, page_size)
+    v_flat = v_cache.reshape(num_layers * num_pages, page_size, num_kv_heads * head_dim)
 
     f32 = jnp.dtype(q.dtype) == jnp.float32 or jnp.dtype(k_cache.dtype) == jnp.float32
     kernel = functools.partial(
         _kernel, scale=float(scale), head_dim=head_dim, num_pages=num_pages,
-        page_size=page_size, pages_per_block=pages_per_block, block_tokens=block_tokens,
+        page_size=page_size, block_tokens=block_tokens,
         new_keys=new_keys, chunks=_dim_chunks(head_dim), sliding_window=sliding_window,
         soft_cap=None if soft_cap is None else float(soft_cap),
         precision=lax.Precision.HIGHEST if f32 else None)
@@ -256,12 +248,12 @@ def paged_attention(
             whole((num_seqs,)),  # seq_start
             whole((num_seqs,)),  # seq_end
             whole((num_seqs,)),  # context_lens
-            whole((num_seqs, table_width)),  # block tables
+            whole((num_seqs, width)),  # block tables
             pl.BlockSpec((rows,), lambda i, h: (i,)),  # row_seq
             pl.BlockSpec((rows,), lambda i, h: (i,)),  # row_pos
             pl.BlockSpec((None, rows, head_dim), lambda i, h: (h, i, 0)),  # q
-            whole(flat),  # k cache, all layers / pages, heads side by side
-            whole(flat),  # v cache
+            whole(k_flat.shape),  # k cache, all layers / pages, heads stacked
+            whole(v_flat.shape),  # v cache, heads side by side
             pl.BlockSpec((None, key_tokens, head_dim), lambda i, h: (h, 0, 0)),  # k_new
             pl.BlockSpec((None, key_tokens, head_dim), lambda i, h: (h, 0, 0)),  # v_new
             whole((key_tokens,)),  # key_seq

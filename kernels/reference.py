@@ -13,14 +13,17 @@ reads exactly its own sequence's pages, and a continuing prefill chunk reads its
 for all of its tokens; no Python loop over sequences.
 
 CPU performance shapes the code (decode steps of SmolLM2 with 128 sequences, measured):
-the pool is [L, P, S, K, D], so a page of one layer is one contiguous read of all KV
-heads, and a decode row multiplies the page's keys of all heads at once with its query
-heads placed block-diagonally (_PagedContext.attend_rows: half the time of per-head reads
-of [L, K, P, S, D] pages); einsums keep their batch axes leading (a trailing batch axis
-made XLA CPU transpose the whole context per call); context is read one chunk of pages at
-a time, never materialised whole, decode rows sorted by context length so that short rows
-stop early; in-step scores are computed only for 128-token blocks that can share a
-sequence, and a step of single-token sequences skips them.
+a page of one layer is one contiguous read of all KV heads, V as [S, K*D] and K stored
+transposed as [K*D, S], so both products of a decode row are plain [M, K] x [K, N]
+GEMMs (keys in [S, K*D] order needed a transposed operand: the context read of a
+64-token page ran ~1.5x slower); a decode row multiplies the page's keys of all heads at
+once with its query heads placed block-diagonally (_PagedContext.attend_rows: half the
+time of per-head reads of [L, K, P, S, D] pages); einsums keep their batch axes leading
+(a trailing batch axis made XLA CPU transpose the whole context per call); context is
+read one chunk of pages at a time, never materialised whole, decode rows sorted by
+context length so that short rows stop early; in-step scores are computed only for
+128-token blocks that can share a sequence, and a step of single-token sequences skips
+them.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ NEG_INF = -1e30
 
 
 def write_kv(
-    k_cache: jax.Array,  # [L, P, S, K, D]
+    k_cache: jax.Array,  # [L, P, K, D, S] (keys transposed within a page)
     v_cache: jax.Array,  # [L, P, S, K, D]
     layer: jax.Array,  # [] int32
     k: jax.Array,  # [T, K, D]
@@ -43,12 +46,13 @@ def write_kv(
     slot_mapping: jax.Array,  # [T] flat slot = page * S + offset; padding -> null page 0
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter this step's K/V into `layer` of the paged cache (in place under donation)."""
-    page_size = k_cache.shape[2]
+    page_size = v_cache.shape[2]
     pages = slot_mapping // page_size
     offsets = slot_mapping % page_size
-    # [layer, pages, offsets] selects one [K, D] slot per token: the update is [T, K, D].
-    k_cache = k_cache.at[layer, pages, offsets].set(k.astype(k_cache.dtype),
-                                                   mode="promise_in_bounds")
+    # Both index one [K, D] slot per token (the update is [T, K, D]); a key's slot is
+    # strided across its page because keys are stored transposed.
+    k_cache = k_cache.at[layer, pages, :, :, offsets].set(k.astype(k_cache.dtype),
+                                                         mode="promise_in_bounds")
     v_cache = v_cache.at[layer, pages, offsets].set(v.astype(v_cache.dtype),
                                                    mode="promise_in_bounds")
     return k_cache, v_cache
@@ -98,7 +102,7 @@ def paged_attention(
     q: jax.Array,  # [T, H, D] (already scaled or not: `scale` is applied here)
     k_new: jax.Array,  # [T, K, D] this step's keys
     v_new: jax.Array,  # [T, K, D] this step's values
-    k_cache: jax.Array,  # [L, P, S, K, D]
+    k_cache: jax.Array,  # [L, P, K, D, S] (keys transposed within a page)
     v_cache: jax.Array,  # [L, P, S, K, D]
     layer: jax.Array,  # [] int32
     token_seq: jax.Array,  # [T] sequence of each token (a sequence's tokens contiguous, in
@@ -230,7 +234,7 @@ def _in_step_blocks(qg, k_step, v_step, token_seq, positions, cap, sliding_windo
     return _Partial(*(jnp.concatenate(x, axis=1)[:, :num_tokens] for x in zip(*parts)))
 
 
-CONTEXT_CHUNK_TOKENS = 16  # keys per loop step (whole pages): 16 beat 32 and 64 on CPU
+CONTEXT_CHUNK_TOKENS = 64  # keys per loop step (whole pages)
 MIN_TIER_ROWS = 16  # attend_rows halves its row set down to this many rows
 
 
@@ -245,9 +249,12 @@ class _PagedContext:
     """
 
     def __init__(self, k_cache, v_cache, layer, cap, sliding_window):
-        num_layers, num_pages, page_size, num_kv_heads, head_dim = k_cache.shape
-        flat = (num_layers * num_pages, page_size, num_kv_heads * head_dim)
-        self.k_pages, self.v_pages = k_cache.reshape(flat), v_cache.reshape(flat)  # free
+        num_layers, num_pages, page_size, num_kv_heads, head_dim = v_cache.shape
+        self.k_pages = k_cache.reshape(num_layers * num_pages, num_kv_heads * head_dim,
+                                       page_size)  # free reshapes
+        self.v_pages = v_cache.reshape(num_layers * num_pages, page_size,
+                                       num_kv_heads * head_dim)
+        self.page_size = page_size
         self.first_page = layer * num_pages
         self.chunk_pages = max(1, CONTEXT_CHUNK_TOKENS // page_size)
         self.chunk_keys = self.chunk_pages * page_size
@@ -258,7 +265,8 @@ class _PagedContext:
 
     def _loop(self, tables, first, stop, fold_chunk, acc: _Partial) -> _Partial:
         """Fold fold_chunk(acc, k, v, keys) over chunks first..stop-1 of the pages in
-        tables [R, M]; k and v are [R, N, K*D] float32, keys [N] their positions."""
+        tables [R, M]; k is [R, chunk_pages, K*D, S] (keys transposed), v [R, N, K*D],
+        both float32, keys [N] their positions."""
         width = -(-tables.shape[1] // self.chunk_pages) * self.chunk_pages
         tables = jnp.pad(tables, ((0, 0), (0, width - tables.shape[1])))
         rows = tables.shape[0]
@@ -267,9 +275,9 @@ class _PagedContext:
             cols = jax.lax.dynamic_slice_in_dim(tables, i * self.chunk_pages,
                                                 self.chunk_pages, axis=1)
             index = self.first_page + cols  # [R, chunk_pages]
-            k, v = (pages.at[index].get(mode="promise_in_bounds").reshape(
+            k = self.k_pages.at[index].get(mode="promise_in_bounds").astype(jnp.float32)
+            v = self.v_pages.at[index].get(mode="promise_in_bounds").reshape(
                 rows, self.chunk_keys, -1).astype(jnp.float32)
-                for pages in (self.k_pages, self.v_pages))
             return fold_chunk(acc, k, v, i * self.chunk_keys + jnp.arange(self.chunk_keys))
 
         return jax.lax.fori_loop(first, stop, step, acc)
@@ -314,7 +322,8 @@ class _PagedContext:
             def fold_chunk(acc, k, v, keys, q=q_wide[:tier_rows], lens=lens[:tier_rows],
                            query_positions=query_positions[:tier_rows]):
                 seen = self._visible(keys, lens, query_positions)  # [n, N]
-                part = _Partial.of(self.cap(jnp.einsum("rhx,rnx->rhn", q, k)),
+                scores = jnp.einsum("rhx,rpxs->rhps", q, k).reshape(*q.shape[:2], -1)
+                part = _Partial.of(self.cap(scores),
                                    seen[:, None, :],
                                    lambda w: jnp.einsum("rhn,rnx->rhx", w, v))
                 return acc.combine(part)
@@ -338,10 +347,11 @@ class _PagedContext:
         num_kv_heads, _, _, head_dim = q.shape
 
         def fold_chunk(acc, k, v, keys):
-            k, v = (jnp.swapaxes(x.reshape(-1, num_kv_heads, head_dim), 0, 1)
-                    for x in (k, v))  # [K, N, D]
+            k = k.reshape(-1, num_kv_heads, head_dim, self.page_size)  # [p, K, D, S]
+            v = jnp.swapaxes(v.reshape(-1, num_kv_heads, head_dim), 0, 1)  # [K, N, D]
             seen = self._visible(keys, lens, query_positions)  # [T, N]
-            part = _Partial.of(self.cap(jnp.einsum("ktgd,knd->ktgn", q, k)),
+            scores = jnp.einsum("ktgd,pkds->ktgps", q, k).reshape(*q.shape[:3], -1)
+            part = _Partial.of(self.cap(scores),
                                seen[None, :, None, :],
                                lambda w: jnp.einsum("ktgn,knd->ktgd", w, v))
             return acc.combine(part)

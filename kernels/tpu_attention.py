@@ -7,9 +7,10 @@ layout conversion below but not the Mosaic kernel itself.
 The layout adapter lives only here. The op wants (a) one combined KV pool per layer,
 [P, S, 2K, D] with K and V heads interleaved, and (b) page tables and KV lengths that
 include this step's tokens (they are already written into the cache by write_kv). Our
-pool is [L, P, S, K, D] per K and V and our block tables cover only the cached context,
-so (a) costs one interleaving copy of the layer's pool per layer per step (a combined
-TPU-native pool would remove it) and (b) is rebuilt from `slot_mapping`.
+pools are K [L, P, K, D, S] (keys transposed within a page) and V [L, P, S, K, D], and
+our block tables cover only the cached context, so (a) costs one transposing and
+interleaving copy of the layer's pool per layer per step (a combined TPU-native pool
+would remove it) and (b) is rebuilt from `slot_mapping`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def paged_attention(q, k_new, v_new, k_cache, v_cache, layer, token_seq, positio
         from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (
             ragged_paged_attention as op)
     num_tokens = q.shape[0]
-    _, num_pages, page_size, num_kv_heads, head_dim = k_cache.shape
+    _, num_pages, page_size, num_kv_heads, head_dim = v_cache.shape
     num_seqs, width = block_tables.shape
     real = token_seq >= 0
     seq = jnp.where(real, token_seq, num_seqs)  # padding -> dropped by the scatters
@@ -49,8 +50,10 @@ def paged_attention(q, k_new, v_new, k_cache, v_cache, layer, token_seq, positio
     full_width = width + -(-num_tokens // page_size) + 1
     tables = jnp.zeros((num_seqs, full_width), jnp.int32).at[:, :width].set(block_tables)
     tables = tables.at[seq, positions // page_size].set(slot_mapping // page_size, mode="drop")
-    # [P, S, K, D] x2 -> [P, S, 2K, D] with K at even and V at odd combined heads.
-    kv = jnp.stack([k_cache[layer], v_cache[layer]], axis=-2)  # [P, S, K, 2, D]
+    # K [P, K, D, S] -> [P, S, K, D]; with V -> [P, S, 2K, D], K at even and V at odd
+    # combined heads.
+    keys = jnp.moveaxis(k_cache[layer], -1, 1)
+    kv = jnp.stack([keys, v_cache[layer]], axis=-2)  # [P, S, K, 2, D]
     kv = kv.reshape(num_pages, page_size, 2 * num_kv_heads, head_dim)
     num_real_seqs = jnp.sum(counts > 0).astype(jnp.int32).reshape(1)
     return op(q, kv, kv_lens, tables, cu_q_lens, num_real_seqs, sm_scale=scale,

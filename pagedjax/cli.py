@@ -46,7 +46,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: the model's max_position_embeddings")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--num-blocks", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0,
                         help="engine seed: requests draw from keys derived from it")

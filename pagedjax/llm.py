@@ -34,7 +34,7 @@ class LLM:
 
     def __init__(self, model: Optional[str] = None, *, revision: Optional[str] = None,
                  dtype: str = "auto",
-                 max_model_len: Optional[int] = None, block_size: int = 16,
+                 max_model_len: Optional[int] = None, block_size: int = 64,
                  num_blocks: Optional[int] = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 512, seed: int = 0,
                  kv_cache_memory_bytes: int = 1 << 30, kv_cache_memory_fraction: float = 0.9,

@@ -22,9 +22,10 @@ from .step_input import KVCache, PenaltyTensors, SamplingTensors, StepInput
 
 def allocate_kv_cache(num_layers: int, num_kv_heads: int, num_blocks: int, block_size: int,
                       head_dim: int, dtype) -> KVCache:
-    """Zero-filled K and V pools [L, P, S, K, D] on the default device."""
-    shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    """Zero-filled K pool [L, P, K, D, S] and V pool [L, P, S, K, D] on the default device."""
+    k_shape = (num_layers, num_blocks, num_kv_heads, head_dim, block_size)
+    v_shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+    return KVCache(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype))
 
 
 def step_input_spec(key: BucketKey, pages_per_seq: int) -> StepInput:

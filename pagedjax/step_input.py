@@ -62,5 +62,5 @@ class StepInput(NamedTuple):
 class KVCache(NamedTuple):
     """The preallocated paged KV pool of every layer; page 0 is the null page."""
 
-    k: jax.Array  # [L, P, S, K, D]
+    k: jax.Array  # [L, P, K, D, S]: keys transposed within a page
     v: jax.Array  # [L, P, S, K, D]

@@ -71,14 +71,15 @@ def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None):
     for ctx, new in seqs:
         tables.append([free_pages.pop() for _ in range(-(-(ctx + new) // S))])
 
-    k_cache = rng.standard_normal((L, P, S, num_kv_heads, D)).astype(np.float32)
+    # Keys are stored transposed within a page: K [L, P, K, D, S], V [L, P, S, K, D].
+    k_cache = rng.standard_normal((L, P, num_kv_heads, D, S)).astype(np.float32)
     v_cache = rng.standard_normal((L, P, S, num_kv_heads, D)).astype(np.float32)
     full_k, full_v = [], []  # every token's K/V per sequence, cached ones written now
     for (ctx, new), table in zip(seqs, tables):
         ks = rng.standard_normal((ctx + new, num_kv_heads, D)).astype(np.float32)
         vs = rng.standard_normal((ctx + new, num_kv_heads, D)).astype(np.float32)
         for pos in range(ctx):
-            k_cache[layer, table[pos // S], pos % S] = ks[pos]
+            k_cache[layer, table[pos // S], :, :, pos % S] = ks[pos]
             v_cache[layer, table[pos // S], pos % S] = vs[pos]
         full_k.append(ks)
         full_v.append(vs)
@@ -126,12 +127,15 @@ def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None):
 
     # The write landed at exactly the scheduled slots of the right layer, nowhere else
     # except the null page that padding tokens target.
-    k_after = np.asarray(k_after)
+    k_after, v_after = np.asarray(k_after), np.asarray(v_after)
     for i, ((ctx, new), table) in enumerate(zip(seqs, tables)):
         for pos in range(ctx + new):
-            np.testing.assert_array_equal(k_after[layer, table[pos // S], pos % S],
+            np.testing.assert_array_equal(k_after[layer, table[pos // S], :, :, pos % S],
                                           full_k[i][pos])
-    np.testing.assert_array_equal(k_after[0], k_cache[0])
+            np.testing.assert_array_equal(v_after[layer, table[pos // S], pos % S],
+                                          full_v[i][pos])
     touched = {p for table in tables for p in table} | {0}
     untouched = [p for p in range(P) if p not in touched]
-    np.testing.assert_array_equal(k_after[layer][untouched], k_cache[layer][untouched])
+    for after, before in ((k_after, k_cache), (v_after, v_cache)):
+        np.testing.assert_array_equal(after[0], before[0])
+        np.testing.assert_array_equal(after[layer][untouched], before[layer][untouched])
