@@ -194,7 +194,10 @@ def _in_step_blocks(qg, k_step, v_step, token_seq, positions, cap, sliding_windo
     out every step so), so query block i needs key blocks only from the block holding the
     first token of its earliest sequence up to block i itself: a 512-token prefill of one
     sequence computes 10 of the 16 [128, 128] score blocks, a step of four 128-token
-    prompts only the 4 diagonal ones, instead of the whole [T, T]."""
+    prompts only the 4 diagonal ones, instead of the whole [T, T]. Each query block takes
+    its key blocks in one softmax pass (lax.switch over how many it needs: the key range
+    is static in every branch), which ran 1.3-2x faster than folding them one at a time
+    with an online softmax."""
     num_kv_heads, num_tokens, group, head_dim = qg.shape
     block = min(IN_STEP_BLOCK, num_tokens)
     num_blocks = -(-num_tokens // block)
@@ -204,33 +207,27 @@ def _in_step_blocks(qg, k_step, v_step, token_seq, positions, cap, sliding_windo
         k_step, v_step = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (k_step, v_step))
         token_seq = jnp.pad(token_seq, (0, pad), constant_values=-1)
         positions = jnp.pad(positions, (0, pad))
+    keys_t = jnp.swapaxes(k_step, 1, 2)  # [K, D, T']: scores as a plain [M, K] x [K, N]
     index = jnp.arange(num_blocks * block)
     starts_sequence = jnp.concatenate([jnp.ones(1, bool), token_seq[1:] != token_seq[:-1]])
     first_of_sequence = jax.lax.cummax(jnp.where(starts_sequence, index, 0))  # [T']
 
-    def key_block(j, acc: _Partial, queries, query_seq, query_pos) -> _Partial:
-        k, v = (jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
-                for x in (k_step, v_step))  # [K, block, D]
-        key_seq, key_pos = (jax.lax.dynamic_slice_in_dim(x, j * block, block)
-                            for x in (token_seq, positions))
-        visible = (query_seq[:, None] == key_seq[None, :]) & (
-            key_pos[None, :] <= query_pos[:, None])  # [block, block]
+    def attend(num_key_blocks, i):  # query block i over key blocks i+1-num_key_blocks..i
+        rows = slice(i * block, (i + 1) * block)
+        keys = slice((i + 1 - num_key_blocks) * block, (i + 1) * block)
+        visible = (token_seq[rows, None] == token_seq[None, keys]) & (
+            positions[None, keys] <= positions[rows, None])  # [block, N]
         if sliding_window is not None:
-            visible &= query_pos[:, None] - key_pos[None, :] < sliding_window
-        part = _Partial.of(cap(jnp.einsum("ktgd,kud->ktgu", queries, k)),
+            visible &= positions[rows, None] - positions[None, keys] < sliding_window
+        return _Partial.of(cap(jnp.einsum("ktgd,kdn->ktgn", qg[:, rows], keys_t[:, :, keys])),
                            visible[None, :, None, :],
-                           lambda w: jnp.einsum("ktgu,kud->ktgd", w, v))
-        return acc.combine(part)
+                           lambda w: jnp.einsum("ktgn,knd->ktgd", w, v_step[:, keys]))
 
     parts = []
     for i in range(num_blocks):
-        rows = slice(i * block, (i + 1) * block)
-        queries, query_seq, query_pos = qg[:, rows], token_seq[rows], positions[rows]
         first = first_of_sequence[i * block] // block
-        parts.append(jax.lax.fori_loop(
-            first, i + 1, functools.partial(key_block, queries=queries, query_seq=query_seq,
-                                            query_pos=query_pos),
-            _Partial.empty(queries.shape)))
+        branches = [functools.partial(attend, n, i) for n in range(1, i + 2)]
+        parts.append(jax.lax.switch(i - first, branches))
     return _Partial(*(jnp.concatenate(x, axis=1)[:, :num_tokens] for x in zip(*parts)))
 
 
@@ -241,11 +238,12 @@ MIN_TIER_ROWS = 16  # attend_rows halves its row set down to this many rows
 class _PagedContext:
     """Attention of queries over paged context, one chunk of pages at a time.
 
-    A page of one layer, [S, K, D], holds every KV head of its S tokens, so each page read
-    is one contiguous piece (12 KB for SmolLM2; a per-head layout read 4 KB pieces and ran
-    at about half the speed on CPU). Loops over chunks of CONTEXT_CHUNK_TOKENS keys with
-    an online softmax read every page once while its K/V are still in cache, and stop at
-    the longest context of the rows they serve; the whole context is never materialised.
+    A page of one layer holds every KV head of its S tokens (keys as [K*D, S], values as
+    [S, K*D]), so each page read is one contiguous piece (48 KB each for SmolLM2's 64-token
+    pages; a per-head layout read smaller pieces and ran at about half the speed on CPU).
+    Loops over chunks of whole pages with an online softmax read every page once while
+    its K/V are still in cache, and stop at the longest context of the rows they serve;
+    the whole context is never materialised.
     """
 
     def __init__(self, k_cache, v_cache, layer, cap, sliding_window):
@@ -267,18 +265,18 @@ class _PagedContext:
         """Fold fold_chunk(acc, k, v, keys) over chunks first..stop-1 of the pages in
         tables [R, M]; k is [R, chunk_pages, K*D, S] (keys transposed), v [R, N, K*D],
         both float32, keys [N] their positions."""
-        width = -(-tables.shape[1] // self.chunk_pages) * self.chunk_pages
+        chunk_pages, chunk_keys = self.chunk_pages, self.chunk_keys
+        width = -(-tables.shape[1] // chunk_pages) * chunk_pages
         tables = jnp.pad(tables, ((0, 0), (0, width - tables.shape[1])))
         rows = tables.shape[0]
 
         def step(i, acc: _Partial) -> _Partial:
-            cols = jax.lax.dynamic_slice_in_dim(tables, i * self.chunk_pages,
-                                                self.chunk_pages, axis=1)
+            cols = jax.lax.dynamic_slice_in_dim(tables, i * chunk_pages, chunk_pages, axis=1)
             index = self.first_page + cols  # [R, chunk_pages]
             k = self.k_pages.at[index].get(mode="promise_in_bounds").astype(jnp.float32)
             v = self.v_pages.at[index].get(mode="promise_in_bounds").reshape(
-                rows, self.chunk_keys, -1).astype(jnp.float32)
-            return fold_chunk(acc, k, v, i * self.chunk_keys + jnp.arange(self.chunk_keys))
+                rows, chunk_keys, -1).astype(jnp.float32)
+            return fold_chunk(acc, k, v, i * chunk_keys + jnp.arange(chunk_keys))
 
         return jax.lax.fori_loop(first, stop, step, acc)
 
@@ -342,8 +340,9 @@ class _PagedContext:
     def attend_chunk(self, q, table, lens, query_positions) -> _Partial:
         """Many query tokens over one sequence's pages: q [K, T, G, D], table [M], keys
         at positions < lens [T] visible (within the window of query_positions [T]).
-        Returns [K, T, G]. Each page is regrouped head-first ([K, N, D], a small copy)
-        so the per-head GEMMs run over all T * G query rows at once."""
+        Returns [K, T, G]. A page's keys are already head-first ([K, D, S]); its values
+        are regrouped so ([K, N, D], a small copy), and the per-head GEMMs run over all
+        T * G query rows at once."""
         num_kv_heads, _, _, head_dim = q.shape
 
         def fold_chunk(acc, k, v, keys):
