@@ -339,24 +339,44 @@ class _PagedContext:
 
     def attend_chunk(self, q, table, lens, query_positions) -> _Partial:
         """Many query tokens over one sequence's pages: q [K, T, G, D], table [M], keys
-        at positions < lens [T] visible (within the window of query_positions [T]).
-        Returns [K, T, G]. A page's keys are already head-first ([K, D, S]); its values
-        are regrouped so ([K, N, D], a small copy), and the per-head GEMMs run over all
-        T * G query rows at once."""
-        num_kv_heads, _, _, head_dim = q.shape
+        at positions < lens [T] visible (within the window of query_positions [T]); lens
+        is 0 outside the chunk's tokens, which are contiguous. Returns [K, T, G].
 
-        def fold_chunk(acc, k, v, keys):
-            k = k.reshape(-1, num_kv_heads, head_dim, self.page_size)  # [p, K, D, S]
-            v = jnp.swapaxes(v.reshape(-1, num_kv_heads, head_dim), 0, 1)  # [K, N, D]
-            seen = self._visible(keys, lens, query_positions)  # [T, N]
-            scores = jnp.einsum("ktgd,pkds->ktgps", q, k).reshape(*q.shape[:3], -1)
-            part = _Partial.of(self.cap(scores),
-                               seen[None, :, None, :],
-                               lambda w: jnp.einsum("ktgn,knd->ktgd", w, v))
-            return acc.combine(part)
+        Only the IN_STEP_BLOCK-token query blocks that hold chunk tokens are computed (a
+        short chunk in a 512-token step costs one block, not four). A page's keys are
+        already head-first ([K, D, S]); its values are regrouped so ([K, N, D], a small
+        copy), and the per-head GEMMs run over all block * G query rows at once."""
+        num_kv_heads, num_tokens, _, head_dim = q.shape
+        block = min(IN_STEP_BLOCK, num_tokens)
+        if num_tokens % block:
+            block = num_tokens
 
-        return self._loop(table[None], 0, self._chunks_for(jnp.max(lens)), fold_chunk,
-                          _Partial.empty(q.shape))
+        def query_block(b, acc: _Partial) -> _Partial:
+            rows = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=b * block,
+                                     slice_size=block, axis=0)
+            q_rows = jax.lax.dynamic_slice_in_dim(q, b * block, block, axis=1)
+            block_lens, block_positions = rows(lens), rows(query_positions)
+
+            def fold_chunk(acc, k, v, keys):
+                k = k.reshape(-1, num_kv_heads, head_dim, self.page_size)  # [p, K, D, S]
+                v = jnp.swapaxes(v.reshape(-1, num_kv_heads, head_dim), 0, 1)  # [K, N, D]
+                seen = self._visible(keys, block_lens, block_positions)  # [block, N]
+                scores = jnp.einsum("ktgd,pkds->ktgps", q_rows, k).reshape(
+                    *q_rows.shape[:3], -1)
+                part = _Partial.of(self.cap(scores), seen[None, :, None, :],
+                                   lambda w: jnp.einsum("ktgn,knd->ktgd", w, v))
+                return acc.combine(part)
+
+            part = self._loop(table[None], 0, self._chunks_for(jnp.max(block_lens)),
+                              fold_chunk, _Partial.empty(q_rows.shape))
+            return _Partial(*(jax.lax.dynamic_update_slice_in_dim(a, p, b * block, axis=1)
+                              for a, p in zip(acc, part)))
+
+        in_chunk = lens > 0
+        first = jnp.argmax(in_chunk)
+        last = num_tokens - 1 - jnp.argmax(in_chunk[::-1])
+        return jax.lax.fori_loop(first // block, last // block + 1, query_block,
+                                 _Partial.empty(q.shape))
 
 
 def _soft_cap(cap: float | None):

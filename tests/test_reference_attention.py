@@ -43,6 +43,9 @@ STEPS = {
     # Over IN_STEP_BLOCK tokens: in-step blocks that start mid-sequence, hold several
     # sequences, and a padded last block.
     "long_prefills": [(0, 150), (10, 100), (0, 20), (5, 1), (0, 40)],
+    # 384 tokens (three whole query blocks): the one continuing chunk, tokens 130-329,
+    # lies in blocks 1 and 2, the only ones attend_chunk computes.
+    "chunk_over_blocks": [(0, 130), (70, 200), (3, 1), (0, 50)],
 }
 
 
@@ -57,6 +60,7 @@ def test_sliding_window_and_soft_cap_over_chunked_context(window, soft_cap):
     check_step(STEPS["long_contexts"], 6, 2, window=window, soft_cap=soft_cap)
     check_step(STEPS["two_chunks"], 4, 4, window=window, soft_cap=soft_cap)
     check_step(STEPS["long_prefills"], 6, 2, window=window, soft_cap=soft_cap)
+    check_step(STEPS["chunk_over_blocks"], 6, 2, window=window, soft_cap=soft_cap)
 
 
 def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None):
