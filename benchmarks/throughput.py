@@ -90,11 +90,14 @@ def matmul_roofline(n: int = 2048, seconds: float = 3.0) -> float:
 def run_pagedjax(prompts, new_tokens: int, max_num_seqs: int, kv_bytes_per_token: int) -> Result:
     """pagedjax: one warm-up pass compiles the buckets, the timed pass is what's reported."""
     from pagedjax import LLM, SamplingParams
+    from pagedjax.config import EngineConfig
 
     max_len = max(len(p) for p in prompts) + new_tokens
-    # A KV pool that holds the whole workload (as the HF continuous-batching run gets), so
-    # the timing measures batching, not preemption by a small default pool.
-    kv_bytes = kv_bytes_per_token * sum(len(p) + new_tokens for p in prompts)
+    # A KV pool that holds the whole workload in whole pages (as the HF continuous-batching
+    # run gets), so the timing measures batching, not preemption by a small default pool.
+    page = EngineConfig().block_size
+    kv_bytes = kv_bytes_per_token * sum(-(-(len(p) + new_tokens) // page) * page
+                                        for p in prompts)
     llm = LLM(max_model_len=max(1024, max_len), max_num_seqs=max_num_seqs,
               kv_cache_memory_bytes=max(1 << 30, int(kv_bytes * 1.1)))
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
