@@ -164,9 +164,14 @@ def test_backend_resolution():
     with pytest.warns(UserWarning, match="head_dim 72"):
         assert resolve_attention_backend("auto", "gpu", head_dim=72, block_size=16,
                                          dtype=jnp.bfloat16) == "reference"
-    with pytest.warns(UserWarning, match="block_size 12"):
-        assert resolve_attention_backend("pallas", "gpu", head_dim=64, block_size=12,
-                                         dtype=jnp.bfloat16) == "reference"
+    # One page is one key tile on GPU: a power of two from 16 (Triton's smallest dot) up.
+    for block_size in (12, 8, 256):
+        with pytest.warns(UserWarning, match=f"block_size {block_size}"):
+            assert resolve_attention_backend("pallas", "gpu", head_dim=64,
+                                             block_size=block_size,
+                                             dtype=jnp.bfloat16) == "reference"
+    assert resolve_attention_backend("auto", "gpu", head_dim=64, block_size=128,
+                                     dtype=jnp.bfloat16) == "pallas"
     with pytest.warns(UserWarning, match="head_dim 64"):
         assert resolve_attention_backend("auto", "tpu", head_dim=64, block_size=16,
                                          dtype=jnp.bfloat16) == "reference"
