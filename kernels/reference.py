@@ -291,9 +291,9 @@ class _PagedContext:
         < lens [R] visible (within the window of query_positions [R]). Returns [K, R, G].
 
         Each row's heads are multiplied with the page's keys of all KV heads at once, q
-        zero outside its own head's block ([R, K*G, K*D] x [R, N, K*D]): one batched GEMM
-        per page with a contiguous contraction, instead of per-head GEMMs over strided
-        pages. The zero blocks add exact zeros to the scores; on the value side the other
+        zero outside its own head's block ([R, K*G, K*D] x [R, K*D, N], keys stored
+        transposed): one batched GEMM per page with a contiguous contraction, instead of
+        per-head GEMMs over strided pages. The zero blocks add exact zeros to the scores; on the value side the other
         heads' blocks are computed and dropped (attention is a small part of the FLOPs).
 
         Rows are sorted longest context first and read in tiers: all R rows up to the
