@@ -237,7 +237,7 @@ MIN_TIER_ROWS = 16  # attend_rows halves its row set down to this many rows
 class _PagedContext:
     """Attention of queries over paged context, one chunk of pages at a time.
 
-    A page of one layer holds every KV head of its S tokens (keys as [K*D, S], values as
+    A page of one layer holds every KV head of its S tokens (keys as [K, D, S], values as
     [S, K*D]), so each page read is one contiguous piece (48 KB each for SmolLM2's 64-token
     pages; a per-head layout read smaller pieces and ran at about half the speed on CPU).
     Loops over chunks of whole pages with an online softmax read every page once while
@@ -247,8 +247,9 @@ class _PagedContext:
 
     def __init__(self, k_cache, v_cache, layer, cap, sliding_window):
         num_layers, num_pages, page_size, num_kv_heads, head_dim = v_cache.shape
-        self.k_pages = k_cache.reshape(num_layers * num_pages, num_kv_heads * head_dim,
-                                       page_size)  # free reshapes
+        # Free reshapes; keys stay head-major ([K, D, S]) because scores are per head.
+        self.k_pages = k_cache.reshape(num_layers * num_pages, num_kv_heads, head_dim,
+                                       page_size)
         self.v_pages = v_cache.reshape(num_layers * num_pages, page_size,
                                        num_kv_heads * head_dim)
         self.page_size = page_size
@@ -262,7 +263,7 @@ class _PagedContext:
 
     def _loop(self, tables, first, stop, fold_chunk, acc: _Partial) -> _Partial:
         """Fold fold_chunk(acc, k, v, keys) over chunks first..stop-1 of the pages in
-        tables [R, M]; k is [R, chunk_pages, K*D, S] (keys transposed), v [R, N, K*D],
+        tables [R, M]; k is [R, chunk_pages, K, D, S] (keys transposed), v [R, N, K*D],
         both float32, keys [N] their positions."""
         chunk_pages, chunk_keys = self.chunk_pages, self.chunk_keys
         width = -(-tables.shape[1] // chunk_pages) * chunk_pages
@@ -318,7 +319,6 @@ class _PagedContext:
             def fold_chunk(acc, k, v, keys, q=q[:tier_rows], lens=lens[:tier_rows],
                            query_positions=query_positions[:tier_rows]):
                 seen = self._visible(keys, lens, query_positions)  # [n, N]
-                k = k.reshape(*k.shape[:2], num_kv_heads, head_dim, -1)  # [n, p, K, D, S]
                 scores = jnp.einsum("rkgd,rpkds->rkgps", q, k).reshape(
                     q.shape[0], num_kv_heads * group, -1)  # [n, K*G, N]
                 part = _Partial.of(self.cap(scores),
@@ -358,10 +358,9 @@ class _PagedContext:
             block_lens, block_positions = rows(lens), rows(query_positions)
 
             def fold_chunk(acc, k, v, keys):
-                k = k.reshape(-1, num_kv_heads, head_dim, self.page_size)  # [p, K, D, S]
                 v = jnp.swapaxes(v.reshape(-1, num_kv_heads, head_dim), 0, 1)  # [K, N, D]
                 seen = self._visible(keys, block_lens, block_positions)  # [block, N]
-                scores = jnp.einsum("ktgd,pkds->ktgps", q_rows, k).reshape(
+                scores = jnp.einsum("ktgd,pkds->ktgps", q_rows, k[0]).reshape(
                     *q_rows.shape[:3], -1)
                 part = _Partial.of(self.cap(scores), seen[None, :, None, :],
                                    lambda w: jnp.einsum("ktgn,knd->ktgd", w, v))

@@ -210,8 +210,8 @@ def test_lowers_to_triton_for_cuda_without_a_gpu(shape):
     sds = jax.ShapeDtypeStruct
     i32 = jnp.int32
     specs = (sds((T, H, D), dtype), sds((T, K, D), dtype), sds((T, K, D), dtype),
-             sds((2, 1000, K, D, S), dtype), sds((2, 1000, S, K, D), dtype), sds((), i32), sds((T,), i32), sds((T,), i32), sds((B,), i32),
-             sds((B, M), i32))
+             sds((2, 1000, K, D, S), dtype), sds((2, 1000, S, K, D), dtype), sds((), i32),
+             sds((T,), i32), sds((T,), i32), sds((B,), i32), sds((B, M), i32))
     fn = jax.jit(lambda *a: pallas_attention(*a, D ** -0.5, interpret=False, **shape))
     exported = export.export(fn, platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*specs)
