@@ -4,6 +4,8 @@ and continuous batching) on the default model, plus the machine's fp32 matmul ro
     python benchmarks/throughput.py                       # both workloads, full size
     python benchmarks/throughput.py --scale 0.25          # a quarter of the prompts
     python benchmarks/throughput.py --workload decode-heavy --skip-hf-static
+    python benchmarks/throughput.py --model DIR --dtype bfloat16 \
+        --attention-backend pallas,reference                # a GPU: both kernels, HF on cuda
 
 Workloads (prompts cut from benchmarks/prompts.txt to seeded random token lengths, greedy,
 ignore_eos): decode-heavy = 128 prompts of 16-64 tokens x 256 new tokens; mixed = 64 prompts
@@ -16,6 +18,7 @@ and a PNG bar chart under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -69,15 +72,15 @@ def make_prompts(tokenizer, num_prompts: int, min_len: int, max_len: int,
     return prompts
 
 
-def matmul_roofline(n: int = 2048, seconds: float = 3.0) -> float:
-    """Sustained fp32 GFLOP/s of n x n x n jnp.dots run back to back for `seconds`.
+def matmul_roofline(dtype: str = "float32", n: int = 2048, seconds: float = 3.0) -> float:
+    """Sustained GFLOP/s of n x n x n jnp.dots in `dtype` run back to back for `seconds`.
 
     Sustained, not best-of: a CPU quota lets short bursts use more cores than the
     machine's share, which a single timed dot would report as the roofline."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32), dtype)
     dot = jax.jit(jnp.dot)
     dot(a, a).block_until_ready()
     start, count = time.perf_counter(), 0
@@ -87,8 +90,11 @@ def matmul_roofline(n: int = 2048, seconds: float = 3.0) -> float:
     return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
 
 
-def run_pagedjax(prompts, new_tokens: int, max_num_seqs: int, kv_bytes_per_token: int) -> Result:
-    """pagedjax: one warm-up pass compiles the buckets, the timed pass is what's reported."""
+def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, prompts,
+                 new_tokens: int, max_num_seqs: int, kv_bytes_per_token: int,
+                 system: str = "pagedjax") -> Result:
+    """pagedjax: one warm-up pass compiles the buckets, the timed pass is what's reported
+    (its greedy token ids are kept under notes["token_ids"] for comparing backends)."""
     from pagedjax import LLM, SamplingParams
     from pagedjax.config import EngineConfig
 
@@ -98,7 +104,8 @@ def run_pagedjax(prompts, new_tokens: int, max_num_seqs: int, kv_bytes_per_token
     page = EngineConfig().block_size
     kv_bytes = kv_bytes_per_token * sum(-(-(len(p) + new_tokens) // page) * page
                                         for p in prompts)
-    llm = LLM(max_model_len=max(1024, max_len), max_num_seqs=max_num_seqs,
+    llm = LLM(model, dtype=dtype, attention_backend=attention_backend,
+              max_model_len=max(1024, max_len), max_num_seqs=max_num_seqs,
               kv_cache_memory_bytes=max(1 << 30, int(kv_bytes * 1.1)))
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     batch = [{"prompt_token_ids": p} for p in prompts]
@@ -118,22 +125,30 @@ def run_pagedjax(prompts, new_tokens: int, max_num_seqs: int, kv_bytes_per_token
              "host_overhead": round(1 - device / seconds, 4),
              "mean_kv_waste": round(llm.engine.stats.mean_waste, 4),
              "preemptions": llm.engine.scheduler.num_preemptions,
-             "max_seqs_in_step": llm.engine.stats.max_seqs_in_step}
+             "max_seqs_in_step": llm.engine.stats.max_seqs_in_step,
+             "attention_backend": llm.engine.attention_backend,
+             "token_ids": [list(o.outputs[0].token_ids) for o in outputs]}
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return Result("pagedjax", seconds, sum(map(len, prompts)), generated, notes)
+    return Result(system, seconds, sum(map(len, prompts)), generated, notes)
 
 
-def _hf_model():
+def _hf_model(model: Optional[str], dtype: str):
+    """The HF reference model in `dtype`, on CUDA when torch sees a GPU."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from pagedjax.loading import default_gguf_path
 
     torch.set_num_threads(os.cpu_count() or 1)
-    path = default_gguf_path()
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
+    torch_dtype = getattr(torch, dtype)
+    if model is None:
+        path = default_gguf_path()
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                  gguf_file=os.path.basename(path),
+                                                  dtype=torch_dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    return hf.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 def run_hf_static(model, prompts, new_tokens: int, batch_size: int) -> Result:
@@ -144,10 +159,10 @@ def run_hf_static(model, prompts, new_tokens: int, batch_size: int) -> Result:
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         width = max(map(len, chunk))
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=model.device)
         mask = torch.zeros_like(ids)
         for row, p in enumerate(chunk):
-            ids[row, width - len(p):] = torch.tensor(p)
+            ids[row, width - len(p):] = torch.tensor(p, device=model.device)
             mask[row, width - len(p):] = 1
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
@@ -179,18 +194,29 @@ def run_hf_continuous(model, prompts, new_tokens: int) -> Result:
 
 def report(workload: str, results: list[Result], roofline: float, params: int) -> dict:
     """Print one workload's table and targets; return its JSON-able summary."""
-    ours = next(r for r in results if r.system == "pagedjax")
+    ours = results[0]
     print(f"\n== {workload} ==")
-    print(f"{'system':15s} {'out tok/s':>10s} {'proc tok/s':>11s} {'ratio':>7s} {'MFU':>6s}")
+    print(f"{'system':19s} {'out tok/s':>10s} {'proc tok/s':>11s} {'ratio':>7s} {'MFU':>6s}")
     rows = []
     for r in results:
         mfu = r.processed_tps * 2 * params / (roofline * 1e9)
         ratio = ours.output_tps / r.output_tps
-        print(f"{r.system:15s} {r.output_tps:10.1f} {r.processed_tps:11.1f} "
+        print(f"{r.system:19s} {r.output_tps:10.1f} {r.processed_tps:11.1f} "
               f"{ratio:6.2f}x {mfu:6.1%}")
-        rows.append({**asdict(r), "output_tps": r.output_tps, "processed_tps": r.processed_tps,
+        row = {**asdict(r), "notes": {k: v for k, v in r.notes.items() if k != "token_ids"}}
+        rows.append({**row, "output_tps": r.output_tps, "processed_tps": r.processed_tps,
                      "pagedjax_speedup": ratio, "mfu": mfu})
-    print("pagedjax:", ", ".join(f"{k}={v}" for k, v in ours.notes.items()))
+    for r in results:
+        if r.system.startswith("pagedjax"):
+            print(f"{r.system}:", ", ".join(f"{k}={v}" for k, v in r.notes.items()
+                                            if k != "token_ids"))
+    summary = {"results": rows}
+    agreement = backend_agreement(results)
+    if agreement is not None:
+        print(f"greedy sequences identical across attention backends: "
+              f"{agreement['identical']}/{agreement['sequences']}; tokens before the first "
+              f"difference: {agreement['matching_prefix_tokens']}/{agreement['tokens']}")
+        summary["backend_agreement"] = agreement
     targets = {"mfu >= 50%": ours.processed_tps * 2 * params / (roofline * 1e9) >= 0.5,
                "host overhead < 10%": ours.notes["host_overhead"] < 0.10,
                "zero compiles after warm-up": ours.notes["recompiles_in_timed_pass"] == 0}
@@ -199,7 +225,25 @@ def report(workload: str, results: list[Result], roofline: float, params: int) -
         targets[">= 4x HF continuous batching"] = ours.output_tps >= 4 * hf_cb.output_tps
     for name, ok in targets.items():
         print(f"target {name}: {'pass' if ok else 'not yet'}")
-    return {"results": rows, "targets": targets}
+    summary["targets"] = targets
+    return summary
+
+
+def backend_agreement(results: list[Result]) -> Optional[dict]:
+    """How far the greedy outputs of pagedjax runs with different attention backends agree
+    (None with a single pagedjax run)."""
+    runs = [r.notes["token_ids"] for r in results if "token_ids" in r.notes]
+    if len(runs) < 2:
+        return None
+    first, identical, prefix, total = runs[0], 0, 0, 0
+    for other in runs[1:]:
+        for a, b in zip(first, other):
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            identical += a == b
+            prefix += same
+            total += len(a)
+    return {"sequences": len(first) * (len(runs) - 1), "identical": identical,
+            "tokens": total, "matching_prefix_tokens": prefix}
 
 
 def save_chart(summary: dict, path: str) -> None:
@@ -217,7 +261,8 @@ def save_chart(summary: dict, path: str) -> None:
     for ax, name in zip(axes[0], workloads):
         rows = summary["workloads"][name]["results"]
         ax.bar([r["system"] for r in rows], [r["output_tps"] for r in rows],
-               color=["#2b6cb0" if r["system"] == "pagedjax" else "#a0aec0" for r in rows])
+               color=["#2b6cb0" if r["system"].startswith("pagedjax") else "#a0aec0"
+                      for r in rows])
         ax.set_title(f"{name}: output tokens/s")
     fig.suptitle(summary["machine"])
     fig.tight_layout()
@@ -229,6 +274,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     """Run the selected workloads and systems; print, save JSON and a chart."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="HF directory or GGUF file (default: the default model)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--attention-backend", default="auto",
+                        help="comma-separated: each runs pagedjax once, the first is compared")
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the prompts")
     parser.add_argument("--max-num-seqs", type=int, default=128)
@@ -240,29 +290,50 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     from pagedjax.loading import load_model
 
-    config, params_tree, tokenizer = load_model(None)
+    import jax
+
+    backends = [name.strip() for name in args.attention_backend.split(",") if name.strip()]
+    config, params_tree, tokenizer = load_model(args.model)
     num_params = sum(int(np.prod(x.shape)) for x in _leaves(params_tree))
-    kv_bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+    itemsize = np.dtype(np.float32).itemsize if args.dtype == "float32" else 2
+    kv_bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
     del params_tree
-    roofline = matmul_roofline()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    print(f"machine: {machine}; fp32 matmul roofline {roofline:.1f} GFLOP/s; "
-          f"model params {num_params / 1e6:.1f}M")
-    hf_model = None if args.skip_hf else _hf_model()
-    summary = {"machine": machine, "roofline_gflops": roofline, "params": num_params,
-               "workloads": {}}
+    on_gpu = jax.default_backend() == "gpu"
+    roofline = matmul_roofline(args.dtype, n=8192 if on_gpu else 2048)
+    machine = (f"{jax.devices()[0].device_kind}" if on_gpu else
+               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"machine: {machine}; {args.dtype} matmul roofline {roofline:.1f} GFLOP/s; "
+          f"model params {num_params / 1e6:.1f}M; attention {', '.join(backends)}")
+    hf_model = None if args.skip_hf else _hf_model(args.model, args.dtype)
+    summary = {"machine": machine, "dtype": args.dtype, "roofline_gflops": roofline,
+               "params": num_params, "model": args.model or "default", "workloads": {}}
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     for name in names:
         spec = WORKLOADS[name]
         count = max(1, int(spec["num_prompts"] * args.scale))
         prompts = make_prompts(tokenizer, count, spec["min_len"], spec["max_len"])
-        results = [run_pagedjax(prompts, spec["new_tokens"], args.max_num_seqs,
-                                kv_bytes_per_token)]
+        runs = [functools.partial(run_pagedjax, args.model, args.dtype, backend, prompts,
+                                  spec["new_tokens"], args.max_num_seqs, kv_bytes_per_token,
+                                  "pagedjax" if len(backends) == 1 else f"pagedjax-{backend}")
+                for backend in backends]
         if hf_model is not None:
-            results.append(run_hf_continuous(hf_model, prompts, spec["new_tokens"]))
+            runs.append(functools.partial(run_hf_continuous, hf_model, prompts,
+                                          spec["new_tokens"]))
             if not args.skip_hf_static:
-                results.append(run_hf_static(hf_model, prompts, spec["new_tokens"],
-                                             args.hf_batch_size))
+                runs.append(functools.partial(run_hf_static, hf_model, prompts,
+                                              spec["new_tokens"], args.hf_batch_size))
+        results = []
+        for run in runs:
+            try:
+                results.append(run())
+            except Exception as error:
+                if not results:  # pagedjax's own first run: nothing to compare against
+                    raise
+                # a failing peer (say another transformers version) must not cost the rows
+                print(f"left out: {type(error).__name__}: {error}")
+                continue
+            # printed at once too, so a run killed later still shows what it measured
+            print(f"{results[-1].system}: {results[-1].output_tps:.1f} out tok/s", flush=True)
         summary["workloads"][name] = report(name, results, roofline, num_params)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "throughput.json"), "w") as f:

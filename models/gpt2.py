@@ -10,6 +10,8 @@ shared one (models/params.py).
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,34 +20,30 @@ from pagedjax.step_input import KVCache, StepInput
 
 from .config import ModelConfig
 from .layers import attention, declare_params, linear, lm_logits, mlp, norm
-from .llama import layer_shapes
+from .llama import StackedLayerParams, scan_layers
 from .params import expected_shapes
 
 _init = nn.initializers.normal(0.02)
 
 
-class GPT2DecoderLayer(nn.Module):
-    """Attention + MLP block, pre-norm (GPT-2, most OPT) or post-norm (OPT-350m)."""
-
-    config: ModelConfig
-    attention_backend: str = "reference"
-
-    @nn.compact
-    def __call__(self, carry, step: StepInput):
-        c = self.config
-        x, k_cache, v_cache, layer = carry  # x: [T, E]
-        p = declare_params(self, layer_shapes(c), _init)
-        if c.pre_norm:
-            h, k_cache, v_cache = attention(norm(x, p, "attn_norm", c), p, c, step, k_cache,
-                                            v_cache, layer, self.attention_backend)
-            x = x + h
-            x = x + mlp(norm(x, p, "mlp_norm", c), p, c)
-        else:
-            h, k_cache, v_cache = attention(x, p, c, step, k_cache, v_cache, layer,
-                                            self.attention_backend)
-            x = norm(x + h, p, "attn_norm", c)
-            x = norm(x + mlp(x, p, c), p, "mlp_norm", c)
-        return (x, k_cache, v_cache, layer + 1), None
+def decoder_layer(p: dict, carry, *, step: StepInput, config: ModelConfig,
+                  attention_backend: str):
+    """Attention + MLP block over one layer's params p (layer axis dropped), pre-norm
+    (GPT-2, most OPT) or post-norm (OPT-350m); carry is (x [T, W], k pool, v pool, layer
+    index), returned updated."""
+    c = config
+    x, k_cache, v_cache, layer = carry
+    if c.pre_norm:
+        h, k_cache, v_cache = attention(norm(x, p, "attn_norm", c), p, c, step, k_cache,
+                                        v_cache, layer, attention_backend)
+        x = x + h
+        x = x + mlp(norm(x, p, "mlp_norm", c), p, c)
+    else:
+        h, k_cache, v_cache = attention(x, p, c, step, k_cache, v_cache, layer,
+                                        attention_backend)
+        x = norm(x + h, p, "attn_norm", c)
+        x = norm(x + mlp(x, p, c), p, "mlp_norm", c)
+    return x, k_cache, v_cache, layer + 1
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -65,15 +63,11 @@ class GPT2LMHeadModel(nn.Module):
             x = linear(x, top["proj_in"])
         x = x + jnp.take(top["pos_embed"], step.positions + c.position_offset, axis=0)
 
-        layers = nn.scan(
-            GPT2DecoderLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast,),
-            length=c.num_layers,
-        )(c, self.attention_backend, name="layers")
+        stacked = StackedLayerParams(c, name="layers")()
+        layer_fn = functools.partial(decoder_layer, step=step, config=c,
+                                     attention_backend=self.attention_backend)
         carry = (x, kv_cache.k, kv_cache.v, jnp.int32(0))
-        (x, k_cache, v_cache, _), _ = layers(carry, step)
+        x, k_cache, v_cache, _ = scan_layers(layer_fn, stacked, carry)
 
         lm_head = top["embed"] if c.tie_word_embeddings else top["lm_head"]
 

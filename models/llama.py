@@ -3,7 +3,7 @@ subclasses it) as a functional Flax linen module.
 
 `LlamaForCausalLM(config).apply({"params": params}, step, kv_cache)` runs one engine step:
 it writes this step's K/V into the paged cache and returns logits for the last scheduled
-token of each sequence only. Layers are a `nn.scan` over params stacked on a leading axis,
+token of each sequence only. Layers are a `lax.scan` over params stacked on a leading axis,
 so a 30-layer model compiles about as fast as a 2-layer one; the KV pool rides in the scan
 carry and every layer gathers from / scatters into it by layer index, never copying it.
 
@@ -14,6 +14,8 @@ Phi-3 differs only in its checkpoint's fused weight names (the HF loader's map).
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -29,34 +31,51 @@ from .params import expected_shapes
 _init = nn.initializers.normal(0.02)
 
 
-def layer_shapes(config: ModelConfig) -> dict:
-    """One layer's params shapes (params.py's "layers" leaves without the layer axis)."""
-    return {k: s[1:] for k, s in expected_shapes(config)["layers"].items()}
-
-
-class LlamaDecoderLayer(nn.Module):
-    """One pre-norm attention + MLP block; called once per layer by nn.scan."""
+class StackedLayerParams(nn.Module):
+    """Every decoder layer's params stacked on a leading layer axis L (params.py's "layers"
+    subtree), declared under this module's name so the tree is params["layers"][name]."""
 
     config: ModelConfig
-    attention_backend: str = "reference"  # a resolved name: "reference" | "pallas"
 
     @nn.compact
-    def __call__(self, carry, step: StepInput, cos: jax.Array, sin: jax.Array,
-                 window_flag=None):
-        c = self.config
-        x, k_cache, v_cache, layer = carry  # x: [T, E]
-        p = declare_params(self, layer_shapes(c), _init)
-        h, k_cache, v_cache = attention(
-            norm(x, p, "attn_norm", c), p, c, step, k_cache, v_cache, layer,
-            self.attention_backend, cos, sin, window_flag)
-        if c.sandwich_norms:
-            h = norm(h, p, "post_attn_norm", c)
-        x = x + h
-        h = mlp(norm(x, p, "mlp_norm", c), p, c)
-        if c.sandwich_norms:
-            h = norm(h, p, "post_mlp_norm", c)
-        x = x + h
-        return (x, k_cache, v_cache, layer + 1), None
+    def __call__(self) -> dict:
+        return declare_params(self, expected_shapes(self.config)["layers"], _init)
+
+
+def scan_layers(layer_fn, stacked: dict, carry, per_layer=None):
+    """The carry after `layer_fn(p, carry)` ran over each layer's params p in order; with
+    `per_layer` [L], `layer_fn(p, carry, x)` gets that layer's entry x too.
+
+    A plain `lax.scan` over the stacked arrays rather than flax's `nn.scan`: the params are
+    already arrays when the body runs, and flax 0.12.10 with jax 0.11.2 (a GPU image's
+    versions) rejects the `nn.scan` form ("broadcasted variable has a data dependency on
+    the scan body") where flax 0.12.8 with jax 0.10.2 accepts it."""
+    def body(carry, xs):
+        p, x = xs
+        return (layer_fn(p, carry) if per_layer is None else layer_fn(p, carry, x)), None
+
+    carry, _ = jax.lax.scan(body, carry, (stacked, per_layer))
+    return carry
+
+
+def decoder_layer(p: dict, carry, window_flag=None, *, step: StepInput, cos: jax.Array,
+                  sin: jax.Array, config: ModelConfig, attention_backend: str):
+    """One pre-norm attention + MLP block over one layer's params p (layer axis dropped);
+    carry is (x [T, E], k pool, v pool, layer index), returned updated; window_flag is
+    this layer's sliding-window flag (None: the config decides for every layer)."""
+    c = config
+    x, k_cache, v_cache, layer = carry
+    h, k_cache, v_cache = attention(
+        norm(x, p, "attn_norm", c), p, c, step, k_cache, v_cache, layer,
+        attention_backend, cos, sin, window_flag)
+    if c.sandwich_norms:
+        h = norm(h, p, "post_attn_norm", c)
+    x = x + h
+    h = mlp(norm(x, p, "mlp_norm", c), p, c)
+    if c.sandwich_norms:
+        h = norm(h, p, "post_mlp_norm", c)
+    x = x + h
+    return x, k_cache, v_cache, layer + 1
 
 
 class LlamaForCausalLM(nn.Module):
@@ -77,17 +96,11 @@ class LlamaForCausalLM(nn.Module):
             x = x * jnp.asarray(c.hidden_size ** 0.5, dtype=x.dtype)
         cos, sin = rope_cos_sin(step.positions, jnp.asarray(rope_inv_freq(c)))
 
-        flags = window_flags(c)
-        layers = nn.scan(
-            LlamaDecoderLayer,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast,
-                     nn.broadcast if flags is None else 0),
-            length=c.num_layers,
-        )(c, self.attention_backend, name="layers")
+        stacked = StackedLayerParams(c, name="layers")()
+        layer_fn = functools.partial(decoder_layer, step=step, cos=cos, sin=sin,
+                                     config=c, attention_backend=self.attention_backend)
         carry = (x, kv_cache.k, kv_cache.v, jnp.int32(0))
-        (x, k_cache, v_cache, _), _ = layers(carry, step, cos, sin, flags)
+        x, k_cache, v_cache, _ = scan_layers(layer_fn, stacked, carry, window_flags(c))
 
         final_norm = {"final_norm": self.param("final_norm", nn.initializers.ones,
                                                (c.hidden_size,))}
