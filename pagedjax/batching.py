@@ -30,30 +30,17 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
                           with_prompt_logprobs)
     T, B, M = key.num_tokens, key.num_seqs, buckets.pages_per_seq
 
-    input_ids = np.zeros(T, np.int32)
-    positions = np.zeros(T, np.int32)
-    slot_mapping = np.zeros(T, np.int32)
-    token_seq = np.full(T, -1, np.int32)
-    block_tables = np.zeros((B, M), np.int32)
-    context_lens = np.zeros(B, np.int32)
-    seq_lens = np.zeros(B, np.int32)
+    # Per-token and per-sequence values are gathered in Python lists and written into
+    # the padded arrays once each: a decode step of a few hundred sequences would
+    # otherwise spend more host time in small numpy calls than in its own work.
+    token_ids: list[int] = []
+    token_positions: list[int] = []
+    token_slots: list[int] = []
+    token_seqs: list[int] = []
+    table_pages: list[int] = []  # each sequence's cached pages, concatenated
+    table_counts: list[int] = []
+    starts, ends, logits_at_rows = [], [], []
     query_start_loc = np.full(B + 1, num_tokens, np.int32)
-    logits_indices = np.zeros(B, np.int32)
-    temperature = np.zeros(B, np.float32)
-    top_p = np.ones(B, np.float32)
-    top_k = np.zeros(B, np.int32)
-    min_p = np.zeros(B, np.float32)
-    seed_words = np.zeros((B, 2), np.uint32)
-    sample_index = np.zeros(B, np.int32)
-    W = key.penalty_width
-    repetition_penalty = np.ones(B, np.float32)
-    presence_penalty = np.zeros(B, np.float32)
-    frequency_penalty = np.zeros(B, np.float32)
-    penalty_ids = np.full((B, W), -1, np.int32)
-    output_counts = np.zeros((B, W), np.int32)
-    penalty_flags = np.zeros((B, W), np.int32)
-    bias = np.zeros((B, W), np.float32)
-
     offset = 0
     logits_at = {}  # id(request) -> index of its last token this step
     for i, chunk in enumerate(scheduled):
@@ -63,44 +50,96 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
             # A just-forked parallel-sampling child (scheduled after every chunk with
             # tokens): an empty sequence, like padding, that samples with its own params
             # and seed from its parent's last-token logits.
-            logits_indices[i] = logits_at[id(chunk.logits_source)]
+            logits_at_rows.append(logits_at[id(chunk.logits_source)])
+            table_counts.append(0)
+            starts.append(0)
+            ends.append(0)
+            continue  # query_start_loc stays num_tokens, like padding's
+        prompt = request.prompt_token_ids
+        if start + n <= len(prompt):
+            token_ids.extend(prompt[start:start + n])
+        elif start >= len(prompt):  # decodes: skip building prompt + output
+            generated = start - len(prompt)
+            token_ids.extend(request.output_token_ids[generated:generated + n])
         else:
-            prompt_len = len(request.prompt_token_ids)
+            token_ids.extend(request.all_token_ids[start:start + n])
+        blocks = request.block_ids
+        if n == 1:
+            token_positions.append(start)
+            token_slots.append(blocks[start // block_size] * block_size + start % block_size)
+        else:
             pos = np.arange(start, start + n, dtype=np.int32)
-            if start + n <= prompt_len:
-                input_ids[offset:end] = request.prompt_token_ids[start:start + n]
-            else:
-                input_ids[offset:end] = request.all_token_ids[start:start + n]
-            positions[offset:end] = pos
-            blocks = np.asarray(request.block_ids, np.int32)
-            slot_mapping[offset:end] = blocks[pos // block_size] * block_size + pos % block_size
-            token_seq[offset:end] = i
-            cached_pages = -(-start // block_size)
-            block_tables[i, :cached_pages] = blocks[:cached_pages]
-            context_lens[i] = start
-            seq_lens[i] = start + n
-            query_start_loc[i] = offset
-            logits_indices[i] = end - 1
-            logits_at[id(request)] = end - 1
-
-        params = request.sampling_params
-        temperature[i] = params.temperature
-        top_p[i] = params.top_p
-        top_k[i] = max(params.top_k, 0)
-        min_p[i] = params.min_p
-        seed_words[i] = (request.seed >> 32) & _UINT32_MASK, request.seed & _UINT32_MASK
-        sample_index[i] = len(request.output_token_ids)
-        if entries[i] is not None:
-            repetition_penalty[i] = params.repetition_penalty
-            presence_penalty[i] = params.presence_penalty
-            frequency_penalty[i] = params.frequency_penalty
-            ids, counts, flags, values = entries[i]
-            n_ids = len(ids)
-            penalty_ids[i, :n_ids] = ids
-            output_counts[i, :n_ids] = counts
-            penalty_flags[i, :n_ids] = flags
-            bias[i, :n_ids] = values
+            token_positions.extend(range(start, start + n))
+            pages = np.asarray(blocks, np.int32)[pos // block_size]
+            token_slots.extend((pages * block_size + pos % block_size).tolist())
+        token_seqs.extend([i] * n)
+        cached_pages = -(-start // block_size)
+        table_pages.extend(blocks[:cached_pages])
+        table_counts.append(cached_pages)
+        starts.append(start)
+        ends.append(start + n)
+        query_start_loc[i] = offset
+        logits_at_rows.append(end - 1)
+        logits_at[id(request)] = end - 1
         offset = end
+
+    input_ids = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    slot_mapping = np.zeros(T, np.int32)
+    token_seq = np.full(T, -1, np.int32)
+    input_ids[:num_tokens] = token_ids
+    positions[:num_tokens] = token_positions
+    slot_mapping[:num_tokens] = token_slots
+    token_seq[:num_tokens] = token_seqs
+    block_tables = np.zeros((B, M), np.int32)
+    counts = np.asarray(table_counts, np.int64)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    block_tables[rows, np.arange(len(rows)) - first] = table_pages
+    n_seqs = len(scheduled)
+    context_lens = np.zeros(B, np.int32)
+    seq_lens = np.zeros(B, np.int32)
+    logits_indices = np.zeros(B, np.int32)
+    context_lens[:n_seqs] = starts
+    seq_lens[:n_seqs] = ends
+    logits_indices[:n_seqs] = logits_at_rows
+
+    requests = [chunk.request for chunk in scheduled]
+    params = [request.sampling_params for request in requests]
+    temperature = np.zeros(B, np.float32)
+    top_p = np.ones(B, np.float32)
+    top_k = np.zeros(B, np.int32)
+    min_p = np.zeros(B, np.float32)
+    seed_words = np.zeros((B, 2), np.uint32)
+    sample_index = np.zeros(B, np.int32)
+    temperature[:n_seqs] = [p.temperature for p in params]
+    top_p[:n_seqs] = [p.top_p for p in params]
+    top_k[:n_seqs] = [max(p.top_k, 0) for p in params]
+    min_p[:n_seqs] = [p.min_p for p in params]
+    seed_words[:n_seqs] = [((r.seed >> 32) & _UINT32_MASK, r.seed & _UINT32_MASK)
+                           for r in requests]
+    sample_index[:n_seqs] = [len(r.output_token_ids) for r in requests]
+
+    W = key.penalty_width
+    repetition_penalty = np.ones(B, np.float32)
+    presence_penalty = np.zeros(B, np.float32)
+    frequency_penalty = np.zeros(B, np.float32)
+    penalty_ids = np.full((B, W), -1, np.int32)
+    output_counts = np.zeros((B, W), np.int32)
+    penalty_flags = np.zeros((B, W), np.int32)
+    bias = np.zeros((B, W), np.float32)
+    for i, entry in enumerate(entries):
+        if entry is None:
+            continue
+        repetition_penalty[i] = params[i].repetition_penalty
+        presence_penalty[i] = params[i].presence_penalty
+        frequency_penalty[i] = params[i].frequency_penalty
+        ids, counts_i, flags, values = entry
+        n_ids = len(ids)
+        penalty_ids[i, :n_ids] = ids
+        output_counts[i, :n_ids] = counts_i
+        penalty_flags[i, :n_ids] = flags
+        bias[i, :n_ids] = values
 
     sampling = SamplingTensors(temperature, top_p, top_k, min_p, seed_words, sample_index)
     return key, StepInput(input_ids, positions, slot_mapping, token_seq, block_tables,

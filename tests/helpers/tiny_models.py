@@ -44,9 +44,11 @@ def _byte_alphabet() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def make_tiny_tokenizer(model_dir: str | os.PathLike) -> int:
+def make_tiny_tokenizer(model_dir: str | os.PathLike, vocab_size: int | None = None) -> int:
     """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json; return the
-    vocabulary size (special tokens 0..2, 256 bytes, then merges)."""
+    vocabulary size (special tokens 0..2, 256 bytes, then merges). With `vocab_size`, the
+    vocabulary is filled up to it with words " w<id>" that encoding never produces but
+    decoding spells out, so a larger model's every id has text (as a real vocabulary's)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     vocab: dict[str, int] = {}
@@ -54,6 +56,8 @@ def make_tiny_tokenizer(model_dir: str | os.PathLike) -> int:
         vocab[token] = len(vocab)
     for left, right in _MERGES:
         vocab.setdefault(left + right, len(vocab))
+    for token_id in range(len(vocab), vocab_size or 0):
+        vocab[f"Ġw{token_id}"] = token_id
     tok = Tokenizer(models.BPE(vocab=vocab, merges=list(_MERGES), fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -101,7 +105,7 @@ def make_tiny_llama(
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     model_dir = os.fspath(model_dir)
-    vocab_size = make_tiny_tokenizer(model_dir)
+    vocab_size = make_tiny_tokenizer(model_dir, config_overrides.get("vocab_size"))
     settings = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=512,
