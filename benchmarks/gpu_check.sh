@@ -7,8 +7,9 @@
 # 1. the engine end to end on a random-weight model of the default model's shape
 #    (benchmarks/random_model.py; the 98 MB GGUF need not be on the machine):
 #    benchmarks/throughput.py with the Pallas kernel and the reference attention, HF
-#    transformers on CUDA beside them; bfloat16 decode-heavy, then float32 mixed (half
-#    the prompts), where the two attention backends' greedy tokens should agree;
+#    transformers on CUDA beside them; bfloat16 decode-heavy, the same with 8 decode
+#    steps per device call (--num-scheduler-steps 1,8), then float32 mixed (half the
+#    prompts), where the two attention backends' greedy tokens should agree;
 # 2. the Pallas kernel compiled by Triton against the jnp reference, per step bucket, timed
 #    (benchmarks/kernels.py): float32 at the default model's attention shape (9 query /
 #    3 KV heads of 64), bfloat16 at a Llama-8B one (32 / 8 heads of 128).
@@ -21,7 +22,7 @@
 # and a summary is printed last.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
-BUDGET=${1:-540}
+BUDGET=${1:-600}
 START=$SECONDS
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -41,7 +42,7 @@ export PYTHONPATH="$site:$PWD"
 cat "$OUT/env.txt"
 
 declare -a SUMMARY
-STAGES=${STAGES:-random_model throughput_bf16 throughput_f32 kernels_f32 kernels_bf16}
+STAGES=${STAGES:-random_model throughput_bf16 multi_step_bf16 throughput_f32 kernels_f32 kernels_bf16}
 stage() {  # stage NAME SECONDS COMMAND...: run with a limit that also respects the budget
   local name=$1 limit=$2; shift 2
   [[ " $STAGES " == *" $name "* ]] || return 0
@@ -62,6 +63,10 @@ stage random_model 60 python3 benchmarks/random_model.py /tmp/smollm2-shape
 stage throughput_bf16 200 python3 benchmarks/throughput.py --model /tmp/smollm2-shape \
   --dtype bfloat16 --workload decode-heavy --attention-backend pallas,reference --out /tmp/tp_bf16
 cp /tmp/tp_bf16/throughput.json "$OUT/throughput_bf16.json" 2>/dev/null
+stage multi_step_bf16 120 python3 benchmarks/throughput.py --model /tmp/smollm2-shape \
+  --dtype bfloat16 --workload decode-heavy --attention-backend pallas \
+  --num-scheduler-steps 1,8 --skip-hf --out /tmp/tp_multi
+cp /tmp/tp_multi/throughput.json "$OUT/multi_step_bf16.json" 2>/dev/null
 stage throughput_f32 150 $F32 python3 benchmarks/throughput.py --model /tmp/smollm2-shape \
   --dtype float32 --workload mixed --scale 0.5 --attention-backend pallas,reference --skip-hf \
   --out /tmp/tp_f32
@@ -70,7 +75,7 @@ stage kernels_f32 100 $F32 python3 benchmarks/kernels.py --dtype float32 --num-h
   --num-kv-heads 3 --head-dim 64 --iters 20
 stage kernels_bf16 120 python3 benchmarks/kernels.py --dtype bfloat16 --iters 20
 
-for name in throughput_bf16 throughput_f32 kernels_f32 kernels_bf16; do
+for name in throughput_bf16 multi_step_bf16 throughput_f32 kernels_f32 kernels_bf16; do
   echo "---- $name"
   grep -v -i "warn\|loading weights\|deprecat" "$OUT/$name.log" 2>/dev/null | tail -n 24
 done

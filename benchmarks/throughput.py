@@ -12,7 +12,9 @@ ignore_eos): decode-heavy = 128 prompts of 16-64 tokens x 256 new tokens; mixed 
 of 16-512 tokens x 128 new tokens. Prints output tok/s, processed (prompt + output) tok/s,
 each peer's ratio to pagedjax, model-FLOPs utilisation against the measured roofline,
 compile count / seconds and host overhead, and the targets as pass / not yet; writes JSON
-and a PNG bar chart under benchmarks/results/.
+and a PNG bar chart under benchmarks/results/. Several --attention-backend or
+--num-scheduler-steps values run pagedjax once each (the first run is the one compared
+with the peers) and compare the runs' greedy tokens. HF runs on CUDA when torch sees a GPU.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def matmul_roofline(dtype: str = "float32", n: int = 2048, seconds: float = 3.0)
 
 def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, prompts,
                  new_tokens: int, max_num_seqs: int, kv_bytes_per_token: int,
-                 system: str = "pagedjax") -> Result:
+                 system: str = "pagedjax", num_scheduler_steps: int = 1) -> Result:
     """pagedjax: one warm-up pass compiles the buckets, the timed pass is what's reported
     (its greedy token ids are kept under notes["token_ids"] for comparing backends)."""
     from pagedjax import LLM, SamplingParams
@@ -105,7 +107,7 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
     kv_bytes = kv_bytes_per_token * sum(-(-(len(p) + new_tokens) // page) * page
                                         for p in prompts)
     llm = LLM(model, dtype=dtype, attention_backend=attention_backend,
-              max_model_len=max(1024, max_len), max_num_seqs=max_num_seqs,
+              num_scheduler_steps=num_scheduler_steps, max_model_len=max(1024, max_len), max_num_seqs=max_num_seqs,
               kv_cache_memory_bytes=max(1 << 30, int(kv_bytes * 1.1)))
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     batch = [{"prompt_token_ids": p} for p in prompts]
@@ -127,6 +129,7 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
              "preemptions": llm.engine.scheduler.num_preemptions,
              "max_seqs_in_step": llm.engine.stats.max_seqs_in_step,
              "attention_backend": llm.engine.attention_backend,
+             "num_scheduler_steps": num_scheduler_steps,
              "token_ids": [list(o.outputs[0].token_ids) for o in outputs]}
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     return Result(system, seconds, sum(map(len, prompts)), generated, notes)
@@ -211,12 +214,12 @@ def report(workload: str, results: list[Result], roofline: float, params: int) -
             print(f"{r.system}:", ", ".join(f"{k}={v}" for k, v in r.notes.items()
                                             if k != "token_ids"))
     summary = {"results": rows}
-    agreement = backend_agreement(results)
+    agreement = run_agreement(results)
     if agreement is not None:
-        print(f"greedy sequences identical across attention backends: "
+        print(f"greedy sequences identical across pagedjax runs: "
               f"{agreement['identical']}/{agreement['sequences']}; tokens before the first "
               f"difference: {agreement['matching_prefix_tokens']}/{agreement['tokens']}")
-        summary["backend_agreement"] = agreement
+        summary["run_agreement"] = agreement
     targets = {"mfu >= 50%": ours.processed_tps * 2 * params / (roofline * 1e9) >= 0.5,
                "host overhead < 10%": ours.notes["host_overhead"] < 0.10,
                "zero compiles after warm-up": ours.notes["recompiles_in_timed_pass"] == 0}
@@ -229,9 +232,9 @@ def report(workload: str, results: list[Result], roofline: float, params: int) -
     return summary
 
 
-def backend_agreement(results: list[Result]) -> Optional[dict]:
-    """How far the greedy outputs of pagedjax runs with different attention backends agree
-    (None with a single pagedjax run)."""
+def run_agreement(results: list[Result]) -> Optional[dict]:
+    """How far the greedy outputs of the pagedjax runs (other attention backends or step
+    counts) agree with the first one's (None with a single pagedjax run)."""
     runs = [r.notes["token_ids"] for r in results if "token_ids" in r.notes]
     if len(runs) < 2:
         return None
@@ -279,6 +282,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention-backend", default="auto",
                         help="comma-separated: each runs pagedjax once, the first is compared")
+    parser.add_argument("--num-scheduler-steps", default="1",
+                        help="comma-separated: decode steps per device call, one pagedjax "
+                             "run per value (and per attention backend)")
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the prompts")
     parser.add_argument("--max-num-seqs", type=int, default=128)
@@ -293,6 +299,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     import jax
 
     backends = [name.strip() for name in args.attention_backend.split(",") if name.strip()]
+    step_counts = [int(k) for k in args.num_scheduler_steps.split(",") if k.strip()]
+    variants = [(backend, steps) for backend in backends for steps in step_counts]
     config, params_tree, tokenizer = load_model(args.model)
     num_params = sum(int(np.prod(x.shape)) for x in _leaves(params_tree))
     itemsize = np.dtype(np.float32).itemsize if args.dtype == "float32" else 2
@@ -314,8 +322,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         prompts = make_prompts(tokenizer, count, spec["min_len"], spec["max_len"])
         runs = [functools.partial(run_pagedjax, args.model, args.dtype, backend, prompts,
                                   spec["new_tokens"], args.max_num_seqs, kv_bytes_per_token,
-                                  "pagedjax" if len(backends) == 1 else f"pagedjax-{backend}")
-                for backend in backends]
+                                  "pagedjax" + (f"-{backend}" if len(backends) > 1 else "")
+                                  + (f"-k{steps}" if len(step_counts) > 1 else ""), steps)
+                for backend, steps in variants]
         if hf_model is not None:
             runs.append(functools.partial(run_hf_continuous, hf_model, prompts,
                                           spec["new_tokens"]))

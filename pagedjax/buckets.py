@@ -32,13 +32,16 @@ class BucketKey:
     `with_logprobs` is True when some sequence asked for logprobs: only then does the step
     compute and return them (also compiled on first use; warmup covers False only).
     `with_prompt_logprobs` likewise: some sequence asked for prompt logprobs, so the step
-    also projects every token to logits and returns each token's top logprobs."""
+    also projects every token to logits and returns each token's top logprobs.
+    `num_steps` > 1 is a pure-decode program that runs that many decode steps in one call
+    (EngineConfig.num_scheduler_steps, see multi_step.py)."""
 
     num_tokens: int
     num_seqs: int
     penalty_width: int = 0
     with_logprobs: bool = False
     with_prompt_logprobs: bool = False
+    num_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,14 @@ class Buckets:
                          penalty_width(penalty_entries), bool(with_logprobs),
                          bool(with_prompt_logprobs))
 
-    def all_keys(self) -> list[BucketKey]:
-        """Every shape a step can take (a step never has more sequences than tokens)."""
-        return [BucketKey(t, b) for t, b in itertools.product(self.tokens, self.seqs) if b <= t]
+    def all_keys(self, num_steps: int = 1) -> list[BucketKey]:
+        """Every shape a step can take (a step never has more sequences than tokens), and
+        with `num_steps` > 1 the multi-step decode shape of each sequence bucket."""
+        keys = [BucketKey(t, b) for t, b in itertools.product(self.tokens, self.seqs) if b <= t]
+        if num_steps > 1:
+            keys += [BucketKey(_fit(self.tokens, b, "tokens"), b, num_steps=num_steps)
+                     for b in self.seqs if b <= self.tokens[-1]]
+        return keys
 
 
 MIN_PENALTY_WIDTH = 16

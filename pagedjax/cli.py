@@ -50,13 +50,17 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0,
                         help="engine seed: requests draw from keys derived from it")
+    parser.add_argument("--num-scheduler-steps", type=int, default=1,
+                        help="decode steps per device call when every sequence is decoding "
+                             "(pays on a GPU, where host work rivals a step)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, block_size=args.block_size,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                num_blocks=args.num_blocks, seed=args.seed)
+                num_blocks=args.num_blocks, seed=args.seed,
+                num_scheduler_steps=args.num_scheduler_steps)
 
 
 def _serve(args: argparse.Namespace) -> int:

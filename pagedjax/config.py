@@ -20,6 +20,9 @@ class EngineConfig:
     (tokens per KV page) defaults to 64, between vLLM's 16 on GPU and 128 on CPU: a
     decode row reads its context one page per loop step, and 64-key pages read ~1.5x
     faster than 16-key ones on CPU; the Pallas GPU kernel takes one page per inner step.
+    `num_scheduler_steps` > 1 runs that many decode steps per device call when every
+    scheduled sequence is decoding and needs no host work between tokens (multi_step.py):
+    it pays where the host's per-step work is comparable to the device's, as on a GPU.
     """
 
     dtype: str = "auto"
@@ -33,6 +36,7 @@ class EngineConfig:
     min_token_bucket: int = 16
     seed: int = 0
     attention_backend: str = "auto"
+    num_scheduler_steps: int = 1
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -55,6 +59,7 @@ class EngineConfig:
         _positive("min_token_bucket", self.min_token_bucket)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        _positive("num_scheduler_steps", self.num_scheduler_steps)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "

@@ -28,7 +28,7 @@ from .outputs import Logprob
 from .request import Request
 from .runner import ModelRunner, allocate_kv_cache
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -291,9 +291,12 @@ class Engine:
                 raise RuntimeError("scheduler made no progress with requests pending")
             return StepResult(updated=[], finished=finished)
         start = time.perf_counter()
+        num_steps = self._reserve_decode_steps(output)
         if output.copies:  # copy-on-write of shared pages, before this step writes them
             self.runner.kv_cache = copy_kv_blocks(self.runner.kv_cache, output.copies)
             self.stats.num_block_copies += len(output.copies)
+        if num_steps > 1:
+            return self._run_decode_steps(output, num_steps, start)
         key, step_input = build_step_input(output.scheduled, self.buckets,
                                            self.config.block_size)
         prompt_targets = build_prompt_targets(output.scheduled, key)
@@ -309,6 +312,64 @@ class Engine:
         updated = [chunk.request for chunk in output.scheduled
                    if chunk.samples and chunk.request.finish_reason != "abort"]
         return StepResult(updated=updated, finished=finished)
+
+    def _reserve_decode_steps(self, output: SchedulerOutput) -> int:
+        """How many decode steps this batch runs in one device call: num_scheduler_steps
+        when every chunk is a plain decode (one known token, no penalties or logprobs, no
+        children to fork, room below max_model_len), nobody waits for admission and the
+        pool holds pages for every step (reserved here; page copies go to output.copies);
+        else 1. See multi_step.py."""
+        steps = self.config.num_scheduler_steps
+        if (steps == 1 or self.scheduler.num_waiting or output.preempted
+                or output.finished):
+            return 1
+        for chunk in output.scheduled:
+            request, params = chunk.request, chunk.request.sampling_params
+            if (chunk.num_new_tokens != 1 or not chunk.samples or request.pending_children
+                    or params.logprobs is not None or params.uses_penalties
+                    or chunk.start_position + steps > self.max_model_len):
+                return 1
+        for chunk in output.scheduled:
+            end = chunk.start_position + steps
+            copies = self.block_manager.copy_on_write(chunk.request, chunk.start_position, end)
+            if copies is None:
+                return 1
+            output.copies.extend(copies)
+            if not self.block_manager.ensure_capacity(chunk.request, end):
+                return 1
+        return steps
+
+    def _run_decode_steps(self, output: SchedulerOutput, num_steps: int,
+                          start: float) -> StepResult:
+        """Run `num_steps` decode steps in one device call, then apply their tokens one
+        step at a time as single steps would (a sequence that ends drops the rest)."""
+        key, step_input = build_step_input(output.scheduled, self.buckets,
+                                           self.config.block_size)
+        key = dataclasses.replace(key, num_steps=num_steps)
+        width = step_input.block_tables.shape[1]
+        for i, chunk in enumerate(output.scheduled):  # the pages every step writes
+            pages = chunk.request.block_ids[:width]
+            step_input.block_tables[i, :len(pages)] = pages
+        tokens = self.runner.execute_decode_steps(key, step_input)  # [num_steps, B]
+        finished: list[Request] = []
+        updated: dict[int, Request] = {}
+        for j in range(num_steps):
+            live = [i for i, chunk in enumerate(output.scheduled)
+                    if not chunk.request.is_finished]
+            if not live:
+                break
+            step = SchedulerOutput(
+                scheduled=[ScheduledRequest(output.scheduled[i].request, 1,
+                                            output.scheduled[i].start_position + j)
+                           for i in live],
+                finished=output.finished if j == 0 else [])
+            finished += self.scheduler.update(step, tokens[j, live].tolist())
+            finished += self._update_text(step)
+            self._record(step, start if j == 0 else time.perf_counter())
+            for chunk in step.scheduled:
+                if chunk.request.finish_reason != "abort":
+                    updated[id(chunk.request)] = chunk.request
+        return StepResult(updated=list(updated.values()), finished=finished)
 
     def _update_logprobs(self, output, live: list[bool], logprobs) -> None:
         """Append this step's logprobs entry to each request that asked for them and got a
@@ -420,7 +481,7 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile every bucket shape now, so serving never compiles later."""
-        for key in self.buckets.all_keys():
+        for key in self.buckets.all_keys(self.config.num_scheduler_steps):
             self.runner.compile(key)
 
     # ---- introspection -------------------------------------------------------------

@@ -8,6 +8,7 @@ The KV pool is donated to every step and updated in place.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Optional
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .buckets import BucketKey
+from .multi_step import decode_steps
 from .sampler import StepLogprobs, compute_logprobs, sample
 from .step_input import KVCache, PenaltyTensors, SamplingTensors, StepInput
 
@@ -82,6 +84,8 @@ class ModelRunner:
             return (tokens, logprobs, prompt_logprobs), kv_cache
 
         self._jitted = jax.jit(step, donate_argnums=(1,), static_argnums=(4, 5))
+        self._jitted_decode_steps = jax.jit(functools.partial(decode_steps, apply_fn),
+                                            donate_argnums=(1,), static_argnums=(3,))
 
     @property
     def num_compiles(self) -> int:
@@ -100,10 +104,15 @@ class ModelRunner:
         start = time.perf_counter()
         params_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
         kv_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.kv_cache)
-        targets_spec = (jax.ShapeDtypeStruct((key.num_tokens,), jnp.int32)
-                        if key.with_prompt_logprobs else None)
-        lowered = self._jitted.lower(params_spec, kv_spec, step_input_spec(key, self.pages_per_seq),
-                                     targets_spec, key.with_logprobs, key.with_prompt_logprobs)
+        input_spec = step_input_spec(key, self.pages_per_seq)
+        if key.num_steps > 1:
+            lowered = self._jitted_decode_steps.lower(params_spec, kv_spec, input_spec,
+                                                      key.num_steps)
+        else:
+            targets_spec = (jax.ShapeDtypeStruct((key.num_tokens,), jnp.int32)
+                            if key.with_prompt_logprobs else None)
+            lowered = self._jitted.lower(params_spec, kv_spec, input_spec, targets_spec,
+                                         key.with_logprobs, key.with_prompt_logprobs)
         self._compiled[key] = lowered.compile()
         self.compile_seconds += time.perf_counter() - start
 
@@ -136,3 +145,15 @@ class ModelRunner:
         self.last_prompt_logprobs = (None if prompt_logprobs is None else
                                      StepLogprobs(*(np.asarray(x) for x in prompt_logprobs)))
         return np.asarray(tokens), logprobs
+
+    def execute_decode_steps(self, key: BucketKey, step_input: StepInput) -> np.ndarray:
+        """Run `key.num_steps` decode steps from a pure-decode StepInput whose block tables
+        already hold the pages all those steps write (multi_step.py); returns the sampled
+        tokens int32 [num_steps, B]."""
+        self.compile(key)
+        start = time.perf_counter()
+        tokens, self.kv_cache = self._compiled[key](self.params, self.kv_cache,
+                                                    jax.device_put(step_input))
+        tokens = np.asarray(jax.device_get(tokens))
+        self.execute_seconds += time.perf_counter() - start
+        return tokens

@@ -23,6 +23,8 @@ def test_generate_prints_texts_and_throughput(tiny_llama_dir):
 def test_bad_arguments_exit_2_with_the_field_named(tiny_llama_dir, tmp_path):
     result = run_cli("generate", "--model", tiny_llama_dir, "--max-tokens", "0", "hi")
     assert result.returncode == 2 and "max_tokens" in result.stderr
+    result = run_cli("generate", "--model", tiny_llama_dir, "--num-scheduler-steps", "0", "hi")
+    assert result.returncode == 2 and "num_scheduler_steps" in result.stderr
     result = run_cli("generate", "--model", str(tmp_path / "missing"), "hi",
                      env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert result.returncode == 2 and "not found" in result.stderr

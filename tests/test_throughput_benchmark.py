@@ -22,13 +22,13 @@ def throughput():
     del sys.modules[spec.name]
 
 
-def test_backend_agreement_counts_identical_sequences_and_matching_prefixes(throughput):
+def test_run_agreement_counts_identical_sequences_and_matching_prefixes(throughput):
     Result = throughput.Result
     first = Result("pagedjax-pallas", 1.0, 4, 6, {"token_ids": [[1, 2, 3], [4, 5, 6]]})
     second = Result("pagedjax-reference", 1.0, 4, 6, {"token_ids": [[1, 2, 3], [4, 9, 6]]})
     peer = Result("hf-continuous", 1.0, 4, 6, {})
-    assert throughput.backend_agreement([first, peer]) is None
-    assert throughput.backend_agreement([first, second, peer]) == {
+    assert throughput.run_agreement([first, peer]) is None
+    assert throughput.run_agreement([first, second, peer]) == {
         "sequences": 2, "identical": 1, "tokens": 6, "matching_prefix_tokens": 4}
 
 
@@ -45,9 +45,9 @@ def test_two_attention_backends_on_a_model_path(throughput, tmp_path, capsys):
         "reference", "pallas"]
     assert all(row["output_tokens"] == 2 * 128 for row in workload["results"])
     # float32 on CPU: the interpreted kernel and the reference pick the same greedy tokens
-    assert workload["backend_agreement"] == {"sequences": 2, "identical": 2, "tokens": 256,
+    assert workload["run_agreement"] == {"sequences": 2, "identical": 2, "tokens": 256,
                                              "matching_prefix_tokens": 256}
     saved = json.loads((out / "throughput.json").read_text())
     assert saved["model"] == str(model) and saved["dtype"] == "float32"
     assert "token_ids" not in json.dumps(saved)  # kept for the comparison, not written
-    assert "greedy sequences identical across attention backends: 2/2" in capsys.readouterr().out
+    assert "greedy sequences identical across pagedjax runs: 2/2" in capsys.readouterr().out

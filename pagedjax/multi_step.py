@@ -1,0 +1,67 @@
+"""Multi-step decode: several decode steps of one batch inside one device program.
+
+On a fast accelerator a small model's decode step takes a few milliseconds, about as long
+as the host's scheduling, input building and detokenizing around it, so the device idles
+for much of each step. When every scheduled sequence is decoding and no
+step needs host work between tokens (no penalties or logprobs, nobody waiting for
+admission), the engine runs `num_scheduler_steps` steps in one call (vLLM V0's
+multi-step scheduling): each step's sampled tokens feed the next step's input on the
+device, and the host then applies the K tokens one step at a time, so stop tokens, stop
+strings and max_tokens end a sequence exactly where single steps would; its remaining
+tokens are dropped. Sampling keys depend on (seed, token index) only, so seeded and
+greedy outputs equal the single-step ones.
+
+The host reserves KV pages for all K positions before the call and gives each sequence's
+block table every page it holds, so step j reads the keys steps < j wrote.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from .sampler import sample
+from .step_input import KVCache, StepInput
+
+
+def advance_decode_input(step_input: StepInput, tokens: jax.Array,
+                         page_size: int) -> StepInput:
+    """The next decode step's input: each sequence's one token is the token it just
+    sampled (tokens [B]), one position further, written to the slot its block table
+    gives that position. Padding tokens and padded sequences stay as they are."""
+    real_token = step_input.token_seq >= 0  # [T]
+    seq = jnp.maximum(step_input.token_seq, 0)  # [T]
+    positions = jnp.where(real_token, step_input.positions + 1, step_input.positions)
+    pages = step_input.block_tables[seq, positions // page_size]  # [T]
+    real_seq = step_input.seq_lens > 0  # [B]
+    sampling = step_input.sampling._replace(
+        sample_index=jnp.where(real_seq, step_input.sampling.sample_index + 1,
+                               step_input.sampling.sample_index))
+    return step_input._replace(
+        input_ids=jnp.where(real_token, tokens[seq], step_input.input_ids),
+        positions=positions,
+        slot_mapping=jnp.where(real_token, pages * page_size + positions % page_size,
+                               step_input.slot_mapping),
+        context_lens=jnp.where(real_seq, step_input.context_lens + 1,
+                               step_input.context_lens),
+        seq_lens=jnp.where(real_seq, step_input.seq_lens + 1, step_input.seq_lens),
+        sampling=sampling)
+
+
+def decode_steps(apply_fn: Callable, params, kv_cache: KVCache, step_input: StepInput,
+                 num_steps: int) -> tuple[jax.Array, KVCache]:
+    """Run `num_steps` decode steps from `step_input` (a pure-decode batch without
+    penalties); returns the sampled tokens int32 [num_steps, B] and the updated pool."""
+    page_size = kv_cache.v.shape[2]
+
+    def one_step(carry, _):
+        kv, current = carry
+        logits, kv = apply_fn(params, current, kv)
+        tokens = sample(logits, current.sampling)
+        return (kv, advance_decode_input(current, tokens, page_size)), tokens
+
+    (kv_cache, _), tokens = jax.lax.scan(one_step, (kv_cache, step_input), None,
+                                         length=num_steps)
+    return tokens, kv_cache
