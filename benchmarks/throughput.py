@@ -124,7 +124,10 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
     notes = {"compiles": compiles, "compile_seconds": round(compile_seconds, 2),
              "first_pass_seconds": round(first_seconds, 2),
              "recompiles_in_timed_pass": llm.num_compiles - compiles,
-             "host_overhead": round(1 - device / seconds, 4),
+             # Device idle time, from the time the host waited on it; with several steps
+             # per call the next call runs while the host works, so it can't be read so.
+             "host_overhead": (round(1 - device / seconds, 4) if num_scheduler_steps == 1
+                               else None),
              "mean_kv_waste": round(llm.engine.stats.mean_waste, 4),
              "preemptions": llm.engine.scheduler.num_preemptions,
              "max_seqs_in_step": llm.engine.stats.max_seqs_in_step,
@@ -221,7 +224,8 @@ def report(workload: str, results: list[Result], roofline: float, params: int) -
               f"difference: {agreement['matching_prefix_tokens']}/{agreement['tokens']}")
         summary["run_agreement"] = agreement
     targets = {"mfu >= 50%": ours.processed_tps * 2 * params / (roofline * 1e9) >= 0.5,
-               "host overhead < 10%": ours.notes["host_overhead"] < 0.10,
+               "host overhead < 10%": (ours.notes["host_overhead"] is not None
+                                       and ours.notes["host_overhead"] < 0.10),
                "zero compiles after warm-up": ours.notes["recompiles_in_timed_pass"] == 0}
     hf_cb = next((r for r in results if r.system == "hf-continuous"), None)
     if workload == "decode-heavy" and hf_cb is not None:

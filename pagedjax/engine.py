@@ -64,6 +64,20 @@ class EngineStats:
 
 
 @dataclass
+class _DecodeCall:
+    """A multi-step decode call dispatched to the device: `rows` are its (request, start
+    position) pairs in batch order, `tokens` [num_steps, B] and `next_input` (the input
+    of the step after it) are device arrays not yet fetched."""
+
+    key: Any  # BucketKey with num_steps > 1
+    rows: list
+    tokens: Any
+    next_input: Any
+    start: float
+    chainable: bool = True
+
+
+@dataclass
 class StepResult:
     """What one engine step changed: `updated` holds the requests that got a new token in
     it (scheduling order, finished ones included), `finished` those that ended in it
@@ -114,6 +128,7 @@ class Engine:
         self.runner = ModelRunner(lambda p, s, kv, **kw: model.apply({"params": p}, s, kv, **kw),
                                   self.cast_params(params), kv_cache, self.max_pages_per_seq)
         self.stats = EngineStats()
+        self._in_flight: Optional[_DecodeCall] = None  # dispatched, tokens not applied yet
         self._request_counter = itertools.count()
 
     # ---- configuration -------------------------------------------------------------
@@ -282,6 +297,9 @@ class Engine:
 
     def step_with_updates(self) -> StepResult:
         """Like `step`, but also reports which requests got new tokens (for streaming)."""
+        if self._in_flight is not None:  # a decode call dispatched by the previous step
+            call, self._in_flight = self._in_flight, None
+            return self._apply_decode_call(call)
         output = self.scheduler.schedule()
         self.stats.peak_used_blocks = max(self.stats.peak_used_blocks,
                                           self.block_manager.num_used_blocks)
@@ -296,7 +314,13 @@ class Engine:
             self.runner.kv_cache = copy_kv_blocks(self.runner.kv_cache, output.copies)
             self.stats.num_block_copies += len(output.copies)
         if num_steps > 1:
-            return self._run_decode_steps(output, num_steps, start)
+            rows = [(chunk.request, chunk.start_position) for chunk in output.scheduled]
+            key, step_input = build_step_input(output.scheduled, self.buckets,
+                                               self.config.block_size)
+            key = dataclasses.replace(key, num_steps=num_steps)
+            return self._apply_decode_call(self._dispatch_decode_call(
+                key, step_input, rows, self._block_tables(rows, step_input.block_tables),
+                start))
         key, step_input = build_step_input(output.scheduled, self.buckets,
                                            self.config.block_size)
         prompt_targets = build_prompt_targets(output.scheduled, key)
@@ -329,46 +353,94 @@ class Engine:
                     or params.logprobs is not None or params.uses_penalties
                     or chunk.start_position + steps > self.max_model_len):
                 return 1
-        for chunk in output.scheduled:
-            end = chunk.start_position + steps
-            copies = self.block_manager.copy_on_write(chunk.request, chunk.start_position, end)
-            if copies is None:
-                return 1
-            output.copies.extend(copies)
-            if not self.block_manager.ensure_capacity(chunk.request, end):
-                return 1
+        rows = [(chunk.request, chunk.start_position) for chunk in output.scheduled]
+        copies = self._reserve_pages(rows, steps)
+        if copies is None:
+            return 1
+        output.copies.extend(copies)
         return steps
 
-    def _run_decode_steps(self, output: SchedulerOutput, num_steps: int,
-                          start: float) -> StepResult:
-        """Run `num_steps` decode steps in one device call, then apply their tokens one
-        step at a time as single steps would (a sequence that ends drops the rest)."""
-        key, step_input = build_step_input(output.scheduled, self.buckets,
-                                           self.config.block_size)
-        key = dataclasses.replace(key, num_steps=num_steps)
-        width = step_input.block_tables.shape[1]
-        for i, chunk in enumerate(output.scheduled):  # the pages every step writes
-            pages = chunk.request.block_ids[:width]
-            step_input.block_tables[i, :len(pages)] = pages
-        tokens = self.runner.execute_decode_steps(key, step_input)  # [num_steps, B]
+    def _reserve_pages(self, rows: list[tuple[Request, int]],
+                       num_positions: int) -> Optional[list[tuple[int, int]]]:
+        """Pages for `num_positions` positions from each row's start position on (private
+        copies of shared ones: the page copies to run first are returned), or None when
+        the pool cannot hold them (pages reserved so far stay with their requests)."""
+        copies = []
+        for request, start in rows:
+            end = start + num_positions
+            row_copies = self.block_manager.copy_on_write(request, start, end)
+            if row_copies is None or not self.block_manager.ensure_capacity(request, end):
+                return None
+            copies += row_copies
+        return copies
+
+    def _block_tables(self, rows: list[tuple[Request, int]],
+                      tables: np.ndarray) -> np.ndarray:  # [B, M]
+        """`tables` with each row's every page, so each step of a multi-step call reads
+        the keys the steps before it wrote."""
+        tables = np.array(tables)
+        for i, (request, _) in enumerate(rows):
+            pages = request.block_ids[:tables.shape[1]]
+            tables[i, :len(pages)] = pages
+        return tables
+
+    def _dispatch_decode_call(self, key, step_input, rows: list[tuple[Request, int]],
+                              block_tables: np.ndarray, start: float) -> "_DecodeCall":
+        """Start a multi-step decode call on the device (asynchronously)."""
+        tokens, next_input = self.runner.dispatch_decode_steps(
+            key, step_input._replace(block_tables=block_tables))
+        return _DecodeCall(key, rows, tokens, next_input, start)
+
+    def _chain_decode_call(self, call: "_DecodeCall") -> Optional["_DecodeCall"]:
+        """Dispatch the call after `call` before its tokens reach the host, so the device
+        runs it while the host applies them (vLLM V1's async scheduling, for decode
+        batches): its input is `call`'s last sampled tokens, advanced on the device. Only
+        when the batch cannot change in between: nobody waits, no row has ended, some row
+        outlives `call` by max_tokens, every row stays below max_model_len and the pool
+        holds the pages. Returns the dispatched call, or None."""
+        steps = call.key.num_steps
+        rows = [(request, start + steps) for request, start in call.rows]
+        if (self.scheduler.num_waiting or any(r.is_finished for r, _ in rows)
+                or any(start + steps > self.max_model_len for _, start in rows)):
+            return None
+        if not any(r.sampling_params.max_tokens is None
+                   or r.sampling_params.max_tokens - len(r.output_token_ids) > steps
+                   for r, _ in rows):
+            return None  # every row ends within `call`
+        copies = self._reserve_pages(rows, steps)
+        if copies is None:
+            return None
+        if copies:
+            self.runner.kv_cache = copy_kv_blocks(self.runner.kv_cache, copies)
+            self.stats.num_block_copies += len(copies)
+        tables = self._block_tables(rows, np.zeros(call.next_input.block_tables.shape,
+                                                   np.int32))
+        return self._dispatch_decode_call(call.key, call.next_input, rows, tables,
+                                          time.perf_counter())
+
+    def _apply_decode_call(self, call: "_DecodeCall") -> StepResult:
+        """Chain the next call when possible, then apply this call's tokens one step at a
+        time as single steps would (a sequence that ends drops the rest)."""
+        self._in_flight = self._chain_decode_call(call) if call.chainable else None
+        tokens = self.runner.fetch_tokens(call.tokens)  # [num_steps, B]
         finished: list[Request] = []
         updated: dict[int, Request] = {}
-        for j in range(num_steps):
-            live = [i for i, chunk in enumerate(output.scheduled)
-                    if not chunk.request.is_finished]
+        for j in range(call.key.num_steps):
+            live = [i for i, (request, _) in enumerate(call.rows) if not request.is_finished]
             if not live:
                 break
-            step = SchedulerOutput(
-                scheduled=[ScheduledRequest(output.scheduled[i].request, 1,
-                                            output.scheduled[i].start_position + j)
-                           for i in live],
-                finished=output.finished if j == 0 else [])
+            step = SchedulerOutput(scheduled=[
+                ScheduledRequest(call.rows[i][0], 1, call.rows[i][1] + j) for i in live])
             finished += self.scheduler.update(step, tokens[j, live].tolist())
             finished += self._update_text(step)
-            self._record(step, start if j == 0 else time.perf_counter())
+            self._record(step, call.start if j == 0 else time.perf_counter())
             for chunk in step.scheduled:
                 if chunk.request.finish_reason != "abort":
                     updated[id(chunk.request)] = chunk.request
+        if finished and self._in_flight is not None:
+            # Rows ended: the call in flight still gets applied, but is not extended, so
+            # pages freed now are never written by a later call of this chain.
+            self._in_flight.chainable = False
         return StepResult(updated=list(updated.values()), finished=finished)
 
     def _update_logprobs(self, output, live: list[bool], logprobs) -> None:

@@ -12,7 +12,11 @@ tokens are dropped. Sampling keys depend on (seed, token index) only, so seeded 
 greedy outputs equal the single-step ones.
 
 The host reserves KV pages for all K positions before the call and gives each sequence's
-block table every page it holds, so step j reads the keys steps < j wrote.
+block table every page it holds, so step j reads the keys steps < j wrote. While the batch
+stays the same (nobody waits, no sequence has ended), the engine dispatches the next call
+before fetching this one's tokens, feeding it this call's final `next_input` with fresh
+block tables (`with_slots` recomputes the slots from them), so the device computes while
+the host applies tokens.
 """
 
 from __future__ import annotations
@@ -50,10 +54,22 @@ def advance_decode_input(step_input: StepInput, tokens: jax.Array,
         sampling=sampling)
 
 
+def with_slots(step_input: StepInput, page_size: int) -> StepInput:
+    """`step_input` with each real token's KV slot taken from its block table (a chained
+    call gets new tables after its input was advanced with the previous call's)."""
+    real_token = step_input.token_seq >= 0  # [T]
+    seq = jnp.maximum(step_input.token_seq, 0)  # [T]
+    pages = step_input.block_tables[seq, step_input.positions // page_size]  # [T]
+    return step_input._replace(slot_mapping=jnp.where(
+        real_token, pages * page_size + step_input.positions % page_size,
+        step_input.slot_mapping))
+
+
 def decode_steps(apply_fn: Callable, params, kv_cache: KVCache, step_input: StepInput,
-                 num_steps: int) -> tuple[jax.Array, KVCache]:
+                 num_steps: int) -> tuple[jax.Array, KVCache, StepInput]:
     """Run `num_steps` decode steps from `step_input` (a pure-decode batch without
-    penalties); returns the sampled tokens int32 [num_steps, B] and the updated pool."""
+    penalties); returns the sampled tokens int32 [num_steps, B], the updated pool and the
+    input of the step after the last (for a chained call)."""
     page_size = kv_cache.v.shape[2]
 
     def one_step(carry, _):
@@ -62,6 +78,6 @@ def decode_steps(apply_fn: Callable, params, kv_cache: KVCache, step_input: Step
         tokens = sample(logits, current.sampling)
         return (kv, advance_decode_input(current, tokens, page_size)), tokens
 
-    (kv_cache, _), tokens = jax.lax.scan(one_step, (kv_cache, step_input), None,
-                                         length=num_steps)
-    return tokens, kv_cache
+    (kv_cache, next_input), tokens = jax.lax.scan(
+        one_step, (kv_cache, with_slots(step_input, page_size)), None, length=num_steps)
+    return tokens, kv_cache, next_input

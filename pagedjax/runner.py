@@ -146,14 +146,22 @@ class ModelRunner:
                                      StepLogprobs(*(np.asarray(x) for x in prompt_logprobs)))
         return np.asarray(tokens), logprobs
 
-    def execute_decode_steps(self, key: BucketKey, step_input: StepInput) -> np.ndarray:
-        """Run `key.num_steps` decode steps from a pure-decode StepInput whose block tables
-        already hold the pages all those steps write (multi_step.py); returns the sampled
-        tokens int32 [num_steps, B]."""
+    def dispatch_decode_steps(self, key: BucketKey, step_input: StepInput) -> tuple[Any, Any]:
+        """Start `key.num_steps` decode steps from a pure-decode StepInput (host or device
+        arrays) whose block tables hold every page those steps write (multi_step.py);
+        returns without waiting: the sampled tokens int32 [num_steps, B] and the input of
+        the step after them, both on the device."""
         self.compile(key)
         start = time.perf_counter()
-        tokens, self.kv_cache = self._compiled[key](self.params, self.kv_cache,
-                                                    jax.device_put(step_input))
+        tokens, self.kv_cache, next_input = self._compiled[key](
+            self.params, self.kv_cache, jax.device_put(step_input))
+        self.execute_seconds += time.perf_counter() - start
+        return tokens, next_input
+
+    def fetch_tokens(self, tokens: Any) -> np.ndarray:
+        """Wait for device tokens and copy them to the host (the wait counts as device
+        time)."""
+        start = time.perf_counter()
         tokens = np.asarray(jax.device_get(tokens))
         self.execute_seconds += time.perf_counter() - start
         return tokens

@@ -24,6 +24,21 @@ def multi_step_keys(llm):
     return [key for key in llm.engine.runner.compiled_keys if key.num_steps > 1]
 
 
+def spy_on_chaining(llm):
+    """A list that collects every call the engine chains (dispatches before applying)."""
+    engine, chained = llm.engine, []
+    chain = engine._chain_decode_call
+
+    def spy(call):
+        result = chain(call)
+        if result is not None:
+            chained.append(result)
+        return result
+
+    engine._chain_decode_call = spy
+    return chained
+
+
 @pytest.mark.parametrize("params", [
     # max_tokens not a multiple of the step count: sequences end inside a multi-step call
     SamplingParams(temperature=0, max_tokens=11, ignore_eos=True),
@@ -37,9 +52,37 @@ def multi_step_keys(llm):
 def test_same_outputs_as_single_steps(tiny_llama_dir, params):
     single = make_llm(tiny_llama_dir)
     multi = make_llm(tiny_llama_dir, num_scheduler_steps=4)
+    chained = spy_on_chaining(multi)
     assert outputs_of(multi, params) == outputs_of(single, params)
     assert [key.num_steps for key in multi_step_keys(multi)] == [4]  # it really ran
+    assert chained  # and calls were dispatched before the previous call's tokens came back
     assert multi.engine.stats.num_generated_tokens == single.engine.stats.num_generated_tokens
+
+
+def test_requests_added_or_aborted_while_a_call_is_in_flight(tiny_llama_dir):
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = {tuple(p): out for p, out in zip(PROMPTS, outputs_of(make_llm(tiny_llama_dir),
+                                                                params))}
+    engine = make_llm(tiny_llama_dir, num_scheduler_steps=4).engine
+    requests = [engine.make_request(p, params) for p in PROMPTS[:3]]
+    for request in requests:
+        engine.add_request(request)
+    for _ in range(20):  # until a call runs while the host applies the one before
+        if engine._in_flight is not None:
+            break
+        engine.step()
+    assert engine._in_flight is not None
+    late = engine.make_request(PROMPTS[3], params)
+    engine.add_request(late)  # the chain must stop so it gets admitted
+    engine.abort_request(requests[1].request_id)  # its pages are freed mid-flight
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert requests[1].finish_reason == "abort"
+    for request in (requests[0], requests[2], late):
+        got = (request.output_token_ids, request.output_text, request.finish_reason,
+               request.stop_reason)
+        assert got == want[tuple(request.prompt_token_ids)]
+    assert engine.block_manager.num_used_blocks == 0  # every page came back
 
 
 def test_stop_strings_cut_where_single_steps_cut(tiny_llama_dir):
