@@ -272,6 +272,38 @@ def test_tokenize_detokenize_version_metrics(server, llm):
         assert f"pagedjax:{name}" in metrics, name
 
 
+def test_multi_step_engine_streams_the_same_texts(tiny_llama_dir, offline):
+    """With 4 decode steps per device call (and calls chained), concurrent streams still
+    get the offline texts, and a stream dropped mid-way frees its blocks."""
+    llm = make_llm(tiny_llama_dir, max_num_seqs=16, num_blocks=256, num_scheduler_steps=4)
+    running = RunningServer(create_server_state(llm, served_model_names=("tiny",)))
+    try:
+        async def one(client, prompt):
+            stream = await client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                stream=True, extra_body={"ignore_eos": True})
+            return prompt, "".join([c.choices[0].text async for c in stream])
+
+        async def run_all():
+            async with openai.AsyncOpenAI(base_url=running.url + "/v1", api_key="none",
+                                          max_retries=0) as client:
+                return await asyncio.gather(*[one(client, PROMPTS[i % len(PROMPTS)])
+                                              for i in range(16)])
+
+        for prompt, text in asyncio.run(run_all()):
+            assert text == offline["completions"][prompt]
+        assert any(key.num_steps == 4 for key in llm.engine.runner.compiled_keys)
+        body = {"model": "tiny", "prompt": "a dog", "max_tokens": 100, "temperature": 0,
+                "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", running.url + "/v1/completions", json=body,
+                          timeout=30) as response:
+            lines = response.iter_lines()
+            assert any(next(lines).startswith("data: {") for _ in range(6))
+        wait_idle(llm)
+    finally:
+        running.stop()
+
+
 def test_pagedjax_serve_command(tiny_llama_dir, tmp_path):
     """The real CLI: starts, answers with PAGEDJAX_API_KEY enforced, and stops on SIGTERM."""
     import os
@@ -283,7 +315,8 @@ def test_pagedjax_serve_command(tiny_llama_dir, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "pagedjax.cli", "serve", tiny_llama_dir, "--port", str(port),
          "--max-model-len", "64", "--num-blocks", "64", "--max-num-seqs", "4",
-         "--max-num-batched-tokens", "32", "--served-model-name", "tiny-cli"],
+         "--max-num-batched-tokens", "32", "--served-model-name", "tiny-cli",
+         "--num-scheduler-steps", "4"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
