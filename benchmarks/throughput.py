@@ -107,8 +107,8 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
     kv_bytes = kv_bytes_per_token * sum(-(-(len(p) + new_tokens) // page) * page
                                         for p in prompts)
     llm = LLM(model, dtype=dtype, attention_backend=attention_backend,
-              num_scheduler_steps=num_scheduler_steps, max_model_len=max(1024, max_len), max_num_seqs=max_num_seqs,
-              kv_cache_memory_bytes=max(1 << 30, int(kv_bytes * 1.1)))
+              num_scheduler_steps=num_scheduler_steps, max_model_len=max(1024, max_len),
+              max_num_seqs=max_num_seqs, kv_cache_memory_bytes=max(1 << 30, int(kv_bytes * 1.1)))
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     batch = [{"prompt_token_ids": p} for p in prompts]
     start = time.perf_counter()

@@ -340,13 +340,13 @@ class Engine:
     def _reserve_decode_steps(self, output: SchedulerOutput) -> int:
         """How many decode steps this batch runs in one device call: num_scheduler_steps
         when every chunk is a plain decode (one known token, no penalties or logprobs, no
-        children to fork, room below max_model_len), nobody waits for admission and the
-        pool holds pages for every step (reserved here; page copies go to output.copies);
-        else 1. See multi_step.py."""
+        children to fork, room below max_model_len), every running request is in the
+        batch, nobody waits for admission and the pool holds pages for every step
+        (reserved here; page copies go to output.copies); else 1. See multi_step.py."""
         steps = self.config.num_scheduler_steps
         if (steps == 1 or self.scheduler.num_waiting or output.preempted
-                or output.finished):
-            return 1
+                or output.finished or output.num_seqs != self.scheduler.num_running):
+            return 1  # safeguard: a running request left out must not wait K steps
         for chunk in output.scheduled:
             request, params = chunk.request, chunk.request.sampling_params
             if (chunk.num_new_tokens != 1 or not chunk.samples or request.pending_children
