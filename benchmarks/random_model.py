@@ -5,8 +5,10 @@
 A lent GPU machine reaches no model hub and its file transfers are smaller than the default
 model's GGUF (98 MB), so GPU benchmarks run on this instead: SmolLM2-135M's shape (30
 layers, hidden 576, 9 query / 3 KV heads of 64, MLP 1536, vocabulary 49152, tied
-embeddings, RoPE theta 1e5) with random weights and the tests' small byte-level tokenizer.
-Speed depends on the shape only; the text it generates is noise. Needs torch and
+embeddings, RoPE theta 1e5) with random weights and the tests' byte-level tokenizer, its
+vocabulary filled to 49152 with spelled-out words so that every id decodes to text (as a
+real vocabulary's do: the detokenizer's host work stays realistic). Speed depends on the
+shape only; the text it generates is noise. Needs torch and
 transformers (the benchmark dependencies).
 """
 

@@ -96,7 +96,7 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
                  new_tokens: int, max_num_seqs: int, kv_bytes_per_token: int,
                  system: str = "pagedjax", num_scheduler_steps: int = 1) -> Result:
     """pagedjax: one warm-up pass compiles the buckets, the timed pass is what's reported
-    (its greedy token ids are kept under notes["token_ids"] for comparing backends)."""
+    (its greedy token ids are kept under notes["token_ids"] for comparing runs)."""
     from pagedjax import LLM, SamplingParams
     from pagedjax.config import EngineConfig
 
@@ -307,7 +307,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     variants = [(backend, steps) for backend in backends for steps in step_counts]
     config, params_tree, tokenizer = load_model(args.model)
     num_params = sum(int(np.prod(x.shape)) for x in _leaves(params_tree))
-    itemsize = np.dtype(np.float32).itemsize if args.dtype == "float32" else 2
+    itemsize = jax.numpy.dtype(args.dtype).itemsize
     kv_bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
     del params_tree
     on_gpu = jax.default_backend() == "gpu"
