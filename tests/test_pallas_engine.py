@@ -25,3 +25,13 @@ def test_pallas_backend_matches_reference_greedy_tokens(tiny_llama_dir, monkeypa
     assert all(len(tokens) == 8 for tokens in results["reference"])
     assert results["pallas"] == results["reference"]
     assert traced  # the engine really ran the Pallas kernel
+
+
+def test_pallas_backend_with_multi_step_decode(tiny_llama_dir):
+    """Block tables holding every page of a multi-step call, read by the kernel."""
+    reference = make_llm(tiny_llama_dir, attention_backend="reference")
+    pallas = make_llm(tiny_llama_dir, attention_backend="pallas", num_scheduler_steps=4)
+    want = [o.outputs[0].token_ids for o in reference.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in pallas.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    assert got == want
+    assert any(key.num_steps == 4 for key in pallas.engine.runner.compiled_keys)
