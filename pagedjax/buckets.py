@@ -7,7 +7,7 @@ costs a few bytes of transfer, not compute, and adds no shape to compile."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 def next_power_of_two(n: int) -> int:
@@ -75,7 +75,7 @@ class Buckets:
         with `num_steps` > 1 the multi-step decode shape of each sequence bucket."""
         keys = [BucketKey(t, b) for t, b in itertools.product(self.tokens, self.seqs) if b <= t]
         if num_steps > 1:
-            keys += [BucketKey(_fit(self.tokens, b, "tokens"), b, num_steps=num_steps)
+            keys += [replace(self.key_for(b, b), num_steps=num_steps)
                      for b in self.seqs if b <= self.tokens[-1]]
         return keys
 

@@ -310,19 +310,14 @@ class Engine:
             return StepResult(updated=[], finished=finished)
         start = time.perf_counter()
         num_steps = self._reserve_decode_steps(output)
-        if output.copies:  # copy-on-write of shared pages, before this step writes them
-            self.runner.kv_cache = copy_kv_blocks(self.runner.kv_cache, output.copies)
-            self.stats.num_block_copies += len(output.copies)
-        if num_steps > 1:
-            rows = [(chunk.request, chunk.start_position) for chunk in output.scheduled]
-            key, step_input = build_step_input(output.scheduled, self.buckets,
-                                               self.config.block_size)
-            key = dataclasses.replace(key, num_steps=num_steps)
-            return self._apply_decode_call(self._dispatch_decode_call(
-                key, step_input, rows, self._block_tables(rows, step_input.block_tables),
-                start))
+        self._copy_pages(output.copies)
         key, step_input = build_step_input(output.scheduled, self.buckets,
                                            self.config.block_size)
+        if num_steps > 1:
+            rows = [(chunk.request, chunk.start_position) for chunk in output.scheduled]
+            return self._apply_decode_call(self._dispatch_decode_call(
+                dataclasses.replace(key, num_steps=num_steps), step_input, rows,
+                self._block_tables(rows, step_input.block_tables), start))
         prompt_targets = build_prompt_targets(output.scheduled, key)
         tokens, logprobs = self.runner.execute(key, step_input, prompt_targets)
         if prompt_targets is not None:
@@ -359,6 +354,12 @@ class Engine:
             return 1
         output.copies.extend(copies)
         return steps
+
+    def _copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write of shared pages (src, dst), before any step writes them."""
+        if copies:
+            self.runner.kv_cache = copy_kv_blocks(self.runner.kv_cache, copies)
+            self.stats.num_block_copies += len(copies)
 
     def _reserve_pages(self, rows: list[tuple[Request, int]],
                        num_positions: int) -> Optional[list[tuple[int, int]]]:
@@ -410,9 +411,7 @@ class Engine:
         copies = self._reserve_pages(rows, steps)
         if copies is None:
             return None
-        if copies:
-            self.runner.kv_cache = copy_kv_blocks(self.runner.kv_cache, copies)
-            self.stats.num_block_copies += len(copies)
+        self._copy_pages(copies)
         tables = self._block_tables(rows, np.zeros(call.next_input.block_tables.shape,
                                                    np.int32))
         return self._dispatch_decode_call(call.key, call.next_input, rows, tables,

@@ -37,21 +37,17 @@ def advance_decode_input(step_input: StepInput, tokens: jax.Array,
     gives that position. Padding tokens and padded sequences stay as they are."""
     real_token = step_input.token_seq >= 0  # [T]
     seq = jnp.maximum(step_input.token_seq, 0)  # [T]
-    positions = jnp.where(real_token, step_input.positions + 1, step_input.positions)
-    pages = step_input.block_tables[seq, positions // page_size]  # [T]
     real_seq = step_input.seq_lens > 0  # [B]
     sampling = step_input.sampling._replace(
         sample_index=jnp.where(real_seq, step_input.sampling.sample_index + 1,
                                step_input.sampling.sample_index))
-    return step_input._replace(
+    return with_slots(step_input._replace(
         input_ids=jnp.where(real_token, tokens[seq], step_input.input_ids),
-        positions=positions,
-        slot_mapping=jnp.where(real_token, pages * page_size + positions % page_size,
-                               step_input.slot_mapping),
+        positions=jnp.where(real_token, step_input.positions + 1, step_input.positions),
         context_lens=jnp.where(real_seq, step_input.context_lens + 1,
                                step_input.context_lens),
         seq_lens=jnp.where(real_seq, step_input.seq_lens + 1, step_input.seq_lens),
-        sampling=sampling)
+        sampling=sampling), page_size)
 
 
 def with_slots(step_input: StepInput, page_size: int) -> StepInput:
