@@ -116,18 +116,25 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
     first_seconds = time.perf_counter() - start
     compiles, compile_seconds = llm.num_compiles, llm.engine.compile_seconds
     runner = llm.engine.runner
-    execute_before = runner.execute_seconds
+    execute_before, runner.call_log = runner.execute_seconds, []
     start = time.perf_counter()
     outputs = llm.generate(batch, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    device = runner.execute_seconds - execute_before
+    waited = runner.execute_seconds - execute_before
+    calls, runner.call_log = runner.call_log, None
+    busy = device_busy_seconds(runner, calls)
     notes = {"compiles": compiles, "compile_seconds": round(compile_seconds, 2),
              "first_pass_seconds": round(first_seconds, 2),
              "recompiles_in_timed_pass": llm.num_compiles - compiles,
-             # Device idle time, from the time the host waited on it; with several steps
-             # per call the next call runs while the host works, so it can't be read so.
-             "host_overhead": (round(1 - device / seconds, 4) if num_scheduler_steps == 1
-                               else None),
+             "device_calls": len(calls), "device_busy_seconds": round(busy, 3),
+             # The device's idle share of the pass: its busy time is the pass's calls
+             # replayed (device_busy_seconds), so it holds with calls overlapping host work.
+             "host_overhead": round(1 - busy / seconds, 4),
+             # Cross-check from the time the host waited on the device, which counts
+             # transfers as busy and, with calls chained, misses work done in the shadow
+             # of host work: only with one step per call.
+             "host_overhead_waited": (round(1 - waited / seconds, 4)
+                                      if num_scheduler_steps == 1 else None),
              "mean_kv_waste": round(llm.engine.stats.mean_waste, 4),
              "preemptions": llm.engine.scheduler.num_preemptions,
              "max_seqs_in_step": llm.engine.stats.max_seqs_in_step,
@@ -136,6 +143,23 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
              "token_ids": [list(o.outputs[0].token_ids) for o in outputs]}
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     return Result(system, seconds, sum(map(len, prompts)), generated, notes)
+
+
+def device_busy_seconds(runner, calls: list, samples_per_key: int = 3) -> float:
+    """How long the device computed during a pass whose program calls `calls` the runner
+    logged ((key, input, targets) each): per bucket key, a few calls spread over the pass
+    are replayed back to back with nothing else running, and their mean time stands for
+    each of that key's calls (decode cost grows with context, hence the spread)."""
+    by_key: dict = {}
+    for key, step_input, targets in calls:
+        by_key.setdefault(key, []).append((step_input, targets))
+    total = 0.0
+    for key, inputs in by_key.items():
+        count = min(samples_per_key, len(inputs))
+        spread = {round(j * (len(inputs) - 1) / max(count - 1, 1)) for j in range(count)}
+        mean = sum(runner.replay_seconds(key, *inputs[i]) for i in spread) / len(spread)
+        total += mean * len(inputs)
+    return total
 
 
 def _hf_model(model: Optional[str], dtype: str):
@@ -224,8 +248,7 @@ def report(workload: str, results: list[Result], roofline: float, params: int) -
               f"difference: {agreement['matching_prefix_tokens']}/{agreement['tokens']}")
         summary["run_agreement"] = agreement
     targets = {"mfu >= 50%": ours.processed_tps * 2 * params / (roofline * 1e9) >= 0.5,
-               "host overhead < 10%": (ours.notes["host_overhead"] is not None
-                                       and ours.notes["host_overhead"] < 0.10),
+               "host overhead < 10%": ours.notes["host_overhead"] < 0.10,
                "zero compiles after warm-up": ours.notes["recompiles_in_timed_pass"] == 0}
     hf_cb = next((r for r in results if r.system == "hf-continuous"), None)
     if workload == "decode-heavy" and hf_cb is not None:

@@ -51,3 +51,34 @@ def test_two_attention_backends_on_a_model_path(throughput, tmp_path, capsys):
     assert saved["model"] == str(model) and saved["dtype"] == "float32"
     assert "token_ids" not in json.dumps(saved)  # kept for the comparison, not written
     assert "greedy sequences identical across pagedjax runs: 2/2" in capsys.readouterr().out
+
+
+def test_device_busy_seconds_weighs_each_key_by_its_calls(throughput):
+    class Runner:  # replaying input x of key k "takes" k * x seconds
+        def __init__(self):
+            self.replayed = []
+
+        def replay_seconds(self, key, step_input, targets):
+            self.replayed.append((key, step_input))
+            return key * step_input
+
+    calls = [(10, x, None) for x in (1, 2, 3, 4, 5)] + [(100, x, None) for x in (7, 9)]
+    runner = Runner()
+    # key 10: calls 1, 3 and 5 replayed (spread over the pass), mean 3 x 10 s for 5 calls;
+    # key 100: both calls, mean 800 s for 2 calls
+    assert throughput.device_busy_seconds(runner, calls) == 5 * 30 + 2 * 800
+    assert sorted(runner.replayed) == [(10, 1), (10, 3), (10, 5), (100, 7), (100, 9)]
+
+
+def test_host_overhead_counts_device_calls_with_and_without_multi_step(throughput, tmp_path):
+    model = make_tiny_llama(tmp_path / "model", num_kv_heads=2, max_position_embeddings=2048)
+    summary = throughput.main(["--model", str(model), "--workload", "decode-heavy",
+                               "--scale", "0.02", "--num-scheduler-steps", "1,4",
+                               "--attention-backend", "reference", "--skip-hf",
+                               "--out", str(tmp_path / "results")])
+    one, four = (row["notes"] for row in summary["workloads"]["decode-heavy"]["results"])
+    assert one["device_calls"] == 1 + 255  # the prefill, then one decode per call
+    assert four["device_calls"] < 1 + 255 / 3  # 4 decode steps per call, a few single ones
+    for notes in (one, four):  # a tiny model's calls are dispatch-bound: no range to check
+        assert notes["device_busy_seconds"] > 0 and notes["host_overhead"] < 1
+    assert one["host_overhead_waited"] is not None and four["host_overhead_waited"] is None
