@@ -9,7 +9,9 @@
 #    benchmarks/throughput.py with the Pallas kernel and the reference attention, HF
 #    transformers on CUDA beside them; bfloat16 decode-heavy, the same with 8 decode
 #    steps per device call (--num-scheduler-steps 1,8: the host overhead with calls
-#    overlapping host work), the mixed workload so too, then float32 mixed (half the
+#    overlapping host work; benchmarks/gpu_timeline.py then splits such a pass's time
+#    and checks the device busy time against a profiler trace), the mixed workload with
+#    1 and 8 steps, then float32 mixed (half the
 #    prompts), where the two attention backends' greedy tokens should agree;
 # 2. the Pallas kernel compiled by Triton against the jnp reference, per step bucket, timed
 #    (benchmarks/kernels.py): float32 at the default model's attention shape (9 query /
@@ -43,7 +45,7 @@ export PYTHONPATH="$site:$PWD"
 cat "$OUT/env.txt"
 
 declare -a SUMMARY
-STAGES=${STAGES:-random_model throughput_bf16 multi_step_bf16 mixed_bf16 throughput_f32 kernels_f32 kernels_bf16}
+STAGES=${STAGES:-random_model throughput_bf16 multi_step_bf16 timeline mixed_bf16 throughput_f32 kernels_f32 kernels_bf16}
 stage() {  # stage NAME SECONDS COMMAND...: run with a limit that also respects the budget
   local name=$1 limit=$2; shift 2
   [[ " $STAGES " == *" $name "* ]] || return 0
@@ -68,6 +70,7 @@ stage multi_step_bf16 120 python3 benchmarks/throughput.py --model /tmp/smollm2-
   --dtype bfloat16 --workload decode-heavy --attention-backend pallas \
   --num-scheduler-steps 1,8 --skip-hf --out /tmp/tp_multi
 cp /tmp/tp_multi/throughput.json "$OUT/multi_step_bf16.json" 2>/dev/null
+stage timeline 150 python3 benchmarks/gpu_timeline.py /tmp/smollm2-shape 8 /tmp/gpu_trace
 stage mixed_bf16 150 python3 benchmarks/throughput.py --model /tmp/smollm2-shape \
   --dtype bfloat16 --workload mixed --attention-backend pallas \
   --num-scheduler-steps 1,8 --skip-hf --out /tmp/tp_mixed
@@ -80,7 +83,7 @@ stage kernels_f32 100 $F32 python3 benchmarks/kernels.py --dtype float32 --num-h
   --num-kv-heads 3 --head-dim 64 --iters 20
 stage kernels_bf16 120 python3 benchmarks/kernels.py --dtype bfloat16 --iters 20
 
-for name in throughput_bf16 multi_step_bf16 mixed_bf16 throughput_f32 kernels_f32 kernels_bf16; do
+for name in throughput_bf16 multi_step_bf16 timeline mixed_bf16 throughput_f32 kernels_f32 kernels_bf16; do
   echo "---- $name"
   grep -v -i "warn\|loading weights\|deprecat" "$OUT/$name.log" 2>/dev/null | tail -n 24
 done

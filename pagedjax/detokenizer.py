@@ -45,6 +45,14 @@ class IncrementalDetokenizer:
         self._ids: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(context)
+        # The same algorithm inside the tokenizers library when the tokenizer offers it
+        # (host work per token is what bounds a fast device); the offsets above are kept
+        # in step with it so the Python version can take over at any token.
+        make_stream = getattr(tokenizer, "decode_stream", None)
+        self._stream_step = (make_stream(context, skip_special_tokens)
+                             if make_stream is not None and (
+                                 skip_special_tokens or not spaces_between_special_tokens)
+                             else None)
 
     def _decode(self, ids: Sequence[int]) -> str:
         if self.spaces_between_special_tokens and not self.skip_special_tokens:
@@ -59,7 +67,18 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Feed one generated id; returns the new text (possibly "")."""
-        self._ids.append(int(token_id))
+        token_id = int(token_id)
+        self._ids.append(token_id)
+        if self._stream_step is not None:
+            try:
+                text = self._stream_step(token_id)
+            except Exception:  # the library refuses text that doesn't extend the
+                self._stream_step = None  # emitted prefix; the Python version goes on
+            else:
+                if text:
+                    self._prefix_offset = self._read_offset
+                    self._read_offset = len(self._ids)
+                return text or ""
         prefix_text, new_text = self._pending()
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             return ""  # nothing visible yet, or a character still waits for its bytes

@@ -85,3 +85,39 @@ def test_random_token_streams_match_decode(tokenizer):
         for skip in (True, False):
             deltas, rest = detokenize(tokenizer, prompt, ids, skip)
             assert "".join(deltas) + rest == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+class PythonOnly:
+    """The tokenizer without its library decode stream: IncrementalDetokenizer's Python
+    version of the algorithm runs."""
+
+    def __init__(self, tokenizer, fail_after=None):
+        self._tokenizer, self._fail_after = tokenizer, fail_after
+        self.decode = tokenizer.decode
+
+    def decode_stream(self, context, skip_special_tokens):  # only with fail_after
+        if self._fail_after is None:
+            return None
+        step, calls = self._tokenizer.decode_stream(context, skip_special_tokens), [0]
+
+        def failing_step(token_id):
+            calls[0] += 1
+            if calls[0] > self._fail_after:
+                raise Exception("InvalidPrefix")
+            return step(token_id)
+        return failing_step
+
+
+def test_library_stream_gives_the_python_versions_deltas(tokenizer):
+    assert tokenizer.decode_stream([1], True) is not None  # the fast path is what runs
+    rng = np.random.default_rng(1)
+    vocab = tokenizer.vocab_size
+    for trial in range(200):
+        prompt = rng.integers(0, vocab, size=rng.integers(1, 8)).tolist()
+        ids = rng.integers(0, 400 if trial % 2 else vocab, size=rng.integers(1, 30)).tolist()
+        for skip in (True, False):
+            expected = detokenize(PythonOnly(tokenizer), prompt, ids, skip)
+            assert detokenize(tokenizer, prompt, ids, skip) == expected
+            # a stream that fails part-way hands over to the Python version seamlessly
+            failing = PythonOnly(tokenizer, fail_after=len(ids) // 2)
+            assert detokenize(failing, prompt, ids, skip) == expected
