@@ -121,7 +121,7 @@ class Engine:
         self.buckets = Buckets.for_limits(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq,
-            min_token_bucket=config.min_token_bucket)
+            min_token_bucket=config.min_token_bucket, greedy_programs=platform != "cpu")
         model = build_model(model_config).clone(attention_backend=self.attention_backend)
         kv_cache = allocate_kv_cache(model_config.num_layers, model_config.num_kv_heads,
                                      num_blocks, block_size, model_config.head_dim, self.dtype)

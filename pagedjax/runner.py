@@ -70,7 +70,7 @@ class ModelRunner:
         self.call_log: Optional[list] = None
 
         def step(params, kv_cache: KVCache, step_input: StepInput, prompt_targets,
-                 with_logprobs: bool, with_prompt_logprobs: bool):
+                 with_logprobs: bool, with_prompt_logprobs: bool, all_greedy: bool):
             prompt_logprobs = None
             if with_prompt_logprobs:
                 # Every token's logits [T, V] stay on device: only each token's logprob of
@@ -80,15 +80,15 @@ class ModelRunner:
                 prompt_logprobs = compute_logprobs(token_logits, prompt_targets)
             else:
                 logits, kv_cache = apply_fn(params, step_input, kv_cache)
-            tokens = sample(logits, step_input.sampling, step_input.penalties)
+            tokens = sample(logits, step_input.sampling, step_input.penalties, all_greedy)
             # Logprobs only in programs compiled for them: the default path does no extra
             # work and transfers nothing extra.
             logprobs = compute_logprobs(logits, tokens) if with_logprobs else None
             return (tokens, logprobs, prompt_logprobs), kv_cache
 
-        self._jitted = jax.jit(step, donate_argnums=(1,), static_argnums=(4, 5))
+        self._jitted = jax.jit(step, donate_argnums=(1,), static_argnums=(4, 5, 6))
         self._jitted_decode_steps = jax.jit(functools.partial(decode_steps, apply_fn),
-                                            donate_argnums=(1,), static_argnums=(3,))
+                                            donate_argnums=(1,), static_argnums=(3, 4))
 
     @property
     def num_compiles(self) -> int:
@@ -110,12 +110,13 @@ class ModelRunner:
         input_spec = step_input_spec(key, self.pages_per_seq)
         if key.num_steps > 1:
             lowered = self._jitted_decode_steps.lower(params_spec, kv_spec, input_spec,
-                                                      key.num_steps)
+                                                      key.num_steps, key.greedy)
         else:
             targets_spec = (jax.ShapeDtypeStruct((key.num_tokens,), jnp.int32)
                             if key.with_prompt_logprobs else None)
             lowered = self._jitted.lower(params_spec, kv_spec, input_spec, targets_spec,
-                                         key.with_logprobs, key.with_prompt_logprobs)
+                                         key.with_logprobs, key.with_prompt_logprobs,
+                                         key.greedy)
         self._compiled[key] = lowered.compile()
         self.compile_seconds += time.perf_counter() - start
 

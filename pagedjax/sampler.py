@@ -30,16 +30,18 @@ def request_keys(sampling: SamplingTensors) -> jax.Array:
 
 
 def sample(logits: jax.Array, sampling: SamplingTensors,
-           penalties: Optional[PenaltyTensors] = None) -> jax.Array:
+           penalties: Optional[PenaltyTensors] = None, all_greedy: bool = False) -> jax.Array:
     """Sample one token per row of logits [B, V] (float32); returns int32 [B].
 
     Penalties, logit bias and allowed_token_ids apply first, to greedy rows too (as in
     vLLM). Rows with temperature 0 take the argmax. When every row is greedy the random
     path is skipped at run time (lax.cond), so greedy batches pay nothing for sampling
-    support.
+    support; a program built for all-greedy steps (static `all_greedy`) leaves it out.
     """
     logits = apply_penalties(logits, penalties)
     greedy_tokens = argmax_rows(logits)
+    if all_greedy:
+        return greedy_tokens
     all_greedy = jnp.all(sampling.temperature == 0.0)
     return jax.lax.cond(
         all_greedy,

@@ -29,3 +29,18 @@ def test_compiled_shapes_do_not_grow_with_max_model_len():
     assert long.pages_per_seq == 512
     assert all(key.num_seqs <= key.num_tokens for key in long.all_keys())
     assert len(long.all_keys()) == sum(1 for t in long.tokens for b in long.seqs if b <= t)
+
+
+def test_greedy_programs_give_all_greedy_steps_keys_of_their_own():
+    plain = Buckets.for_limits(max_num_batched_tokens=64, max_num_seqs=8, max_pages_per_seq=4)
+    split = Buckets.for_limits(max_num_batched_tokens=64, max_num_seqs=8, max_pages_per_seq=4,
+                               greedy_programs=True)
+    assert plain.key_for(5, 2, all_greedy=True) == BucketKey(16, 2)  # one program on CPU
+    assert split.key_for(5, 2, all_greedy=True) == BucketKey(16, 2, greedy=True)
+    assert split.key_for(5, 2, all_greedy=False) == BucketKey(16, 2)
+    for steps in (1, 4):  # warmup builds both variants of every shape
+        keys = split.all_keys(steps)
+        assert len(keys) == 2 * len(plain.all_keys(steps))
+        assert {k for k in keys if k.greedy} == {
+            BucketKey(k.num_tokens, k.num_seqs, num_steps=k.num_steps, greedy=True)
+            for k in plain.all_keys(steps)}
