@@ -7,12 +7,12 @@
 # 1. the engine end to end on a random-weight model of the default model's shape
 #    (benchmarks/random_model.py; the 98 MB GGUF need not be on the machine):
 #    benchmarks/throughput.py with the Pallas kernel and the reference attention, HF
-#    transformers on CUDA beside them; bfloat16 decode-heavy, the same with 8 decode
-#    steps per device call (--num-scheduler-steps 1,8: the host overhead with calls
-#    overlapping host work; benchmarks/gpu_timeline.py then splits such a pass's time
-#    and checks the device busy time against a profiler trace), the mixed workload with
-#    1 and 8 steps, then float32 mixed (half the
-#    prompts), where the two attention backends' greedy tokens should agree;
+#    transformers on CUDA beside them, bfloat16 decode-heavy; then 1 and 8 decode steps
+#    per device call, each with and without async scheduling (the host overhead when
+#    calls overlap host work); benchmarks/gpu_timeline.py, which splits such a pass's
+#    time, probes whether dispatch waits for the device and checks the replayed device
+#    time against a profiler trace; the mixed workload with 1 and 8 steps; float32 mixed
+#    (half the prompts), where the two attention backends' greedy tokens should agree;
 # 2. the Pallas kernel compiled by Triton against the jnp reference, per step bucket, timed
 #    (benchmarks/kernels.py): float32 at the default model's attention shape (9 query /
 #    3 KV heads of 64), bfloat16 at a Llama-8B one (32 / 8 heads of 128).
@@ -68,9 +68,11 @@ stage throughput_bf16 200 python3 benchmarks/throughput.py --model /tmp/smollm2-
 cp /tmp/tp_bf16/throughput.json "$OUT/throughput_bf16.json" 2>/dev/null
 stage multi_step_bf16 120 python3 benchmarks/throughput.py --model /tmp/smollm2-shape \
   --dtype bfloat16 --workload decode-heavy --attention-backend pallas \
-  --num-scheduler-steps 1,8 --skip-hf --out /tmp/tp_multi
+  --num-scheduler-steps 1,8 --async-scheduling off,on --skip-hf --out /tmp/tp_multi
 cp /tmp/tp_multi/throughput.json "$OUT/multi_step_bf16.json" 2>/dev/null
-stage timeline 150 python3 benchmarks/gpu_timeline.py /tmp/smollm2-shape 8 /tmp/gpu_trace
+stage timeline 150 sh -c "python3 benchmarks/gpu_timeline.py /tmp/smollm2-shape \
+  --num-scheduler-steps 1 --async-scheduling; python3 benchmarks/gpu_timeline.py \
+  /tmp/smollm2-shape --num-scheduler-steps 8"
 stage mixed_bf16 150 python3 benchmarks/throughput.py --model /tmp/smollm2-shape \
   --dtype bfloat16 --workload mixed --attention-backend pallas \
   --num-scheduler-steps 1,8 --skip-hf --out /tmp/tp_mixed

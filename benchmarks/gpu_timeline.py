@@ -1,6 +1,6 @@
 """Where a decode-heavy pass's wall time goes on a GPU (diagnostic, one model path):
 
-    python benchmarks/gpu_timeline.py MODEL_DIR [num_scheduler_steps] [trace_dir]
+    python benchmarks/gpu_timeline.py MODEL_DIR [--num-scheduler-steps 8] [--async-scheduling]
 
 Runs benchmarks/throughput.py's decode-heavy workload through LLM.generate once to
 compile, then once timed with the runner's calls timed on the host (dispatch, blocking
@@ -9,6 +9,7 @@ intervals give the device's busy time directly (to check the replayed-call estim
 
 from __future__ import annotations
 
+import argparse
 import glob
 import gzip
 import json
@@ -46,7 +47,7 @@ def dispatch_probe(runner, calls) -> None:
     import jax
     import numpy as np
 
-    multi = [(key, x) for key, x, _ in calls if key.num_steps > 1]
+    multi = [(key, x) for key, x, _ in calls if key.decode_call]
     if not multi:
         return
     key, step_input = multi[len(multi) // 2]
@@ -83,11 +84,16 @@ def main() -> None:
 
     from pagedjax import LLM, SamplingParams
 
-    model, steps = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8
-    trace_dir = sys.argv[3] if len(sys.argv) > 3 else "/tmp/gpu_trace"
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("--num-scheduler-steps", type=int, default=8)
+    parser.add_argument("--async-scheduling", action="store_true")
+    parser.add_argument("--trace-dir", default="/tmp/gpu_trace")
+    args = parser.parse_args()
+    steps, trace_dir = args.num_scheduler_steps, args.trace_dir
     spec = WORKLOADS["decode-heavy"]
-    llm = LLM(model, num_scheduler_steps=steps, max_num_seqs=128, max_model_len=1024,
-              kv_cache_memory_bytes=1 << 30)
+    llm = LLM(args.model, num_scheduler_steps=steps, async_scheduling=args.async_scheduling,
+              max_num_seqs=128, max_model_len=1024, kv_cache_memory_bytes=1 << 30)
     prompts = make_prompts(llm.tokenizer, spec["num_prompts"], spec["min_len"],
                            spec["max_len"])
     batch = [{"prompt_token_ids": p} for p in prompts]
@@ -112,7 +118,8 @@ def main() -> None:
     calls, runner.call_log = runner.call_log, None
     replayed = device_busy_seconds(runner, calls)
     total = {name: sum(v) for name, v in spans.items()}
-    print(f"steps per call {steps}: wall {wall:.3f} s, {len(calls)} calls")
+    print(f"steps per call {steps}, async scheduling {args.async_scheduling}: wall "
+          f"{wall:.3f} s, {len(calls)} calls")
     print("host-side seconds: " + ", ".join(f"{k} {v:.3f} ({len(spans[k])}x)"
                                             for k, v in total.items()))
     waits = sorted(spans["fetch"])

@@ -13,7 +13,7 @@ of 16-512 tokens x 128 new tokens. Prints output tok/s, processed (prompt + outp
 each peer's ratio to pagedjax, model-FLOPs utilisation against the measured roofline,
 compile count / seconds and host overhead, and the targets as pass / not yet; writes JSON
 and a PNG bar chart under benchmarks/results/. Several --attention-backend or
---num-scheduler-steps values run pagedjax once each (the first run is the one compared
+--num-scheduler-steps or --async-scheduling values run pagedjax once each (the first run is the one compared
 with the peers) and compare the runs' greedy tokens. HF runs on CUDA when torch sees a GPU.
 """
 
@@ -94,7 +94,8 @@ def matmul_roofline(dtype: str = "float32", n: int = 2048, seconds: float = 3.0)
 
 def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, prompts,
                  new_tokens: int, max_num_seqs: int, kv_bytes_per_token: int,
-                 system: str = "pagedjax", num_scheduler_steps: int = 1) -> Result:
+                 system: str = "pagedjax", num_scheduler_steps: int = 1,
+                 async_scheduling: bool = False) -> Result:
     """pagedjax: one warm-up pass compiles the buckets, the timed pass is what's reported
     (its greedy token ids are kept under notes["token_ids"] for comparing runs)."""
     import jax
@@ -109,7 +110,8 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
     kv_bytes = kv_bytes_per_token * sum(-(-(len(p) + new_tokens) // page) * page
                                         for p in prompts)
     llm = LLM(model, dtype=dtype, attention_backend=attention_backend,
-              num_scheduler_steps=num_scheduler_steps, max_model_len=max(1024, max_len),
+              num_scheduler_steps=num_scheduler_steps, async_scheduling=async_scheduling,
+              max_model_len=max(1024, max_len),
               max_num_seqs=max_num_seqs, kv_cache_memory_bytes=max(1 << 30, int(kv_bytes * 1.1)))
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     batch = [{"prompt_token_ids": p} for p in prompts]
@@ -134,7 +136,8 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
     # on a GPU it also counts transfers and dispatch as busy. The target takes the exact
     # one where it applies.
     replayed = round(1 - busy / seconds, 4)
-    waited = round(1 - waited / seconds, 4) if num_scheduler_steps == 1 else None
+    chained = num_scheduler_steps > 1 or async_scheduling
+    waited = None if chained else round(1 - waited / seconds, 4)
     notes = {"compiles": compiles, "compile_seconds": round(compile_seconds, 2),
              "first_pass_seconds": round(first_seconds, 2),
              "recompiles_in_timed_pass": llm.num_compiles - compiles,
@@ -145,7 +148,7 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
              "preemptions": llm.engine.scheduler.num_preemptions,
              "max_seqs_in_step": llm.engine.stats.max_seqs_in_step,
              "attention_backend": llm.engine.attention_backend,
-             "num_scheduler_steps": num_scheduler_steps,
+             "num_scheduler_steps": num_scheduler_steps, "async_scheduling": async_scheduling,
              "token_ids": [list(o.outputs[0].token_ids) for o in outputs]}
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     return Result(system, seconds, sum(map(len, prompts)), generated, notes)
@@ -318,6 +321,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--num-scheduler-steps", default="1",
                         help="comma-separated: decode steps per device call, one pagedjax "
                              "run per value (and per attention backend)")
+    parser.add_argument("--async-scheduling", default="off",
+                        help="off, on or off,on: dispatch each decode call before the "
+                             "previous one's tokens are applied (one pagedjax run per value)")
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the prompts")
     parser.add_argument("--max-num-seqs", type=int, default=128)
@@ -333,7 +339,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     backends = [name.strip() for name in args.attention_backend.split(",") if name.strip()]
     step_counts = [int(k) for k in args.num_scheduler_steps.split(",") if k.strip()]
-    variants = [(backend, steps) for backend in backends for steps in step_counts]
+    modes = {"off": False, "on": True}
+    async_names = [m.strip() for m in args.async_scheduling.split(",") if m.strip()]
+    if not async_names or any(m not in modes for m in async_names):
+        parser.error(f"--async-scheduling: off, on or off,on, got {args.async_scheduling!r}")
+    async_modes = [modes[m] for m in async_names]
+    variants = [(backend, steps, mode) for backend in backends for steps in step_counts
+                for mode in async_modes]
     config, params_tree, tokenizer = load_model(args.model)
     num_params = sum(int(np.prod(x.shape)) for x in _leaves(params_tree))
     itemsize = jax.numpy.dtype(args.dtype).itemsize
@@ -356,8 +368,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         runs = [functools.partial(run_pagedjax, args.model, args.dtype, backend, prompts,
                                   spec["new_tokens"], args.max_num_seqs, kv_bytes_per_token,
                                   "pagedjax" + (f"-{backend}" if len(backends) > 1 else "")
-                                  + (f"-k{steps}" if len(step_counts) > 1 else ""), steps)
-                for backend, steps in variants]
+                                  + (f"-k{steps}" if len(step_counts) > 1 else "")
+                                  + ("-async" if mode and len(async_modes) > 1 else ""),
+                                  steps, mode)
+                for backend, steps, mode in variants]
         if hf_model is not None:
             runs.append(functools.partial(run_hf_continuous, hf_model, prompts,
                                           spec["new_tokens"]))

@@ -33,8 +33,9 @@ class BucketKey:
     compute and return them (also compiled on first use; warmup covers False only).
     `with_prompt_logprobs` likewise: some sequence asked for prompt logprobs, so the step
     also projects every token to logits and returns each token's top logprobs.
-    `num_steps` > 1 is a pure-decode program that runs that many decode steps in one call
-    (EngineConfig.num_scheduler_steps, see multi_step.py). `greedy` is True when every
+    `decode_call` marks a pure-decode program that runs `num_steps` decode steps in one
+    call and returns the next call's input (EngineConfig.num_scheduler_steps and
+    async_scheduling, see multi_step.py). `greedy` is True when every
     sequence is greedy and the program holds no sampling code (Buckets.greedy_programs)."""
 
     num_tokens: int
@@ -44,6 +45,7 @@ class BucketKey:
     with_prompt_logprobs: bool = False
     num_steps: int = 1
     greedy: bool = False
+    decode_call: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,13 @@ class Buckets:
                          penalty_width(penalty_entries), bool(with_logprobs),
                          bool(with_prompt_logprobs), greedy=self.greedy_programs and all_greedy)
 
-    def all_keys(self, num_steps: int = 1) -> list[BucketKey]:
+    def all_keys(self, num_steps: int = 1, decode_calls: bool = False) -> list[BucketKey]:
         """Every shape a step can take (a step never has more sequences than tokens), and
-        with `num_steps` > 1 the multi-step decode shape of each sequence bucket; with
-        greedy_programs, each also in its greedy variant."""
+        with `num_steps` > 1 or `decode_calls` the decode-call shape of each sequence
+        bucket; with greedy_programs, each also in its greedy variant."""
         keys = [BucketKey(t, b) for t, b in itertools.product(self.tokens, self.seqs) if b <= t]
-        if num_steps > 1:
-            keys += [replace(self.key_for(b, b), num_steps=num_steps)
+        if num_steps > 1 or decode_calls:
+            keys += [replace(self.key_for(b, b), num_steps=num_steps, decode_call=True)
                      for b in self.seqs if b <= self.tokens[-1]]
         if self.greedy_programs:
             keys += [replace(key, greedy=True) for key in keys]

@@ -53,6 +53,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-scheduler-steps", type=int, default=1,
                         help="decode steps per device call when every sequence is decoding "
                              "(pays on a GPU, where host work rivals a step)")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="dispatch each decode call before the previous one's tokens "
+                             "reach the host, at any --num-scheduler-steps")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -60,7 +63,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, block_size=args.block_size,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 num_blocks=args.num_blocks, seed=args.seed,
-                num_scheduler_steps=args.num_scheduler_steps)
+                num_scheduler_steps=args.num_scheduler_steps,
+                async_scheduling=args.async_scheduling)
 
 
 def _serve(args: argparse.Namespace) -> int:

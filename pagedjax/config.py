@@ -23,6 +23,11 @@ class EngineConfig:
     `num_scheduler_steps` > 1 runs that many decode steps per device call when every
     scheduled sequence is decoding and needs no host work between tokens (multi_step.py):
     it pays where the host's per-step work is comparable to the device's, as on a GPU.
+    `async_scheduling` takes such decode batches through the same chained calls at any
+    step count, one step per call included: the next call is dispatched before this
+    one's tokens reach the host, so the host's work overlaps the device's (vLLM V1's
+    `--async-scheduling`; outputs are unchanged; off by default: on a CPU host and device
+    share the cores, and it compiles one more program per sequence bucket).
     """
 
     dtype: str = "auto"
@@ -37,6 +42,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"
     num_scheduler_steps: int = 1
+    async_scheduling: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -60,6 +66,9 @@ class EngineConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         _positive("num_scheduler_steps", self.num_scheduler_steps)
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(
+                f"async_scheduling must be a bool, got {self.async_scheduling!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "

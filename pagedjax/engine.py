@@ -65,11 +65,11 @@ class EngineStats:
 
 @dataclass
 class _DecodeCall:
-    """A multi-step decode call dispatched to the device: `rows` are its (request, start
-    position) pairs in batch order, `tokens` [num_steps, B] and `next_input` (the input
-    of the step after it) are device arrays not yet fetched."""
+    """A decode call dispatched to the device: `rows` are its (request, start position)
+    pairs in batch order, `tokens` [num_steps, B] and `next_input` (the input of the step
+    after it) are device arrays not yet fetched."""
 
-    key: Any  # BucketKey with num_steps > 1
+    key: Any  # BucketKey with decode_call set
     rows: list
     tokens: Any
     next_input: Any
@@ -313,11 +313,12 @@ class Engine:
         self._copy_pages(output.copies)
         key, step_input = build_step_input(output.scheduled, self.buckets,
                                            self.config.block_size)
-        if num_steps > 1:
+        if num_steps:
             rows = [(chunk.request, chunk.start_position) for chunk in output.scheduled]
+            key = dataclasses.replace(key, num_steps=num_steps, decode_call=True)
             return self._apply_decode_call(self._dispatch_decode_call(
-                dataclasses.replace(key, num_steps=num_steps), step_input, rows,
-                self._block_tables(rows, step_input.block_tables), start))
+                key, step_input, rows, self._block_tables(rows, step_input.block_tables),
+                start))
         prompt_targets = build_prompt_targets(output.scheduled, key)
         tokens, logprobs = self.runner.execute(key, step_input, prompt_targets)
         if prompt_targets is not None:
@@ -333,25 +334,27 @@ class Engine:
         return StepResult(updated=updated, finished=finished)
 
     def _reserve_decode_steps(self, output: SchedulerOutput) -> int:
-        """How many decode steps this batch runs in one device call: num_scheduler_steps
-        when every chunk is a plain decode (one known token, no penalties or logprobs, no
-        children to fork, room below max_model_len), every running request is in the
-        batch, nobody waits for admission and the pool holds pages for every step
-        (reserved here; page copies go to output.copies); else 1. See multi_step.py."""
+        """How many decode steps this batch runs in one decode call (multi_step.py):
+        num_scheduler_steps when that is > 1 or async_scheduling is on, every chunk is a
+        plain decode (one known token, no penalties or logprobs, no children to fork,
+        room below max_model_len), every running request is in the batch, nobody waits
+        for admission and the pool holds pages for every step (reserved here; page
+        copies go to output.copies); else 0: a plain step."""
         steps = self.config.num_scheduler_steps
-        if (steps == 1 or self.scheduler.num_waiting or output.preempted
-                or output.finished or output.num_seqs != self.scheduler.num_running):
-            return 1  # safeguard: a running request left out must not wait K steps
+        if ((steps == 1 and not self.config.async_scheduling) or self.scheduler.num_waiting
+                or output.preempted or output.finished
+                or output.num_seqs != self.scheduler.num_running):
+            return 0  # safeguard: a running request left out must not wait K steps
         for chunk in output.scheduled:
             request, params = chunk.request, chunk.request.sampling_params
             if (chunk.num_new_tokens != 1 or not chunk.samples or request.pending_children
                     or params.logprobs is not None or params.uses_penalties
                     or chunk.start_position + steps > self.max_model_len):
-                return 1
+                return 0
         rows = [(chunk.request, chunk.start_position) for chunk in output.scheduled]
         copies = self._reserve_pages(rows, steps)
         if copies is None:
-            return 1
+            return 0
         output.copies.extend(copies)
         return steps
 
@@ -552,7 +555,8 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile every bucket shape now, so serving never compiles later."""
-        for key in self.buckets.all_keys(self.config.num_scheduler_steps):
+        for key in self.buckets.all_keys(self.config.num_scheduler_steps,
+                                         self.config.async_scheduling):
             self.runner.compile(key)
 
     # ---- introspection -------------------------------------------------------------

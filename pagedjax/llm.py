@@ -39,7 +39,7 @@ class LLM:
                  max_num_batched_tokens: int = 512, seed: int = 0,
                  kv_cache_memory_bytes: int = 1 << 30, kv_cache_memory_fraction: float = 0.9,
                  attention_backend: str = "auto", num_scheduler_steps: int = 1,
-                 tokenizer: Any = None,
+                 async_scheduling: bool = False, tokenizer: Any = None,
                  _loaded: Optional[tuple] = None):
         engine_config = EngineConfig(
             dtype=dtype, max_model_len=max_model_len, block_size=block_size,
@@ -47,7 +47,8 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens, seed=seed,
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             kv_cache_memory_fraction=kv_cache_memory_fraction,
-            attention_backend=attention_backend, num_scheduler_steps=num_scheduler_steps)
+            attention_backend=attention_backend, num_scheduler_steps=num_scheduler_steps,
+            async_scheduling=async_scheduling)
         if _loaded is None:
             from .loading import load_model  # pulls in gguf/safetensors only when loading
 

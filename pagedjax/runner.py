@@ -108,7 +108,7 @@ class ModelRunner:
         params_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
         kv_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.kv_cache)
         input_spec = step_input_spec(key, self.pages_per_seq)
-        if key.num_steps > 1:
+        if key.decode_call:
             lowered = self._jitted_decode_steps.lower(params_spec, kv_spec, input_spec,
                                                       key.num_steps, key.greedy)
         else:
@@ -164,7 +164,7 @@ class ModelRunner:
         if self.call_log is not None:
             self.call_log.append((key, step_input, prompt_targets))
         step_input = jax.device_put(step_input)
-        if key.num_steps > 1:
+        if key.decode_call:
             tokens, self.kv_cache, next_input = self._compiled[key](
                 self.params, self.kv_cache, step_input)
             return tokens, next_input

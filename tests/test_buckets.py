@@ -42,5 +42,6 @@ def test_greedy_programs_give_all_greedy_steps_keys_of_their_own():
         keys = split.all_keys(steps)
         assert len(keys) == 2 * len(plain.all_keys(steps))
         assert {k for k in keys if k.greedy} == {
-            BucketKey(k.num_tokens, k.num_seqs, num_steps=k.num_steps, greedy=True)
+            BucketKey(k.num_tokens, k.num_seqs, num_steps=k.num_steps, greedy=True,
+                      decode_call=k.decode_call)
             for k in plain.all_keys(steps)}

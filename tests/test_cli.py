@@ -28,3 +28,13 @@ def test_bad_arguments_exit_2_with_the_field_named(tiny_llama_dir, tmp_path):
     result = run_cli("generate", "--model", str(tmp_path / "missing"), "hi",
                      env_extra={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_engine_flags_reach_the_engine_config():
+    from pagedjax.cli import _build_parser, _engine_kwargs
+
+    args = _build_parser().parse_args(["serve", "--num-scheduler-steps", "8",
+                                       "--async-scheduling"])
+    kwargs = _engine_kwargs(args)
+    assert kwargs["num_scheduler_steps"] == 8 and kwargs["async_scheduling"] is True
+    assert _engine_kwargs(_build_parser().parse_args(["serve"]))["async_scheduling"] is False

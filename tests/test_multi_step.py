@@ -123,6 +123,39 @@ def test_host_work_between_tokens_keeps_single_steps(tiny_llama_dir, params):
     assert multi_step_keys(multi) == []
 
 
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=11, ignore_eos=True),
+    [SamplingParams(temperature=0.9, top_p=0.9, seed=s, max_tokens=13, ignore_eos=True)
+     for s in range(len(PROMPTS))],
+], ids=["greedy", "seeded"])
+def test_async_scheduling_chains_one_step_calls_with_single_step_outputs(tiny_llama_dir,
+                                                                        params):
+    single = make_llm(tiny_llama_dir)
+    chained_llm = make_llm(tiny_llama_dir, async_scheduling=True)
+    chained = spy_on_chaining(chained_llm)
+    assert outputs_of(chained_llm, params) == outputs_of(single, params)
+    calls = [k for k in chained_llm.engine.runner.compiled_keys if k.decode_call]
+    assert [k.num_steps for k in calls] == [1]
+    assert chained  # each call was dispatched before the previous one's tokens came back
+    assert not any(k.decode_call for k in single.engine.runner.compiled_keys)
+
+
+def test_async_scheduling_warmup_builds_its_decode_calls(tiny_llama_dir):
+    llm = make_llm(tiny_llama_dir, async_scheduling=True)
+    llm.warmup()
+    buckets = llm.engine.buckets
+    assert set(llm.engine.runner.compiled_keys) == set(buckets.all_keys(1, True))
+    assert len(buckets.all_keys(1, True)) == len(buckets.all_keys()) + len(buckets.seqs)
+    compiles = llm.num_compiles
+    outputs_of(llm, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert llm.num_compiles == compiles
+
+
+def test_async_scheduling_is_validated():
+    with pytest.raises(ValueError, match="async_scheduling"):
+        EngineConfig(async_scheduling="yes")
+
+
 def test_warmup_builds_the_multi_step_programs_too(tiny_llama_dir):
     llm = make_llm(tiny_llama_dir, num_scheduler_steps=4)
     llm.warmup()

@@ -74,14 +74,23 @@ def test_host_overhead_counts_device_calls_with_and_without_multi_step(throughpu
     model = make_tiny_llama(tmp_path / "model", num_kv_heads=2, max_position_embeddings=2048)
     summary = throughput.main(["--model", str(model), "--workload", "decode-heavy",
                                "--scale", "0.02", "--num-scheduler-steps", "1,4",
+                               "--async-scheduling", "off,on",
                                "--attention-backend", "reference", "--skip-hf",
                                "--out", str(tmp_path / "results")])
-    one, four = (row["notes"] for row in summary["workloads"]["decode-heavy"]["results"])
-    assert one["device_calls"] == 1 + 255  # the prefill, then one decode per call
-    assert four["device_calls"] < 1 + 255 / 3  # 4 decode steps per call, a few single ones
-    for notes in (one, four):  # a tiny model's calls are dispatch-bound: no range to check
+    rows = summary["workloads"]["decode-heavy"]["results"]
+    assert [row["system"] for row in rows] == ["pagedjax-k1", "pagedjax-k1-async",
+                                               "pagedjax-k4", "pagedjax-k4-async"]
+    one, one_async, four, four_async = (row["notes"] for row in rows)
+    for notes in (one, one_async):  # the prefill, then one decode per call
+        assert notes["device_calls"] == 1 + 255
+    for notes in (four, four_async):  # 4 decode steps per call, a few single ones
+        assert notes["device_calls"] < 1 + 255 / 3
+    for notes in (one, one_async, four, four_async):
+        # a tiny model's calls are dispatch-bound: no range to check
         assert notes["device_busy_seconds"] > 0 and notes["host_overhead_replayed"] < 1
     # on CPU the target reads the host's waits where calls aren't chained, else the replay
     assert one["host_overhead"] == one["host_overhead_waited"] is not None
-    assert four["host_overhead_waited"] is None
-    assert four["host_overhead"] == four["host_overhead_replayed"]
+    for notes in (one_async, four, four_async):
+        assert notes["host_overhead_waited"] is None
+        assert notes["host_overhead"] == notes["host_overhead_replayed"]
+    assert summary["workloads"]["decode-heavy"]["run_agreement"]["identical"] == 3 * 2
