@@ -35,8 +35,8 @@ class BucketKey:
     also projects every token to logits and returns each token's top logprobs.
     `decode_call` marks a pure-decode program that runs `num_steps` decode steps in one
     call and returns the next call's input (EngineConfig.num_scheduler_steps and
-    async_scheduling, see multi_step.py). `greedy` is True when every
-    sequence is greedy and the program holds no sampling code (Buckets.greedy_programs)."""
+    async_scheduling, see multi_step.py). `greedy` is True when every sequence is greedy
+    and the program holds no sampling code (Buckets.greedy_programs)."""
 
     num_tokens: int
     num_seqs: int

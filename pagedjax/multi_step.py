@@ -16,7 +16,9 @@ block table every page it holds, so step j reads the keys steps < j wrote. While
 stays the same (nobody waits, no sequence has ended), the engine dispatches the next call
 before fetching this one's tokens, feeding it this call's final `next_input` with fresh
 block tables (`with_slots` recomputes the slots from them), so the device computes while
-the host applies tokens.
+the host applies tokens. With `async_scheduling` the same chained calls run at one step
+per call too (vLLM V1's async scheduling): tokens stream one at a time, and the overlap
+stays.
 """
 
 from __future__ import annotations

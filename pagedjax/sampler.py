@@ -42,9 +42,8 @@ def sample(logits: jax.Array, sampling: SamplingTensors,
     greedy_tokens = argmax_rows(logits)
     if all_greedy:
         return greedy_tokens
-    all_greedy = jnp.all(sampling.temperature == 0.0)
     return jax.lax.cond(
-        all_greedy,
+        jnp.all(sampling.temperature == 0.0),
         lambda: greedy_tokens,
         lambda: jnp.where(sampling.temperature == 0.0, greedy_tokens,
                           _sample_random(logits, sampling)),
