@@ -553,10 +553,15 @@ class Engine:
         s.max_waste = max(s.max_waste, waste)
         s.waste_sum += waste
 
+    def warmup_keys(self) -> list:
+        """The bucket shapes `warmup` compiles (every one a step of this engine can take
+        without penalties or logprobs)."""
+        return self.buckets.all_keys(self.config.num_scheduler_steps,
+                                     self.config.async_scheduling)
+
     def warmup(self) -> None:
         """Compile every bucket shape now, so serving never compiles later."""
-        for key in self.buckets.all_keys(self.config.num_scheduler_steps,
-                                         self.config.async_scheduling):
+        for key in self.warmup_keys():
             self.runner.compile(key)
 
     # ---- introspection -------------------------------------------------------------

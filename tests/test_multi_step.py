@@ -145,6 +145,7 @@ def test_async_scheduling_warmup_builds_its_decode_calls(tiny_llama_dir):
     llm.warmup()
     buckets = llm.engine.buckets
     assert set(llm.engine.runner.compiled_keys) == set(buckets.all_keys(1, True))
+    assert set(llm.engine.warmup_keys()) == set(buckets.all_keys(1, True))
     assert len(buckets.all_keys(1, True)) == len(buckets.all_keys()) + len(buckets.seqs)
     compiles = llm.num_compiles
     outputs_of(llm, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))

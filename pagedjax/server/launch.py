@@ -44,7 +44,7 @@ def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, warmup: bool =
     log = logging.getLogger("pagedjax.server")
     if warmup:
         log.info("warming up: compiling %d step programs",
-                 len(llm.engine.buckets.all_keys()))
+                 len(llm.engine.warmup_keys()))
         seconds = llm.warmup()
         log.info("warmup done in %.1fs", seconds)
     state = create_server_state(llm, **state_kwargs)
