@@ -26,9 +26,8 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
     widest = max((len(e[0]) for e in entries if e is not None), default=0)
     with_logprobs = any(s.request.sampling_params.logprobs is not None for s in scheduled)
     with_prompt_logprobs = any(needs_prompt_logprobs(s) for s in scheduled)
-    all_greedy = all(s.request.sampling_params.temperature == 0 for s in scheduled)
     key = buckets.key_for(num_tokens, len(scheduled), widest, with_logprobs,
-                          with_prompt_logprobs, all_greedy)
+                          with_prompt_logprobs)
     T, B, M = key.num_tokens, key.num_seqs, buckets.pages_per_seq
 
     # Per-token and per-sequence values are gathered in Python lists and written into

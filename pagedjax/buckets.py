@@ -35,8 +35,8 @@ class BucketKey:
     also projects every token to logits and returns each token's top logprobs.
     `decode_call` marks a pure-decode program that runs `num_steps` decode steps in one
     call and returns the next call's input (EngineConfig.num_scheduler_steps and
-    async_scheduling, see multi_step.py). `greedy` is True when every sequence is greedy
-    and the program holds no sampling code (Buckets.greedy_programs)."""
+    async_scheduling, see multi_step.py). `greedy`, for decode calls only, marks one whose
+    sequences are all greedy, compiled without sampling code (Buckets.greedy_programs)."""
 
     num_tokens: int
     num_seqs: int
@@ -52,13 +52,14 @@ class BucketKey:
 class Buckets:
     """Bucket ladders for tokens (T) and sequences (B); the block-table width M is fixed.
 
-    With `greedy_programs`, steps whose sequences are all greedy get programs of their own
-    without the sampling code, rather than skipping it at run time with a lax.cond: on a
-    GPU, XLA reads a conditional's predicate back to the host, so the dispatching thread
-    waits for the device up to the step's last cond (the sampler's, near the end) and
-    host work cannot overlap the step (measured on an H200: dispatching an 8-step call
-    took 21 ms, its whole device time). On CPU a cond costs nothing, so there each
-    bucket keeps one program."""
+    With `greedy_programs`, decode calls whose sequences are all greedy get programs of
+    their own without the sampling code, rather than skipping it at run time with a
+    lax.cond: on a GPU, XLA reads a conditional's predicate back to the host, so the
+    dispatching thread waits for the device up to the call's last cond (the sampler's,
+    near the end) and the host's work cannot overlap the call (measured on an H200:
+    dispatching an 8-step call took 21 ms, its whole device time). Plain steps keep one
+    program: the host waits for their tokens right after dispatch anyway. On CPU a
+    dispatch returns at once either way, so there nothing is split."""
 
     tokens: tuple[int, ...]
     seqs: tuple[int, ...]
@@ -78,25 +79,29 @@ class Buckets:
         )
 
     def key_for(self, num_tokens: int, num_seqs: int, penalty_entries: int = 0,
-                with_logprobs: bool = False, with_prompt_logprobs: bool = False,
-                all_greedy: bool = False) -> BucketKey:
-        """The smallest bucket holding a step of these sizes (`all_greedy`: every sequence
-        is greedy, which picks a greedy program only with greedy_programs)."""
+                with_logprobs: bool = False, with_prompt_logprobs: bool = False) -> BucketKey:
+        """The smallest bucket holding a step of these sizes."""
         return BucketKey(_fit(self.tokens, num_tokens, "tokens"),
                          _fit(self.seqs, num_seqs, "sequences"),
                          penalty_width(penalty_entries), bool(with_logprobs),
-                         bool(with_prompt_logprobs), greedy=self.greedy_programs and all_greedy)
+                         bool(with_prompt_logprobs))
+
+    def decode_call_key(self, key: BucketKey, num_steps: int, all_greedy: bool) -> BucketKey:
+        """The decode-call program for a pure-decode step of shape `key`: `num_steps`
+        steps, greedy (no sampling code) when every sequence is and greedy_programs."""
+        return replace(key, num_steps=num_steps, decode_call=True,
+                       greedy=self.greedy_programs and all_greedy)
 
     def all_keys(self, num_steps: int = 1, decode_calls: bool = False) -> list[BucketKey]:
         """Every shape a step can take (a step never has more sequences than tokens), and
         with `num_steps` > 1 or `decode_calls` the decode-call shape of each sequence
-        bucket; with greedy_programs, each also in its greedy variant."""
+        bucket (with greedy_programs, in both variants)."""
         keys = [BucketKey(t, b) for t, b in itertools.product(self.tokens, self.seqs) if b <= t]
         if num_steps > 1 or decode_calls:
-            keys += [replace(self.key_for(b, b), num_steps=num_steps, decode_call=True)
-                     for b in self.seqs if b <= self.tokens[-1]]
-        if self.greedy_programs:
-            keys += [replace(key, greedy=True) for key in keys]
+            for b in self.seqs:
+                if b <= self.tokens[-1]:
+                    keys += [self.decode_call_key(self.key_for(b, b), num_steps, greedy)
+                             for greedy in sorted({False, self.greedy_programs})]
         return keys
 
 

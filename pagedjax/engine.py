@@ -315,7 +315,8 @@ class Engine:
                                            self.config.block_size)
         if num_steps:
             rows = [(chunk.request, chunk.start_position) for chunk in output.scheduled]
-            key = dataclasses.replace(key, num_steps=num_steps, decode_call=True)
+            key = self.buckets.decode_call_key(key, num_steps, all(
+                chunk.request.sampling_params.temperature == 0 for chunk in output.scheduled))
             return self._apply_decode_call(self._dispatch_decode_call(
                 key, step_input, rows, self._block_tables(rows, step_input.block_tables),
                 start))

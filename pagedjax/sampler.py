@@ -36,7 +36,8 @@ def sample(logits: jax.Array, sampling: SamplingTensors,
     Penalties, logit bias and allowed_token_ids apply first, to greedy rows too (as in
     vLLM). Rows with temperature 0 take the argmax. When every row is greedy the random
     path is skipped at run time (lax.cond), so greedy batches pay nothing for sampling
-    support; a program built for all-greedy steps (static `all_greedy`) leaves it out.
+    support; a program built for all-greedy decode calls (static `all_greedy`) leaves it
+    out.
     """
     logits = apply_penalties(logits, penalties)
     greedy_tokens = argmax_rows(logits)

@@ -1,5 +1,7 @@
 """Bucket ladders: the step shapes the engine compiles."""
 
+from dataclasses import replace
+
 import pytest
 
 from pagedjax.buckets import BucketKey, Buckets
@@ -31,17 +33,20 @@ def test_compiled_shapes_do_not_grow_with_max_model_len():
     assert len(long.all_keys()) == sum(1 for t in long.tokens for b in long.seqs if b <= t)
 
 
-def test_greedy_programs_give_all_greedy_steps_keys_of_their_own():
+def test_greedy_programs_split_decode_calls_only():
     plain = Buckets.for_limits(max_num_batched_tokens=64, max_num_seqs=8, max_pages_per_seq=4)
     split = Buckets.for_limits(max_num_batched_tokens=64, max_num_seqs=8, max_pages_per_seq=4,
                                greedy_programs=True)
-    assert plain.key_for(5, 2, all_greedy=True) == BucketKey(16, 2)  # one program on CPU
-    assert split.key_for(5, 2, all_greedy=True) == BucketKey(16, 2, greedy=True)
-    assert split.key_for(5, 2, all_greedy=False) == BucketKey(16, 2)
-    for steps in (1, 4):  # warmup builds both variants of every shape
-        keys = split.all_keys(steps)
-        assert len(keys) == 2 * len(plain.all_keys(steps))
-        assert {k for k in keys if k.greedy} == {
-            BucketKey(k.num_tokens, k.num_seqs, num_steps=k.num_steps, greedy=True,
-                      decode_call=k.decode_call)
-            for k in plain.all_keys(steps)}
+    step = plain.key_for(5, 2)
+    assert plain.decode_call_key(step, 4, all_greedy=True) == BucketKey(
+        16, 2, num_steps=4, decode_call=True)  # one program on CPU
+    assert split.decode_call_key(step, 4, all_greedy=True) == BucketKey(
+        16, 2, num_steps=4, decode_call=True, greedy=True)
+    assert split.decode_call_key(step, 4, all_greedy=False) == BucketKey(
+        16, 2, num_steps=4, decode_call=True)
+    assert split.all_keys() == plain.all_keys()  # plain steps are never split
+    for steps, calls in ((4, False), (1, True)):  # warmup builds both decode-call variants
+        keys, plain_keys = split.all_keys(steps, calls), plain.all_keys(steps, calls)
+        decode_calls = [k for k in plain_keys if k.decode_call]
+        assert len(decode_calls) == len(plain.seqs)
+        assert set(keys) == set(plain_keys) | {replace(k, greedy=True) for k in decode_calls}
