@@ -3,9 +3,10 @@
     python benchmarks/gpu_timeline.py MODEL_DIR [--num-scheduler-steps 8] [--async-scheduling]
 
 Runs benchmarks/throughput.py's decode-heavy workload through LLM.generate once to
-compile, then once timed with the runner's calls timed on the host (dispatch, blocking
-execute, fetch waits) and, when the profiler can see the GPU, a device trace whose kernel
-intervals give the device's busy time directly (to check the replayed-call estimate)."""
+compile, then once with the runner's calls timed on the host (dispatch, blocking execute,
+fetch waits) and the device's busy time from replayed calls; probes whether dispatching a
+decode call waits for the device; and last (a trace once left the device unusable) a
+traced pass whose kernel intervals give the busy time directly, to check the replay."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import glob
 import gzip
 import json
 import os
-import sys
 import time
 
 
@@ -41,7 +41,7 @@ def kernel_busy_seconds(trace_dir: str) -> float | None:
 
 
 def dispatch_probe(runner, calls) -> None:
-    """Does dispatching a multi-step call wait for the device? Times back-to-back
+    """Does dispatching a decode call wait for the device? Times back-to-back
     dispatches of one logged call's program: with every input on the device, with the
     block tables from host memory, and through jax.jit instead of the compiled object."""
     import jax

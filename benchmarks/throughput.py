@@ -12,9 +12,10 @@ ignore_eos): decode-heavy = 128 prompts of 16-64 tokens x 256 new tokens; mixed 
 of 16-512 tokens x 128 new tokens. Prints output tok/s, processed (prompt + output) tok/s,
 each peer's ratio to pagedjax, model-FLOPs utilisation against the measured roofline,
 compile count / seconds and host overhead, and the targets as pass / not yet; writes JSON
-and a PNG bar chart under benchmarks/results/. Several --attention-backend or
---num-scheduler-steps or --async-scheduling values run pagedjax once each (the first run is the one compared
-with the peers) and compare the runs' greedy tokens. HF runs on CUDA when torch sees a GPU.
+and a PNG bar chart under benchmarks/results/. Several --attention-backend,
+--num-scheduler-steps or --async-scheduling values run pagedjax once each (the first run is
+the one compared with the peers) and compare the runs' greedy tokens. HF runs on CUDA when
+torch sees a GPU.
 """
 
 from __future__ import annotations
@@ -125,19 +126,19 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
     start = time.perf_counter()
     outputs = llm.generate(batch, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    waited = runner.execute_seconds - execute_before
+    waited_seconds = runner.execute_seconds - execute_before
     calls, runner.call_log = runner.call_log, None
     busy = device_busy_seconds(runner, calls)
     # The device's idle share of the pass, two ways. Replayed: the pass's calls timed
     # again afterwards (device_busy_seconds); it holds when calls overlap host work and
     # matched a profiler trace on a GPU, but on a shared CPU the machine's speed drifts
-    # between pass and replay (+-9% seen). Waited: the host's time blocked on the device,
+    # between pass and replay (+-10% seen). Waited: the host's time blocked on the device,
     # exact on CPU (XLA runs the program while the host waits) with one step per call;
     # on a GPU it also counts transfers and dispatch as busy. The target takes the exact
     # one where it applies.
     replayed = round(1 - busy / seconds, 4)
     chained = num_scheduler_steps > 1 or async_scheduling
-    waited = None if chained else round(1 - waited / seconds, 4)
+    waited = None if chained else round(1 - waited_seconds / seconds, 4)
     notes = {"compiles": compiles, "compile_seconds": round(compile_seconds, 2),
              "first_pass_seconds": round(first_seconds, 2),
              "recompiles_in_timed_pass": llm.num_compiles - compiles,
