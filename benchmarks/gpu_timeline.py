@@ -73,7 +73,7 @@ def dispatch_probe(runner, calls) -> None:
 
     def through_jit():
         tokens, runner.kv_cache, next_input = runner._jitted_decode_steps(
-            runner.params, runner.kv_cache, on_device, key.num_steps, key.greedy)
+            runner.params, runner.kv_cache, on_device, key.num_steps, key.sampler)
         return tokens
     probe("jax.jit", through_jit)
 

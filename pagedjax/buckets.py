@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
+from .sampler import STATIC_SAMPLERS
+
 
 def next_power_of_two(n: int) -> int:
     """Smallest power of two >= n (n >= 1)."""
@@ -35,8 +37,9 @@ class BucketKey:
     also projects every token to logits and returns each token's top logprobs.
     `decode_call` marks a pure-decode program that runs `num_steps` decode steps in one
     call and returns the next call's input (EngineConfig.num_scheduler_steps and
-    async_scheduling, see multi_step.py). `greedy`, for decode calls only, marks one whose
-    sequences are all greedy, compiled without sampling code (Buckets.greedy_programs)."""
+    async_scheduling, see multi_step.py). `sampler` is how the program samples: "any"
+    decides at run time (sampler.sample); decode calls with Buckets.static_samplers
+    get the sampler their batch needs, decided on the host."""
 
     num_tokens: int
     num_seqs: int
@@ -44,7 +47,7 @@ class BucketKey:
     with_logprobs: bool = False
     with_prompt_logprobs: bool = False
     num_steps: int = 1
-    greedy: bool = False
+    sampler: str = "any"
     decode_call: bool = False
 
 
@@ -52,30 +55,31 @@ class BucketKey:
 class Buckets:
     """Bucket ladders for tokens (T) and sequences (B); the block-table width M is fixed.
 
-    With `greedy_programs`, decode calls whose sequences are all greedy get programs of
-    their own without the sampling code, rather than skipping it at run time with a
-    lax.cond: on a GPU, XLA reads a conditional's predicate back to the host, so the
-    dispatching thread waits for the device up to the call's last cond (the sampler's,
-    near the end) and the host's work cannot overlap the call (measured on an H200:
-    dispatching an 8-step call took 21 ms, its whole device time). Plain steps keep one
-    program: the host waits for their tokens right after dispatch anyway. On CPU a
-    dispatch returns at once either way, so there nothing is split."""
+    With `static_samplers`, decode calls get a program per sampler their batches need
+    (greedy; random; random with top-k / top-p), chosen on the host, rather than one
+    program whose sampler picks its path at run time with lax.cond: on a GPU, XLA reads
+    a conditional's predicate back to the host, so the dispatching thread waits for the
+    device up to the call's last cond (the sampler's, near the end) and the host's work
+    cannot overlap the call (measured on an H200: dispatching an 8-step call took 21 ms,
+    its whole device time). Plain steps keep one program: the host waits for their
+    tokens right after dispatch anyway. On CPU a dispatch returns at once either way, so
+    there nothing is split."""
 
     tokens: tuple[int, ...]
     seqs: tuple[int, ...]
     pages_per_seq: int
-    greedy_programs: bool = False
+    static_samplers: bool = False
 
     @classmethod
     def for_limits(cls, *, max_num_batched_tokens: int, max_num_seqs: int,
                    max_pages_per_seq: int, min_token_bucket: int = 16,
-                   greedy_programs: bool = False) -> "Buckets":
+                   static_samplers: bool = False) -> "Buckets":
         """Ladders from the smallest bucket up to the first power of two covering each limit."""
         return cls(
             tokens=_powers(min(min_token_bucket, max_num_batched_tokens), max_num_batched_tokens),
             seqs=_powers(1, max_num_seqs),
             pages_per_seq=max_pages_per_seq,
-            greedy_programs=greedy_programs,
+            static_samplers=static_samplers,
         )
 
     def key_for(self, num_tokens: int, num_seqs: int, penalty_entries: int = 0,
@@ -86,22 +90,22 @@ class Buckets:
                          penalty_width(penalty_entries), bool(with_logprobs),
                          bool(with_prompt_logprobs))
 
-    def decode_call_key(self, key: BucketKey, num_steps: int, all_greedy: bool) -> BucketKey:
+    def decode_call_key(self, key: BucketKey, num_steps: int, sampler: str) -> BucketKey:
         """The decode-call program for a pure-decode step of shape `key`: `num_steps`
-        steps, greedy (no sampling code) when every sequence is and greedy_programs."""
+        steps with the batch's `sampler` (sampler.static_sampler) under static_samplers,
+        else "any"."""
         return replace(key, num_steps=num_steps, decode_call=True,
-                       greedy=self.greedy_programs and all_greedy)
+                       sampler=sampler if self.static_samplers else "any")
 
     def all_keys(self, num_steps: int = 1, decode_calls: bool = False) -> list[BucketKey]:
         """Every shape a step can take (a step never has more sequences than tokens), and
         with `num_steps` > 1 or `decode_calls` the decode-call shape of each sequence
-        bucket (with greedy_programs, in both variants)."""
+        bucket (with static_samplers, one per sampler)."""
         keys = [BucketKey(t, b) for t, b in itertools.product(self.tokens, self.seqs) if b <= t]
+        samplers = STATIC_SAMPLERS if self.static_samplers else ("any",)
         if num_steps > 1 or decode_calls:
-            for b in self.seqs:
-                if b <= self.tokens[-1]:
-                    keys += [self.decode_call_key(self.key_for(b, b), num_steps, greedy)
-                             for greedy in sorted({False, self.greedy_programs})]
+            keys += [self.decode_call_key(self.key_for(b, b), num_steps, sampler)
+                     for b in self.seqs if b <= self.tokens[-1] for sampler in samplers]
         return keys
 
 

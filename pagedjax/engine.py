@@ -27,6 +27,7 @@ from .parallel_sampling import child_seed
 from .outputs import Logprob
 from .request import Request
 from .runner import ModelRunner, allocate_kv_cache
+from .sampler import static_sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
@@ -121,7 +122,7 @@ class Engine:
         self.buckets = Buckets.for_limits(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq,
-            min_token_bucket=config.min_token_bucket, greedy_programs=platform != "cpu")
+            min_token_bucket=config.min_token_bucket, static_samplers=platform != "cpu")
         model = build_model(model_config).clone(attention_backend=self.attention_backend)
         kv_cache = allocate_kv_cache(model_config.num_layers, model_config.num_kv_heads,
                                      num_blocks, block_size, model_config.head_dim, self.dtype)
@@ -315,8 +316,8 @@ class Engine:
                                            self.config.block_size)
         if num_steps:
             rows = [(chunk.request, chunk.start_position) for chunk in output.scheduled]
-            key = self.buckets.decode_call_key(key, num_steps, all(
-                chunk.request.sampling_params.temperature == 0 for chunk in output.scheduled))
+            key = self.buckets.decode_call_key(key, num_steps, static_sampler(
+                chunk.request.sampling_params for chunk in output.scheduled))
             return self._apply_decode_call(self._dispatch_decode_call(
                 key, step_input, rows, self._block_tables(rows, step_input.block_tables),
                 start))

@@ -64,18 +64,18 @@ def with_slots(step_input: StepInput, page_size: int) -> StepInput:
 
 
 def decode_steps(apply_fn: Callable, params, kv_cache: KVCache, step_input: StepInput,
-                 num_steps: int, all_greedy: bool = False
+                 num_steps: int, sampler: str = "any"
                  ) -> tuple[jax.Array, KVCache, StepInput]:
     """Run `num_steps` decode steps from `step_input` (a pure-decode batch without
-    penalties; `all_greedy`: a program without sampling code); returns the sampled tokens
-    int32 [num_steps, B], the updated pool and the input of the step after the last (for a
+    penalties; `sampler`: see sampler.sample); returns the sampled tokens int32
+    [num_steps, B], the updated pool and the input of the step after the last (for a
     chained call)."""
     page_size = kv_cache.v.shape[2]
 
     def one_step(carry, _):
         kv, current = carry
         logits, kv = apply_fn(params, current, kv)
-        tokens = sample(logits, current.sampling, all_greedy=all_greedy)
+        tokens = sample(logits, current.sampling, sampler=sampler)
         return (kv, advance_decode_input(current, tokens, page_size)), tokens
 
     (kv_cache, next_input), tokens = jax.lax.scan(

@@ -71,7 +71,7 @@ class ModelRunner:
         self.call_log: Optional[list] = None
 
         def step(params, kv_cache: KVCache, step_input: StepInput, prompt_targets,
-                 with_logprobs: bool, with_prompt_logprobs: bool, all_greedy: bool):
+                 with_logprobs: bool, with_prompt_logprobs: bool, sampler: str):
             prompt_logprobs = None
             if with_prompt_logprobs:
                 # Every token's logits [T, V] stay on device: only each token's logprob of
@@ -81,7 +81,7 @@ class ModelRunner:
                 prompt_logprobs = compute_logprobs(token_logits, prompt_targets)
             else:
                 logits, kv_cache = apply_fn(params, step_input, kv_cache)
-            tokens = sample(logits, step_input.sampling, step_input.penalties, all_greedy)
+            tokens = sample(logits, step_input.sampling, step_input.penalties, sampler)
             # Logprobs only in programs compiled for them: the default path does no extra
             # work and transfers nothing extra.
             logprobs = compute_logprobs(logits, tokens) if with_logprobs else None
@@ -111,13 +111,13 @@ class ModelRunner:
         input_spec = step_input_spec(key, self.pages_per_seq)
         if key.decode_call:
             lowered = self._jitted_decode_steps.lower(params_spec, kv_spec, input_spec,
-                                                      key.num_steps, key.greedy)
+                                                      key.num_steps, key.sampler)
         else:
             targets_spec = (jax.ShapeDtypeStruct((key.num_tokens,), jnp.int32)
                             if key.with_prompt_logprobs else None)
             lowered = self._jitted.lower(params_spec, kv_spec, input_spec, targets_spec,
                                          key.with_logprobs, key.with_prompt_logprobs,
-                                         key.greedy)
+                                         key.sampler)
         self._compiled[key] = lowered.compile()
         # and the small program that unpacks this shape's host input on the device
         to_device(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), input_spec))

@@ -7,7 +7,7 @@ what a request samples never depends on which other requests share the batch.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,22 @@ from .step_input import (PENALTY_ALLOWED, PENALTY_BANNED, PENALTY_IN_CONTEXT, Pe
                          SamplingTensors)
 
 _NEG_INF = -jnp.inf
+
+# How a program samples besides "any", which decides at run time with lax.cond (every
+# row greedy? some row with top-k / top-p?). These are chosen on the host and compiled
+# without a cond: "greedy" (argmax only), "random" (no top-k / top-p sort), "top_k_top_p".
+STATIC_SAMPLERS = ("greedy", "random", "top_k_top_p")
+
+
+def static_sampler(params: Iterable) -> str:
+    """The sampler that gives the SamplingParams `params` of a batch's rows exactly what
+    "any" gives them: the choice its run-time conds would make."""
+    params = list(params)
+    if all(p.temperature == 0 for p in params):
+        return "greedy"
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        return "top_k_top_p"
+    return "random"
 
 
 def request_keys(sampling: SamplingTensors) -> jax.Array:
@@ -30,19 +46,22 @@ def request_keys(sampling: SamplingTensors) -> jax.Array:
 
 
 def sample(logits: jax.Array, sampling: SamplingTensors,
-           penalties: Optional[PenaltyTensors] = None, all_greedy: bool = False) -> jax.Array:
+           penalties: Optional[PenaltyTensors] = None, sampler: str = "any") -> jax.Array:
     """Sample one token per row of logits [B, V] (float32); returns int32 [B].
 
     Penalties, logit bias and allowed_token_ids apply first, to greedy rows too (as in
-    vLLM). Rows with temperature 0 take the argmax. When every row is greedy the random
-    path is skipped at run time (lax.cond), so greedy batches pay nothing for sampling
-    support; a program built for all-greedy decode calls (static `all_greedy`) leaves it
-    out.
+    vLLM). Rows with temperature 0 take the argmax. With `sampler` "any", when every row
+    is greedy the random path is skipped at run time (lax.cond), so greedy batches pay
+    nothing for sampling support; a static `sampler` (STATIC_SAMPLERS, static_sampler)
+    compiles only the path its batches take, with no cond.
     """
     logits = apply_penalties(logits, penalties)
     greedy_tokens = argmax_rows(logits)
-    if all_greedy:
+    if sampler == "greedy":
         return greedy_tokens
+    if sampler != "any":
+        return jnp.where(sampling.temperature == 0.0, greedy_tokens,
+                         _sample_random(logits, sampling, sort=sampler == "top_k_top_p"))
     return jax.lax.cond(
         jnp.all(sampling.temperature == 0.0),
         lambda: greedy_tokens,
@@ -91,11 +110,18 @@ def compute_logprobs(logits: jax.Array, tokens: jax.Array) -> StepLogprobs:
     return StepLogprobs(sampled[:, 0], rank, top_ids.astype(jnp.int32), top_logprobs)
 
 
-def _sample_random(logits: jax.Array, sampling: SamplingTensors) -> jax.Array:
+def _sample_random(logits: jax.Array, sampling: SamplingTensors,
+                   sort: Optional[bool] = None) -> jax.Array:
+    """Temperature, top-k / top-p (with `sort` None: only if some row asks, decided at run
+    time), min-p, then a Gumbel-max draw per row."""
     temperature = jnp.where(sampling.temperature > 0.0, sampling.temperature, 1.0)
     scaled = logits / temperature[:, None]
-    needs_sort = jnp.any((sampling.top_k > 0) | (sampling.top_p < 1.0))
-    scaled = jax.lax.cond(needs_sort, _apply_top_k_top_p, lambda s, _: s, scaled, sampling)
+    if sort is None:
+        needs_sort = jnp.any((sampling.top_k > 0) | (sampling.top_p < 1.0))
+        scaled = jax.lax.cond(needs_sort, _apply_top_k_top_p, lambda s, _: s, scaled,
+                              sampling)
+    elif sort:
+        scaled = _apply_top_k_top_p(scaled, sampling)
     scaled = _apply_min_p(scaled, sampling.min_p)
     # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
     keys = request_keys(sampling)

@@ -33,20 +33,20 @@ def test_compiled_shapes_do_not_grow_with_max_model_len():
     assert len(long.all_keys()) == sum(1 for t in long.tokens for b in long.seqs if b <= t)
 
 
-def test_greedy_programs_split_decode_calls_only():
+def test_static_samplers_split_decode_calls_only():
     plain = Buckets.for_limits(max_num_batched_tokens=64, max_num_seqs=8, max_pages_per_seq=4)
     split = Buckets.for_limits(max_num_batched_tokens=64, max_num_seqs=8, max_pages_per_seq=4,
-                               greedy_programs=True)
+                               static_samplers=True)
     step = plain.key_for(5, 2)
-    assert plain.decode_call_key(step, 4, all_greedy=True) == BucketKey(
-        16, 2, num_steps=4, decode_call=True)  # one program on CPU
-    assert split.decode_call_key(step, 4, all_greedy=True) == BucketKey(
-        16, 2, num_steps=4, decode_call=True, greedy=True)
-    assert split.decode_call_key(step, 4, all_greedy=False) == BucketKey(
-        16, 2, num_steps=4, decode_call=True)
+    assert plain.decode_call_key(step, 4, "greedy") == BucketKey(
+        16, 2, num_steps=4, decode_call=True)  # one program on CPU: sampler "any"
+    assert split.decode_call_key(step, 4, "random") == BucketKey(
+        16, 2, num_steps=4, decode_call=True, sampler="random")
     assert split.all_keys() == plain.all_keys()  # plain steps are never split
-    for steps, calls in ((4, False), (1, True)):  # warmup builds both decode-call variants
+    for steps, calls in ((4, False), (1, True)):  # warmup builds every decode-call sampler
         keys, plain_keys = split.all_keys(steps, calls), plain.all_keys(steps, calls)
         decode_calls = [k for k in plain_keys if k.decode_call]
         assert len(decode_calls) == len(plain.seqs)
-        assert set(keys) == set(plain_keys) | {replace(k, greedy=True) for k in decode_calls}
+        assert set(keys) == set(k for k in plain_keys if not k.decode_call) | {
+            replace(k, sampler=s) for k in decode_calls
+            for s in ("greedy", "random", "top_k_top_p")}
