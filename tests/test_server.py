@@ -178,7 +178,15 @@ def test_64_concurrent_streams_are_batched(server, llm, offline):
     wait_idle(llm)
 
 
-def test_client_disconnect_aborts_and_frees_blocks(server, llm):
+def test_client_disconnect_aborts_and_frees_blocks(server, llm, monkeypatch):
+    # Steps slowed to 20 ms, so the 100 tokens take 2 s: the request is still running
+    # when the server notices the disconnect (the tiny model alone could finish first).
+    step = llm.engine.step_with_updates
+
+    def slow_step():
+        time.sleep(0.02)
+        return step()
+    monkeypatch.setattr(llm.engine, "step_with_updates", slow_step)
     body = {"model": "tiny", "prompt": "a dog", "max_tokens": 100, "temperature": 0,
             "stream": True, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -189,6 +197,7 @@ def test_client_disconnect_aborts_and_frees_blocks(server, llm):
         assert any(line.startswith("data: {") for line in received)
         assert llm.engine.has_unfinished_requests()
     wait_idle(llm)
+    monkeypatch.undo()
     metrics = httpx.get(server.url + "/metrics").text
     aborted = [line for line in metrics.splitlines() if line.startswith("pagedjax:request_aborted")]
     assert float(aborted[0].split()[-1]) >= 1
