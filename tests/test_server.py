@@ -281,10 +281,13 @@ def test_tokenize_detokenize_version_metrics(server, llm):
         assert f"pagedjax:{name}" in metrics, name
 
 
-def test_multi_step_engine_streams_the_same_texts(tiny_llama_dir, offline):
-    """With 4 decode steps per device call (and calls chained), concurrent streams still
-    get the offline texts, and a stream dropped mid-way frees its blocks."""
-    llm = make_llm(tiny_llama_dir, max_num_seqs=16, num_blocks=256, num_scheduler_steps=4)
+@pytest.mark.parametrize("engine_options", [
+    dict(num_scheduler_steps=4), dict(async_scheduling=True)], ids=["multi-step", "async"])
+def test_chained_decode_calls_stream_the_same_texts(tiny_llama_dir, offline, engine_options):
+    """With 4 decode steps per device call, or async scheduling (calls chained either way),
+    concurrent streams still get the offline texts, and a stream dropped mid-way frees its
+    blocks."""
+    llm = make_llm(tiny_llama_dir, max_num_seqs=16, num_blocks=256, **engine_options)
     running = RunningServer(create_server_state(llm, served_model_names=("tiny",)))
     try:
         async def one(client, prompt):
@@ -301,7 +304,7 @@ def test_multi_step_engine_streams_the_same_texts(tiny_llama_dir, offline):
 
         for prompt, text in asyncio.run(run_all()):
             assert text == offline["completions"][prompt]
-        assert any(key.num_steps == 4 for key in llm.engine.runner.compiled_keys)
+        assert any(key.decode_call for key in llm.engine.runner.compiled_keys)
         body = {"model": "tiny", "prompt": "a dog", "max_tokens": 100, "temperature": 0,
                 "stream": True, "ignore_eos": True}
         with httpx.stream("POST", running.url + "/v1/completions", json=body,
