@@ -66,7 +66,7 @@ stage random_model 60 python3 benchmarks/random_model.py /tmp/smollm2-shape
 stage throughput_bf16 200 python3 benchmarks/throughput.py --model /tmp/smollm2-shape \
   --dtype bfloat16 --workload decode-heavy --attention-backend pallas,reference --out /tmp/tp_bf16
 cp /tmp/tp_bf16/throughput.json "$OUT/throughput_bf16.json" 2>/dev/null
-stage multi_step_bf16 120 python3 benchmarks/throughput.py --model /tmp/smollm2-shape \
+stage multi_step_bf16 200 python3 benchmarks/throughput.py --model /tmp/smollm2-shape \
   --dtype bfloat16 --workload decode-heavy --attention-backend pallas \
   --num-scheduler-steps 1,8 --async-scheduling off,on --skip-hf --out /tmp/tp_multi
 cp /tmp/tp_multi/throughput.json "$OUT/multi_step_bf16.json" 2>/dev/null
