@@ -392,7 +392,7 @@ class Engine:
 
     def _dispatch_decode_call(self, key, step_input, rows: list[tuple[Request, int]],
                               block_tables: np.ndarray, start: float) -> "_DecodeCall":
-        """Start a multi-step decode call on the device (asynchronously)."""
+        """Start a decode call on the device (asynchronously)."""
         tokens, next_input = self.runner.dispatch_decode_steps(
             key, step_input._replace(block_tables=block_tables))
         return _DecodeCall(key, rows, tokens, next_input, start)

@@ -57,17 +57,17 @@ def sample(logits: jax.Array, sampling: SamplingTensors,
     """
     logits = apply_penalties(logits, penalties)
     greedy_tokens = argmax_rows(logits)
+
+    def greedy_or_random(sort: Optional[bool]) -> jax.Array:
+        return jnp.where(sampling.temperature == 0.0, greedy_tokens,
+                         _sample_random(logits, sampling, sort))
+
     if sampler == "greedy":
         return greedy_tokens
     if sampler != "any":
-        return jnp.where(sampling.temperature == 0.0, greedy_tokens,
-                         _sample_random(logits, sampling, sort=sampler == "top_k_top_p"))
-    return jax.lax.cond(
-        jnp.all(sampling.temperature == 0.0),
-        lambda: greedy_tokens,
-        lambda: jnp.where(sampling.temperature == 0.0, greedy_tokens,
-                          _sample_random(logits, sampling)),
-    )
+        return greedy_or_random(sort=sampler == "top_k_top_p")
+    return jax.lax.cond(jnp.all(sampling.temperature == 0.0), lambda: greedy_tokens,
+                        lambda: greedy_or_random(sort=None))
 
 
 ARGMAX_BLOCK = 512  # vocabulary entries per block of argmax_rows
