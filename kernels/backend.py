@@ -1,9 +1,11 @@
 """Choosing a paged-attention backend by name and platform: the one place that decides.
 
-Names: "auto" (Pallas on GPU / TPU, the jnp reference on CPU), "reference", "pallas"
-("pallas" on CPU runs the kernel in Pallas interpret mode: slow, for tests). A combination
-the Pallas path cannot run (say a head dim the GPU kernel does not tile) falls back to the
-reference with a one-line warning, never an error.
+Names: "auto" (Pallas on GPU / TPU, "native" on CPU), "reference" (plain jnp), "pallas"
+("pallas" on CPU runs the kernel in Pallas interpret mode: slow, for tests), "native" (the
+jnp reference with decode rows in a C++ XLA FFI kernel, CPU only, built on first use). A
+combination a kernel cannot run (say a head dim the GPU kernel does not tile, a bfloat16
+pool for the native kernel, or no C++ compiler on the machine) falls back to the reference
+with a one-line warning, never an error.
 
 Every backend function takes the reference's arguments plus `slot_mapping` (only the TPU
 adapter needs it: it rebuilds page tables that cover this step's tokens).
@@ -14,25 +16,45 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
-ATTENTION_BACKENDS = ("auto", "reference", "pallas")
+ATTENTION_BACKENDS = ("auto", "reference", "pallas", "native")
 
 
 def resolve_attention_backend(name: str, platform: str, *, head_dim: int | None = None,
-                              block_size: int | None = None, dtype=None) -> str:
+                              block_size: int | None = None, dtype=None,
+                              group: int | None = None) -> str:
     """Map a requested backend ("auto" included) to the one that runs on `platform`:
-    "reference" or "pallas". Shape arguments left None are not checked."""
+    "reference", "pallas" or "native" (group: query heads per KV head). Shape arguments
+    left None are not checked; with all of them given, "native" is built here, so a
+    machine without a C++ compiler falls back now rather than at the first step."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(
             f"attention_backend={name!r} is not supported; choose one of "
             f"{', '.join(ATTENTION_BACKENDS)}")
-    if name == "reference" or (name == "auto" and platform not in ("gpu", "tpu")):
+    if name == "reference":
         return "reference"
+    if name == "native" or (name == "auto" and platform not in ("gpu", "tpu")):
+        reason = _native_unsupported(platform, group, head_dim, block_size, dtype)
+        if reason is not None:
+            warnings.warn(f"attention_backend={name!r}: the native CPU attention is not "
+                          f"available for {reason}; using the reference attention",
+                          stacklevel=2)
+            return "reference"
+        return "native"
     reason = _pallas_unsupported(platform, head_dim, block_size, dtype)
     if reason is not None:
         warnings.warn(f"attention_backend={name!r}: Pallas attention does not support "
                       f"{reason} on {platform}; using the reference attention", stacklevel=2)
         return "reference"
     return "pallas"
+
+
+def _native_unsupported(platform, group, head_dim, block_size, dtype) -> str | None:
+    if platform != "cpu":
+        return f"{platform} (it is an XLA CPU kernel)"
+    if None in (group, head_dim, block_size, dtype):
+        return None
+    from . import native_attention
+    return native_attention.unsupported_reason(group, head_dim, block_size, dtype)
 
 
 def _pallas_unsupported(platform, head_dim, block_size, dtype) -> str | None:
@@ -46,10 +68,14 @@ def _pallas_unsupported(platform, head_dim, block_size, dtype) -> str | None:
 
 
 def get_paged_attention(backend: str) -> Callable:
-    """The attention function of a resolved backend ("reference" or "pallas"); "pallas"
-    picks the TPU op, the Triton kernel or the interpreted kernel by JAX's platform."""
+    """The attention function of a resolved backend ("reference", "pallas" or "native");
+    "pallas" picks the TPU op, the Triton kernel or the interpreted kernel by JAX's
+    platform."""
     if backend == "reference":
         return _reference
+    if backend == "native":
+        from .native_attention import paged_attention as native_paged_attention
+        return native_paged_attention
     if backend == "pallas":
         import jax
         if jax.default_backend() == "tpu":

@@ -28,7 +28,7 @@ can share a sequence, and a step of single-token sequences skips them.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +112,7 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,  # keys at positions > (query position - window) only
     soft_cap: float | None = None,  # scores -> soft_cap * tanh(scores / soft_cap)
+    row_attention: Callable | None = None,
 ) -> jax.Array:  # [T, H, D]
     """Attention of ragged query tokens over their sequences' paged context + in-step tokens.
 
@@ -123,6 +124,11 @@ def paged_attention(
     bytes). Context is read page by page up to the longest context among the rows read
     together, so the width M of the block tables costs nothing. `sliding_window` and
     `soft_cap` default off.
+
+    `row_attention` replaces the jnp read of one-query-token rows (the native backend's
+    C++ kernel): called as row_attention(q, tables, lens, query_positions, k_cache=,
+    v_cache=, layer=, sliding_window=, soft_cap=), it returns what
+    _PagedContext.attend_rows does.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
@@ -152,7 +158,11 @@ def paged_attention(
 
     in_step = jax.lax.cond(jnp.all(token_is_single | ~valid), own_token_only,
                            among_step_tokens)
-    pages = _PagedContext(k_cache, v_cache, layer, cap, sliding_window)
+    if row_attention is not None:
+        row_attention = functools.partial(
+            row_attention, k_cache=k_cache, v_cache=v_cache, layer=layer,
+            sliding_window=sliding_window, soft_cap=soft_cap)
+    pages = _PagedContext(k_cache, v_cache, layer, cap, sliding_window, row_attention)
 
     def per_sequence():
         # Single-token rows: each sequence's last query against that sequence's pages.
@@ -245,7 +255,7 @@ class _PagedContext:
     the whole context is never materialised.
     """
 
-    def __init__(self, k_cache, v_cache, layer, cap, sliding_window):
+    def __init__(self, k_cache, v_cache, layer, cap, sliding_window, row_attention=None):
         num_layers, num_pages, page_size, num_kv_heads, head_dim = v_cache.shape
         # Free reshapes; keys stay head-major ([K, D, S]) because scores are per head.
         self.k_pages = k_cache.reshape(num_layers * num_pages, num_kv_heads, head_dim,
@@ -257,6 +267,7 @@ class _PagedContext:
         self.chunk_pages = max(1, CONTEXT_CHUNK_TOKENS // page_size)
         self.chunk_keys = self.chunk_pages * page_size
         self.cap, self.sliding_window = cap, sliding_window
+        self.row_attention = row_attention  # a kernel that replaces attend_rows' read
 
     def _chunks_for(self, length):  # [] keys -> [] loop steps that cover them
         return (length + self.chunk_keys - 1) // self.chunk_keys
@@ -304,6 +315,8 @@ class _PagedContext:
         shorter half, and so on down to MIN_TIER_ROWS rows, so a step whose contexts
         differ (16 to 640 tokens) reads close to each row's own context rather than every
         row up to the longest."""
+        if self.row_attention is not None:
+            return _Partial(*self.row_attention(q, tables, lens, query_positions))
         rows, num_kv_heads, group, head_dim = q.shape
         order = jnp.argsort(-lens)  # longest first
         q, tables, lens, query_positions = (x[order] for x in

@@ -109,7 +109,8 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, platform)
         self.attention_backend = resolve_attention_backend(
             config.attention_backend, platform, head_dim=model_config.head_dim,
-            block_size=config.block_size, dtype=self.dtype)
+            block_size=config.block_size, dtype=self.dtype,
+            group=model_config.num_heads // model_config.num_kv_heads)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = _resolve_max_model_len(config, model_config)
         block_size = config.block_size

@@ -155,7 +155,7 @@ def test_tpu_adapter_layout_with_the_ops_jnp_reference():
 
 
 def test_backend_resolution():
-    assert resolve_attention_backend("auto", "cpu") == "reference"
+    assert resolve_attention_backend("auto", "cpu") == "native"
     assert resolve_attention_backend("auto", "gpu", head_dim=64, block_size=16,
                                      dtype=jnp.bfloat16) == "pallas"
     assert resolve_attention_backend("pallas", "cpu", head_dim=8, block_size=4,

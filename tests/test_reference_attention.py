@@ -63,9 +63,11 @@ def test_sliding_window_and_soft_cap_over_chunked_context(window, soft_cap):
     check_step(STEPS["chunk_over_blocks"], 6, 2, window=window, soft_cap=soft_cap)
 
 
-def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None):
-    """One step of `seqs` ((cached, new) per sequence) against dense_attention, and the
-    cache write landing exactly at the scheduled slots."""
+def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None,
+               attention=paged_attention):
+    """One step of `seqs` ((cached, new) per sequence) through `attention` (a backend's
+    paged_attention) against dense_attention, and the cache write landing exactly at the
+    scheduled slots."""
     rng = np.random.default_rng(num_heads * 10 + num_kv_heads)
     S, D = 4, 8
     L, layer = 2, 1
@@ -115,7 +117,7 @@ def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None):
     scale = D ** -0.5
     k_after, v_after = write_kv(jnp.asarray(k_cache), jnp.asarray(v_cache), jnp.int32(layer),
                                 jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(slots))
-    out = np.asarray(paged_attention(
+    out = np.asarray(attention(
         jnp.asarray(q), jnp.asarray(k_new), jnp.asarray(v_new), k_after, v_after,
         jnp.int32(layer), token_seq=jnp.asarray(token_seq), positions=jnp.asarray(positions),
         context_lens=jnp.asarray(context_lens), block_tables=jnp.asarray(block_tables),

@@ -1,0 +1,318 @@
+// Paged attention of decode rows over their cached context, for XLA on CPU (an XLA FFI
+// custom call; kernels/native_attention.py builds, loads and calls it).
+//
+// Why C++: XLA CPU cannot feed a gather into a dot, so the jnp reference copies every
+// page it reads into a fresh buffer and reads it again in small GEMMs (about three
+// passes over the KV bytes). This kernel multiplies each page where it lies in the pool:
+// one pass, the next page prefetched while the current one is used.
+//
+// One row is one query token: q [R, K, G, D] (already scaled) attends to the keys at
+// positions < lens[r] (and > positions[r] - window when a window is set) of the pages
+// listed in tables[r]. Pool layouts are the engine's: keys [L, P, K, D, S] (transposed
+// within a page), values [L, P, S, K, D]. The result is the unnormalised softmax
+// (running max [R, K, G], total [R, K, G], weighted values [R, K, G, D]) that the Python
+// side merges with the step's own tokens; a row that sees no key gets max -1e30, total 0.
+//
+// GROUP (G), HEAD_DIM (D) and PAGE_SIZE (S) are compile-time constants (-D flags, one
+// build per model shape) so that a page's scores and a row's outputs live in registers.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#ifndef GROUP
+#error "build with -DGROUP=<query heads per KV head>"
+#endif
+#ifndef HEAD_DIM
+#error "build with -DHEAD_DIM=<head dim>"
+#endif
+#ifndef PAGE_SIZE
+#error "build with -DPAGE_SIZE=<tokens per page>"
+#endif
+
+namespace {
+
+constexpr int G = GROUP, D = HEAD_DIM, S = PAGE_SIZE;
+// Floats per vector: 16 (an AVX-512 register, or two AVX2 ones) unless the head dim or
+// the page size needs narrower vectors to tile exactly.
+constexpr int W = std::gcd(std::gcd(16, D), S);
+constexpr int DT = D / W, ST = S / W;
+constexpr float kNegInf = -1e30f;  // the jnp reference's NEG_INF
+
+// W floats in a GCC / Clang vector, mapped to the machine's SIMD registers.
+// aligned(4): loads from any float address.
+typedef float vec __attribute__((vector_size(4 * W), aligned(4)));
+typedef int32_t ivec __attribute__((vector_size(4 * W), aligned(4)));
+
+inline vec load(const float* p) { vec x; std::memcpy(&x, p, sizeof(x)); return x; }
+inline void store(float* p, vec x) { std::memcpy(p, &x, sizeof(x)); }
+inline vec splat(float x) { return vec{} + x; }
+inline ivec lane_index() {
+  ivec index;
+  for (int i = 0; i < W; ++i) index[i] = i;
+  return index;
+}
+inline float reduce_max(vec x) {
+  float m = x[0];
+  for (int i = 1; i < W; ++i) m = std::max(m, x[i]);
+  return m;
+}
+inline float reduce_sum(vec x) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += x[i];
+  return s;
+}
+
+// exp on W lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by the Cephes expf
+// polynomial (~1 ulp), 2^n put in the exponent bits. Clamped to the float range, so
+// exp(-1e30 - m) is ~1e-38, which only ever multiplies zeros.
+inline vec exp_vec(vec x) {
+  x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
+  x = x > splat(-87.3365447505531f) ? x : splat(-87.3365447505531f);
+  const vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vec shifted = x * splat(1.44269504088896341f) + magic;
+  vec n = shifted - magic;
+  vec r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+  vec p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  ivec bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  ivec magic_bits;
+  std::memcpy(&magic_bits, &magic, sizeof(magic_bits));
+  ivec scale_bits = ((bits - magic_bits) + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return p * scale;
+}
+
+// cap * tanh(x / cap), Gemma 2's soft-cap, as 1 - 2 / (exp(2y) + 1).
+inline vec soft_cap_vec(vec x, float cap) {
+  vec e = exp_vec(x * splat(2.0f / cap));
+  return splat(cap) * (splat(1.0f) - splat(2.0f) / (e + splat(1.0f)));
+}
+
+struct Pools {
+  const float* keys;    // this layer's [P, K, D, S]
+  const float* values;  // this layer's [P, S, K, D]
+  int64_t num_pages;
+  int num_kv_heads;
+};
+
+struct Row {
+  const float* q;        // [K, G, D]
+  const int32_t* table;  // [M]
+  int32_t len, position;
+  float* max;            // [K, G]
+  float* total;          // [K, G]
+  float* out;            // [K, G, D]
+};
+
+// One row over its pages; false when the table names a page outside the pool.
+bool attend_row(const Pools& pools, const Row& row, int max_pages, int32_t window,
+                float soft_cap) {
+  const int K = pools.num_kv_heads;
+  for (int h = 0; h < K * G; ++h) { row.max[h] = kNegInf; row.total[h] = 0.f; }
+  std::memset(row.out, 0, sizeof(float) * K * G * D);
+  const int32_t first_key = window > 0 ? std::max(0, row.position - window + 1) : 0;
+  if (row.len <= first_key) return true;
+  const int first_page = first_key / S;
+  const int end_page = std::min((row.len + S - 1) / S, max_pages);
+  for (int j = first_page; j < end_page; ++j) {
+    const int32_t page = row.table[j];
+    if (page < 0 || page >= pools.num_pages) return false;
+    const int lo = std::max(0, first_key - j * S);  // visible keys of this page: [lo, hi)
+    const int hi = std::min(S, row.len - j * S);
+    const int tile_lo = lo / W, tile_hi = (hi + W - 1) / W;
+    const float* page_keys = pools.keys + page * int64_t{K} * D * S;
+    const float* page_values = pools.values + page * int64_t{S} * K * D;
+    // The next page's bytes are requested while this one is multiplied.
+    const int32_t next = j + 1 < end_page ? row.table[j + 1] : page;
+    const bool prefetch = next != page && next >= 0 && next < pools.num_pages;
+    const float* next_keys = pools.keys + next * int64_t{K} * D * S;
+    const float* next_values = pools.values + next * int64_t{S} * K * D;
+
+    for (int k = 0; k < K; ++k) {
+      const float* keys = page_keys + int64_t{k} * D * S;  // [D, S]
+      const float* q = row.q + k * G * D;                  // [G, D]
+      vec scores[G][ST];
+      for (int g = 0; g < G; ++g)
+        for (int i = tile_lo; i < tile_hi; ++i) scores[g][i] = vec{};
+      for (int d = 0; d < D; ++d) {
+        const float* key_row = keys + d * S;
+        if (prefetch)
+          for (int i = tile_lo; i < tile_hi; ++i)
+            __builtin_prefetch(next_keys + int64_t{k} * D * S + d * S + i * W);
+        for (int i = tile_lo; i < tile_hi; ++i) {
+          const vec key = load(key_row + i * W);
+          for (int g = 0; g < G; ++g) scores[g][i] += q[g * D + d] * key;
+        }
+      }
+
+      alignas(64) float weights[G][S];
+      float rescale[G];
+      bool any_visible[G];
+      for (int g = 0; g < G; ++g) {
+        const int h = k * G + g;
+        float page_max = kNegInf;
+        for (int i = tile_lo; i < tile_hi; ++i) {
+          const ivec key = lane_index() + i * W;
+          vec s = soft_cap > 0.f ? soft_cap_vec(scores[g][i], soft_cap) : scores[g][i];
+          s = (key >= lo && key < hi) ? s : splat(kNegInf);
+          scores[g][i] = s;
+          page_max = std::max(page_max, reduce_max(s));
+        }
+        const float old_max = row.max[h];
+        const float new_max = std::max(old_max, page_max);
+        any_visible[g] = new_max > kNegInf;
+        if (!any_visible[g]) continue;
+        rescale[g] = exp_vec(splat(old_max - new_max))[0];
+        vec sum{};
+        for (int i = tile_lo; i < tile_hi; ++i) {
+          const ivec key = lane_index() + i * W;
+          vec e = exp_vec(scores[g][i] - splat(new_max));
+          e = (key >= lo && key < hi) ? e : vec{};
+          store(&weights[g][i * W], e);
+          sum += e;
+        }
+        row.total[h] = row.total[h] * rescale[g] + reduce_sum(sum);
+        row.max[h] = new_max;
+      }
+
+      float* out = row.out + k * G * D;  // [G, D]
+      vec acc[G][DT];
+      for (int g = 0; g < G; ++g)
+        for (int i = 0; i < DT; ++i)
+          acc[g][i] = any_visible[g] ? load(out + g * D + i * W) * rescale[g] : vec{};
+      for (int t = lo; t < hi; ++t) {
+        const float* value = page_values + (int64_t{t} * K + k) * D;
+        if (prefetch)
+          for (int i = 0; i < DT; ++i)
+            __builtin_prefetch(next_values + (int64_t{t} * K + k) * D + i * W);
+        vec v[DT];
+        for (int i = 0; i < DT; ++i) v[i] = load(value + i * W);
+        for (int g = 0; g < G; ++g) {
+          const float w = any_visible[g] ? weights[g][t] : 0.f;
+          for (int i = 0; i < DT; ++i) acc[g][i] += w * v[i];
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int i = 0; i < DT; ++i) store(out + g * D + i * W, acc[g][i]);
+    }
+  }
+  return true;
+}
+
+// Work shared by the calling thread and the pool's threads: rows are claimed one at a
+// time, longest first. Tasks the pool starts after every row is claimed find nothing and
+// return; the state is shared so such a late task never reads a freed stack frame.
+struct SharedWork {
+  std::vector<int> order;
+  std::atomic<int> next{0};
+  std::atomic<int> finished{0};
+  std::atomic<bool> bad_page{false};
+};
+
+}  // namespace
+
+static ffi::Error DecodeAttention(ffi::ThreadPool thread_pool,
+                                  ffi::Buffer<ffi::F32> q,             // [R, K, G, D]
+                                  ffi::Buffer<ffi::F32> key_cache,     // [L, P, K, D, S]
+                                  ffi::Buffer<ffi::F32> value_cache,   // [L, P, S, K, D]
+                                  ffi::Buffer<ffi::S32> layer,         // []
+                                  ffi::Buffer<ffi::S32> tables,        // [R, M]
+                                  ffi::Buffer<ffi::S32> lens,          // [R]
+                                  ffi::Buffer<ffi::S32> positions,     // [R]
+                                  int32_t window, float soft_cap,
+                                  ffi::ResultBuffer<ffi::F32> max_out,    // [R, K, G]
+                                  ffi::ResultBuffer<ffi::F32> total_out,  // [R, K, G]
+                                  ffi::ResultBuffer<ffi::F32> out) {      // [R, K, G, D]
+  const auto qd = q.dimensions();
+  const auto kd = key_cache.dimensions();
+  const auto vd = value_cache.dimensions();
+  const auto td = tables.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || td.size() != 2)
+    return ffi::Error::InvalidArgument("decode attention: wrong operand ranks");
+  const int64_t R = qd[0], K = qd[1];
+  if (qd[2] != G || qd[3] != D || kd[2] != K || kd[3] != D || kd[4] != S ||
+      vd[2] != S || vd[3] != K || vd[4] != D || kd[0] != vd[0] || kd[1] != vd[1] ||
+      td[0] != R || static_cast<int64_t>(lens.element_count()) != R ||
+      static_cast<int64_t>(positions.element_count()) != R)
+    return ffi::Error::InvalidArgument(
+        "decode attention: operand shapes do not match the kernel's build "
+        "(GROUP=" + std::to_string(G) + ", HEAD_DIM=" + std::to_string(D) +
+        ", PAGE_SIZE=" + std::to_string(S) + ")");
+  const int64_t num_layers = kd[0], num_pages = kd[1];
+  const int32_t l = layer.typed_data()[0];
+  if (l < 0 || l >= num_layers)
+    return ffi::Error::InvalidArgument("decode attention: layer index out of range");
+  const Pools pools{key_cache.typed_data() + l * num_pages * K * D * S,
+                    value_cache.typed_data() + l * num_pages * S * K * D, num_pages,
+                    static_cast<int>(K)};
+  const int max_pages = static_cast<int>(td[1]);
+  const int32_t* len_data = lens.typed_data();
+
+  auto work = std::make_shared<SharedWork>();
+  work->order.resize(R);
+  std::iota(work->order.begin(), work->order.end(), 0);
+  std::stable_sort(work->order.begin(), work->order.end(),
+                   [&](int a, int b) { return len_data[a] > len_data[b]; });
+  const float* q_data = q.typed_data();
+  const int32_t* table_data = tables.typed_data();
+  const int32_t* position_data = positions.typed_data();
+  float* max_data = max_out->typed_data();
+  float* total_data = total_out->typed_data();
+  float* out_data = out->typed_data();
+  const int64_t heads = K * G;
+  // Runs on the calling thread and on pool threads; only reads the operands while it
+  // holds an unfinished row, and the caller waits for every row to finish.
+  auto run_rows = [=](SharedWork& shared) {
+    for (int i; (i = shared.next.fetch_add(1)) < R;) {
+      const int r = shared.order[i];
+      const Row row{q_data + r * heads * D, table_data + r * max_pages, len_data[r],
+                    position_data[r], max_data + r * heads, total_data + r * heads,
+                    out_data + r * heads * D};
+      if (!attend_row(pools, row, max_pages, window, soft_cap)) shared.bad_page = true;
+      shared.finished.fetch_add(1);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(thread_pool.num_threads(), R) - 1;
+  for (int64_t i = 0; i < helpers; ++i)
+    thread_pool.Schedule([work, run_rows]() { run_rows(*work); });
+  run_rows(*work);
+  while (work->finished.load() < R) std::this_thread::yield();
+  if (work->bad_page)
+    return ffi::Error::InvalidArgument("decode attention: a block table names a page "
+                                       "outside the KV pool");
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("window")
+                                  .Attr<float>("soft_cap")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
