@@ -3,6 +3,8 @@ MLPs, the paged self-attention block, [out, in] projections, logits."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -14,10 +16,31 @@ from pagedjax.kernels import get_paged_attention, reference
 from .config import ModelConfig
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class LayerMatrix:
+    """One layer's [out, in] matrix out of a tuple of per-layer arrays, chosen inside the
+    layer scan by the traced layer index.
+
+    On XLA CPU a matmul cannot read a dynamic slice of a stacked [L, out, in] array in
+    place: each layer's slice is copied first (~15 ms of a 156 ms decode step of SmolLM2).
+    A `lax.switch` over separate arrays hands the chosen one to the matmul as it is."""
+
+    matrices: tuple  # L arrays [out, in]
+    index: jax.Array  # [] int32, the layer
+
+
+def linear(x: jax.Array, w: jax.Array | LayerMatrix, b: jax.Array | None = None) -> jax.Array:
     """x @ w.T (+ b) for weights stored [out, in].  x: [..., in], w: [out, in]."""
-    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+    if isinstance(w, LayerMatrix):
+        y = jax.lax.switch(w.index, [functools.partial(_matmul_transposed, w=m)
+                                     for m in w.matrices], x)
+    else:
+        y = _matmul_transposed(x, w)
     return y if b is None else y + b
+
+
+def _matmul_transposed(x: jax.Array, w: jax.Array) -> jax.Array:  # x [..., in], w [out, in]
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

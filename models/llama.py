@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from pagedjax.step_input import KVCache, StepInput
 
 from .config import ModelConfig
-from .layers import (attention, declare_params, lm_logits, mlp, norm, rope_cos_sin,
-                     rope_inv_freq, window_flags)
+from .layers import (LayerMatrix, attention, declare_params, lm_logits, mlp, norm,
+                     rope_cos_sin, rope_inv_freq, window_flags)
 from .params import expected_shapes
 
 _init = nn.initializers.normal(0.02)
@@ -33,28 +33,38 @@ _init = nn.initializers.normal(0.02)
 
 class StackedLayerParams(nn.Module):
     """Every decoder layer's params stacked on a leading layer axis L (params.py's "layers"
-    subtree), declared under this module's name so the tree is params["layers"][name]."""
+    subtree), declared under this module's name so the tree is params["layers"][name].
+    When applied, a leaf may instead be a tuple of L per-layer matrices (the engine's CPU
+    form, see models/params.py): the params are returned as given."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self) -> dict:
+        if not self.is_initializing():
+            return dict(self.variables["params"])  # flax would reject a tuple's shape
         return declare_params(self, expected_shapes(self.config)["layers"], _init)
 
 
 def scan_layers(layer_fn, stacked: dict, carry, per_layer=None):
     """The carry after `layer_fn(p, carry)` ran over each layer's params p in order; with
-    `per_layer` [L], `layer_fn(p, carry, x)` gets that layer's entry x too.
+    `per_layer` [L], `layer_fn(p, carry, x)` gets that layer's entry x too. A leaf of
+    `stacked` that is a tuple of per-layer matrices reaches layer_fn as a LayerMatrix.
 
     A plain `lax.scan` over the stacked arrays rather than flax's `nn.scan`: the params are
     already arrays when the body runs, and flax 0.12.10 with jax 0.11.2 (a GPU image's
     versions) rejects the `nn.scan` form ("broadcasted variable has a data dependency on
     the scan body") where flax 0.12.8 with jax 0.10.2 accepts it."""
+    per_layer_matrices = {k: v for k, v in stacked.items() if isinstance(v, tuple)}
+    scanned = {k: v for k, v in stacked.items() if k not in per_layer_matrices}
+    num_layers = jax.tree.leaves(scanned)[0].shape[0]  # norms are always stacked
+
     def body(carry, xs):
-        p, x = xs
+        p, x, index = xs
+        p = {**p, **{k: LayerMatrix(v, index) for k, v in per_layer_matrices.items()}}
         return (layer_fn(p, carry) if per_layer is None else layer_fn(p, carry, x)), None
 
-    carry, _ = jax.lax.scan(body, carry, (stacked, per_layer))
+    carry, _ = jax.lax.scan(body, carry, (scanned, per_layer, jnp.arange(num_layers)))
     return carry
 
 

@@ -30,15 +30,33 @@ every family shares; the config's family flags add or swap the leaves marked bel
 
 With config.norm_type == "layer" every norm "x" also has a bias "x_b" of the same shape.
 q and k rows are in HF order (HF's rotate_half RoPE convention), not GGUF's interleaved one.
+
+The models also accept each LAYER_MATRICES leaf as a tuple of L arrays [out, in], one per
+layer (`split_layer_matrices`): the engine's form on CPU for params it is handed as host
+arrays, because XLA CPU copies a layer's slice of a stacked matrix before every matmul.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 
 from .config import ModelConfig
+
+
+# The "layers" leaves that are matrices (biases and norms stay stacked).
+LAYER_MATRICES = ("wqkv", "wo", "w_gate_up", "w_up", "w_down")
+
+
+def split_layer_matrices(params: dict, convert) -> dict:
+    """`params` with every leaf through convert(x), except that each "layers" matrix of
+    LAYER_MATRICES becomes a tuple of convert(one layer's [out, in] slice)."""
+    layers = {k: (tuple(convert(v[i]) for i in range(v.shape[0])) if k in LAYER_MATRICES
+                  else convert(v)) for k, v in params["layers"].items()}
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {**jax.tree.map(convert, rest), "layers": layers}
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, Any]:

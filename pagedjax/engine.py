@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pagedjax.kernels import resolve_attention_backend
-from pagedjax.models import ModelConfig, build_model, check_params
+from pagedjax.models import ModelConfig, build_model, check_params, split_layer_matrices
 
 from .batching import build_prompt_targets, build_step_input, needs_prompt_logprobs
 from .block_manager import BlockManager
@@ -124,6 +124,11 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq,
             min_token_bucket=config.min_token_bucket, static_samplers=platform != "cpu")
+        # Weights handed in as host arrays are copied to the device anyway: on CPU, copy each
+        # layer's matrices to their own arrays then, so no step copies them out of the stack.
+        # Device arrays stay as they are (no copy of a caller's params).
+        self.per_layer_matrices = platform == "cpu" and not any(
+            isinstance(x, jax.Array) for x in jax.tree.leaves(params["layers"]))
         model = build_model(model_config).clone(attention_backend=self.attention_backend)
         kv_cache = allocate_kv_cache(model_config.num_layers, model_config.num_kv_heads,
                                      num_blocks, block_size, model_config.head_dim, self.dtype)
@@ -163,8 +168,14 @@ class Engine:
         return num_blocks
 
     def cast_params(self, params: Any) -> Any:
-        """Params as device arrays of the engine dtype (no copy when already so)."""
-        return jax.tree.map(lambda x: jnp.asarray(x, dtype=self.dtype), params)
+        """Params as device arrays of the engine dtype (no copy when already so), in the
+        engine's form: with `per_layer_matrices`, each layer matrix one array per layer
+        (then a caller's stacked device arrays are copied)."""
+        def to_device(x):
+            return jnp.asarray(x, dtype=self.dtype)
+        if self.per_layer_matrices:
+            return split_layer_matrices(params, to_device)
+        return jax.tree.map(to_device, params)
 
     def set_params(self, params: Any) -> None:
         """Swap in new weights (same shapes) without recompiling."""
