@@ -4,8 +4,10 @@ subclasses it) as a functional Flax linen module.
 `LlamaForCausalLM(config).apply({"params": params}, step, kv_cache)` runs one engine step:
 it writes this step's K/V into the paged cache and returns logits for the last scheduled
 token of each sequence only. Layers are a `lax.scan` over params stacked on a leading axis,
-so a 30-layer model compiles about as fast as a 2-layer one; the KV pool rides in the scan
-carry and every layer gathers from / scatters into it by layer index, never copying it.
+so a 30-layer model compiles about as fast as a 2-layer one (matrices held one array per
+layer, the engine's CPU form, are picked by a `lax.switch` inside it); the KV pool rides in
+the scan carry and every layer gathers from / scatters into it by layer index, never
+copying it.
 
 The variants are config flags, not copies: q/k/v biases (Qwen2), per-head q/k RMSNorm
 (Qwen3), a sliding window on all layers (Mistral) or on some (Gemma 2: a per-layer flag
