@@ -1,5 +1,5 @@
 """Offline generation throughput of pagedjax on the default model (a quick check, not the
-side-by-side benchmark against HF transformers that benchmarks/throughput.py will be).
+side-by-side benchmark against HF transformers, which is benchmarks/throughput.py).
 
     python benchmarks/generate_throughput.py [--prompts 64] [--max-tokens 64]
 

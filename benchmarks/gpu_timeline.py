@@ -42,8 +42,8 @@ def kernel_busy_seconds(trace_dir: str) -> float | None:
 
 def dispatch_probe(runner, calls) -> None:
     """Does dispatching a decode call wait for the device? Times back-to-back
-    dispatches of one logged call's program: with every input on the device, with the
-    block tables from host memory, and through jax.jit instead of the compiled object."""
+    dispatches of one logged call's program: with every input on the device, and with the
+    block tables from host memory."""
     import jax
     import numpy as np
 
@@ -70,12 +70,6 @@ def dispatch_probe(runner, calls) -> None:
     probe("device inputs", lambda: runner.dispatch_decode_steps(key, on_device))
     probe("host block tables", lambda: runner.dispatch_decode_steps(
         key, on_device._replace(block_tables=host_tables)))
-
-    def through_jit():
-        tokens, runner.kv_cache, next_input = runner._jitted_decode_steps(
-            runner.params, runner.kv_cache, on_device, key.num_steps, key.sampler)
-        return tokens
-    probe("jax.jit", through_jit)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagedjax.kernels import reference
+from pagedjax.kernels import paged_attention as jnp_attention, write_kv
 from pagedjax.kernels.pallas_attention import paged_attention as pallas_attention
 
 # (name, [(context, new tokens)] per sequence)
@@ -75,8 +75,8 @@ def make_step(seqs, *, num_heads, num_kv_heads, head_dim, block_size, dtype, see
     q = jax.random.normal(k3, (T_pad, num_heads, head_dim), dtype)
     k_new = jax.random.normal(k4, (T_pad, num_kv_heads, head_dim), dtype)
     v_new = jax.random.normal(k5, (T_pad, num_kv_heads, head_dim), dtype)
-    k_cache, v_cache = jax.jit(reference.write_kv)(k_cache, v_cache, jnp.int32(0), k_new,
-                                                   v_new, jnp.asarray(slots))
+    k_cache, v_cache = jax.jit(write_kv)(k_cache, v_cache, jnp.int32(0), k_new, v_new,
+                                         jnp.asarray(slots))
     args = (q, k_new, v_new, k_cache, v_cache, jnp.int32(0), jnp.asarray(token_seq),
             jnp.asarray(positions), jnp.asarray(context_lens), jnp.asarray(tables))
     itemsize = jnp.dtype(dtype).itemsize
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         scale = D ** -0.5
 
         def run_ref(q, kn, vn, kc, vc, layer, ts, pos, cl, bt):
-            return reference.paged_attention(q, kn, vn, kc, vc, layer, ts, pos, cl, bt, scale)
+            return jnp_attention(q, kn, vn, kc, vc, layer, ts, pos, cl, bt, scale)
 
         def run_pallas(q, kn, vn, kc, vc, layer, ts, pos, cl, bt):
             return pallas_attention(q, kn, vn, kc, vc, layer, ts, pos, cl, bt, scale,

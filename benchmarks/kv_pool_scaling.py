@@ -1,7 +1,7 @@
 """Decode step time against KV pool size: it must not grow with the pool (the pool is
 donated and updated in place, never copied per step or per layer).
 
-    python benchmarks/kv_pool_scaling.py [--small 300] [--large 4000]
+    python benchmarks/kv_pool_scaling.py [--small 75] [--large 1000]
 
 Uses a random model with SmolLM2-135M's shapes (30 layers) so no weights are needed, and
 prints the ratio large/small of the mean decode step time (about 1.0 means no growth).

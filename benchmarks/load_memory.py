@@ -7,17 +7,17 @@ Run in a fresh process so the RSS high-water mark belongs to the load alone:
 Prints the params' size (sum of nbytes), the growth of the peak RSS (VmHWM) over the
 baseline after imports, their ratio, and the load time. The streaming loaders keep the
 params plus about one tensor in flight, so the ratio should stay well under 1.5.
+
+Like the other benchmarks it imports the installed pagedjax (`make` installs it editable).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _vm_kib(field: str) -> int:
@@ -40,8 +40,8 @@ def _reset_peak() -> bool:
 
 def measure(path: str | None = None, dtype: str = "float32") -> dict:
     """Load `path` (default model when None) with `load_gguf` and report memory and time."""
-    import numpy as np  # noqa: F401  (imports before the baseline)
-    import gguf  # noqa: F401
+    for module in ("numpy", "gguf"):  # imported before the baseline
+        importlib.import_module(module)
 
     from pagedjax.loading import default_gguf_path, load_gguf
 

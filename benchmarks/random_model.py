@@ -14,10 +14,10 @@ transformers (the benchmark dependencies).
 
 from __future__ import annotations
 
-import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from random_checkpoint import make_tiny_llama  # benchmarks/ is sys.path[0] for its scripts
+
 DEFAULT_MODEL_SHAPE = dict(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
     num_attention_heads=9, rope_theta=100000.0, max_position_embeddings=8192,
@@ -26,9 +26,6 @@ DEFAULT_MODEL_SHAPE = dict(
 
 def write_random_default_shape(model_dir: str, seed: int = 0) -> str:
     """Write the random checkpoint to `model_dir` (float32 safetensors) and return it."""
-    sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for tests.helpers
-    from tests.helpers.tiny_models import make_tiny_llama
-
     return make_tiny_llama(model_dir, num_kv_heads=3, tie=True, seed=seed,
                            **DEFAULT_MODEL_SHAPE)
 

@@ -1,14 +1,14 @@
 """Choosing a paged-attention backend by name and platform: the one place that decides.
 
-Names: "auto" (Pallas on GPU / TPU, "native" on CPU), "reference" (plain jnp), "pallas"
-("pallas" on CPU runs the kernel in Pallas interpret mode: slow, for tests), "native" (the
-jnp reference with decode rows in a C++ XLA FFI kernel, CPU only, built on first use). A
-combination a kernel cannot run (say a head dim the GPU kernel does not tile, a bfloat16
-pool for the native kernel, or no C++ compiler on the machine) falls back to the reference
-with a one-line warning, never an error.
+Names: "auto" (Pallas on GPU / TPU, "native" on CPU), "reference" (plain jnp,
+jnp_attention; runs anywhere), "pallas" ("pallas" on CPU runs the kernel in Pallas
+interpret mode: slow, for tests), "native" (the jnp backend with decode rows in a C++ XLA
+FFI kernel, CPU only, built on first use). A combination a kernel cannot run (say a head
+dim the GPU kernel does not tile, a bfloat16 pool for the native kernel, or no C++
+compiler on the machine) falls back to "reference" with a one-line warning, never an error.
 
-Every backend function takes the reference's arguments plus `slot_mapping` (only the TPU
-adapter needs it: it rebuilds page tables that cover this step's tokens).
+Every backend function takes jnp_attention.paged_attention's arguments plus `slot_mapping`
+(only the TPU adapter needs it: it rebuilds page tables that cover this step's tokens).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def get_paged_attention(backend: str) -> Callable:
     "pallas" picks the TPU op, the Triton kernel or the interpreted kernel by JAX's
     platform."""
     if backend == "reference":
-        return _reference
+        return _jnp
     if backend == "native":
         from .native_attention import paged_attention as native_paged_attention
         return native_paged_attention
@@ -85,8 +85,8 @@ def get_paged_attention(backend: str) -> Callable:
     raise ValueError(f"unknown resolved attention backend {backend!r}")
 
 
-def _reference(*args, slot_mapping=None, **kwargs):
-    from .reference import paged_attention
+def _jnp(*args, slot_mapping=None, **kwargs):
+    from .jnp_attention import paged_attention
     del slot_mapping
     return paged_attention(*args, **kwargs)
 

@@ -1,7 +1,7 @@
 // Paged attention of decode rows over their cached context, for XLA on CPU (an XLA FFI
 // custom call; kernels/native_attention.py builds, loads and calls it).
 //
-// Why C++: XLA CPU cannot feed a gather into a dot, so the jnp reference copies every
+// Why C++: XLA CPU cannot feed a gather into a dot, so the jnp backend copies every
 // page it reads into a fresh buffer and reads it again in small GEMMs (about three
 // passes over the KV bytes). This kernel multiplies each page where it lies in the pool:
 // one pass, the next page prefetched while the current one is used.
@@ -47,7 +47,7 @@ constexpr int G = GROUP, D = HEAD_DIM, S = PAGE_SIZE;
 // the page size needs narrower vectors to tile exactly.
 constexpr int W = std::gcd(std::gcd(16, D), S);
 constexpr int DT = D / W, ST = S / W;
-constexpr float kNegInf = -1e30f;  // the jnp reference's NEG_INF
+constexpr float kNegInf = -1e30f;  // the jnp backend's NEG_INF
 
 // W floats in a GCC / Clang vector, mapped to the machine's SIMD registers.
 // aligned(4): loads from any float address.

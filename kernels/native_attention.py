@@ -1,12 +1,10 @@
 """Paged attention with decode rows in a C++ kernel: the "native" backend for XLA on CPU.
 
-Everything is the jnp reference (`kernels.reference.paged_attention`) except the rows that
-read a sequence's cached context one query token at a time (every decode token; every
-token when a step holds several continuing chunks): those run `decode_attention.cc`
-through `jax.ffi`, which multiplies each page where it lies in the pool instead of
-gathering it into a copy first. On SmolLM2's shapes (128 rows over ~170 cached tokens,
-30 layers) the context read fell from ~86 to ~35 ms per decode step (bench: the
-throughput benchmark's decode-heavy workload, README).
+Everything is the jnp backend (`jnp_attention.paged_attention`) except the rows that read
+a sequence's cached context one query token at a time (every decode token; every token
+when a step holds several continuing chunks): those run `decode_attention.cc` through
+`jax.ffi`, which multiplies each page where it lies in the pool instead of gathering it
+into a copy first (XLA CPU cannot feed a gather into a dot).
 
 The kernel is compiled per (query heads per KV head, head dim, page size) by
 `native_build`, so registers hold a page's scores and a row's outputs; `native_build`
@@ -24,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import reference
+from . import jnp_attention
 from .native_build import NativeBuildError, build_library
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_attention.cc")
@@ -66,8 +64,8 @@ def decode_rows(
     sliding_window: int | None,
     soft_cap: float | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The unnormalised softmax of each row over its cached context, in the reference's
-    _PagedContext.attend_rows layout: (max [K, R, G], total [K, R, G], out [K, R, G, D])."""
+    """The unnormalised softmax of each row over its cached context, in
+    PagedContext.attend_rows' layout: (max [K, R, G], total [K, R, G], out [K, R, G, D])."""
     rows, num_kv_heads, group, head_dim = q.shape
     target = load_decode_attention(group, head_dim, v_cache.shape[2])
     partial_shape = jax.ShapeDtypeStruct((rows, num_kv_heads, group), jnp.float32)
@@ -83,7 +81,7 @@ def decode_rows(
 
 
 def paged_attention(*args, slot_mapping=None, **kwargs) -> jax.Array:
-    """`kernels.reference.paged_attention` (same arguments, plus the unused
-    `slot_mapping` every backend takes) with its per-row context read in the kernel."""
+    """`jnp_attention.paged_attention` (same arguments, plus the unused `slot_mapping`
+    every backend takes) with its per-row context read in the kernel."""
     del slot_mapping
-    return reference.paged_attention(*args, row_attention=decode_rows, **kwargs)
+    return jnp_attention.paged_attention(*args, row_attention=decode_rows, **kwargs)

@@ -1,33 +1,14 @@
 """Ragged paged attention as a Pallas kernel (GPU via Triton; CPU in interpret mode).
 
-Same contract as `kernels.reference.paged_attention`: T ragged query tokens of B sequences
+Same contract as `jnp_attention.paged_attention`: T ragged query tokens of B sequences
 (prefill chunks and decodes mixed); token t of sequence token_seq[t] at positions[t] sees
 its sequence's cached context (context_lens[b] tokens through block_tables[b]) and the
 in-step tokens of its sequence at positions <= its own, read from k_new / v_new. The
 engine's block tables cover only the cached context, so the kernel reads the in-step keys
-from k_new / v_new exactly like the reference (no engine change, no extra cache read).
+from k_new / v_new exactly like the jnp backend (no engine change, no extra cache read).
 
-Kernel design (flash-attention style, one pass, float32 softmax state):
-
-* grid = (query blocks, KV heads). A query block is `block_tokens` consecutive tokens of
-  the flat token axis times the (power-of-two padded) query heads of one KV head, laid
-  out as R = block_tokens * group rows of a [R, D] tile: GQA query heads share every
-  loaded K/V tile. Output blocks never overlap, so there are no masked stores.
-* a block may hold tokens of several sequences (decode steps: one token each). The
-  kernel loops over the sequences present in the block; for each one it walks the
-  sequence's context one page at a time (each page is read once per query block; a
-  page's keys are stored transposed, [K * D, S], so a head's [D, S] tile is the right
-  operand of q @ k as it is) and then the sequence's in-step keys up to the block's
-  last token, updating an online softmax (running max m, sum l, accumulator acc) of the
-  rows that belong to that sequence (others are masked).
-* with a sliding window, pages below every row's window are skipped, not masked.
-* head dims that are not a power of two (96 = 64 + 32) are split into power-of-two
-  column chunks, because Triton tiles must be powers of two.
-
-GPU lowering: Triton (`jax.experimental.pallas.triton.CompilerParams`), chosen in
-`_gpu_compiler_params` only. Mosaic GPU targets Hopper+ warpgroup/TMA programming with a
-different kernel model; Triton lowers this gather-heavy, tile-per-program kernel on every
-CUDA GPU JAX supports and is the lowering JAX's own GPU paged-attention op uses.
+One pass, flash-attention style (float32 softmax state), one program per (query block,
+KV head) so GQA query heads share every loaded K/V tile; lowered by Triton on GPU.
 """
 
 from __future__ import annotations
@@ -48,7 +29,10 @@ MAX_GPU_PAGE = 128  # keys of one page are one tile on GPU
 
 
 def _gpu_compiler_params(head_dim: int):
-    """The one place that picks the GPU lowering: Pallas' Triton backend."""
+    """The one place that picks the GPU lowering: Pallas' Triton backend. Mosaic GPU
+    targets Hopper+ warpgroup / TMA programming with a different kernel model; Triton
+    lowers this gather-heavy, tile-per-program kernel on every CUDA GPU JAX supports and
+    is the lowering JAX's own GPU paged-attention op uses."""
     return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
@@ -85,6 +69,21 @@ def _kernel(layer_ref, first_ref, last_ref, start_ref, end_ref, ctx_ref, table_r
             row_seq_ref, row_pos_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, key_seq_ref,
             key_pos_ref, o_ref, *, scale, head_dim, num_pages, page_size, block_tokens,
             new_keys, chunks, sliding_window, soft_cap, precision):
+    """One query block of one KV head over the context and in-step keys of its sequences.
+
+    * A query block is `block_tokens` consecutive tokens of the flat token axis times the
+      (power-of-two padded) query heads of one KV head: R = block_tokens * group rows of
+      a [R, D] tile. Output blocks never overlap, so there are no masked stores.
+    * A block may hold tokens of several sequences (decode steps: one token each). It
+      loops over them; for each, it walks the sequence's context one page at a time
+      (each page read once per query block; keys are stored transposed, [K * D, S], so a
+      head's [D, S] tile is the right operand of q @ k as it is), then the sequence's
+      in-step keys up to the block's last token, updating the online softmax (m, l,
+      acc) of that sequence's rows (others masked).
+    * With a sliding window, pages below every row's window are skipped, not masked.
+    * Head dims that are not a power of two (96 = 64 + 32) are split into power-of-two
+      column chunks, because Triton tiles must be powers of two.
+    """
     query_block, kv_head = pl.program_id(0), pl.program_id(1)
     rows = q_ref.shape[0]
     row_seq = row_seq_ref[...]  # [R] sequence of each row (-1: padding)
@@ -181,7 +180,8 @@ def paged_attention(
     interpret: bool | None = None,  # None: interpret unless running on a GPU
     block_tokens: int | None = None,  # tokens per query block (None: from T / B)
 ) -> jax.Array:  # [T, H, D]
-    """Pallas ragged paged attention; same semantics and arguments as the reference."""
+    """Pallas ragged paged attention; same semantics and arguments as
+    jnp_attention.paged_attention."""
     num_tokens, num_heads, head_dim = q.shape
     num_layers, num_pages, page_size, num_kv_heads, _ = v_cache.shape
     num_seqs, width = block_tables.shape

@@ -31,8 +31,8 @@ def unsupported_reason(head_dim: int, block_size: int, dtype) -> str | None:
 def paged_attention(q, k_new, v_new, k_cache, v_cache, layer, token_seq, positions,
                     context_lens, block_tables, scale, sliding_window=None, soft_cap=None,
                     *, slot_mapping, op=None):
-    """Reference semantics (kernels.reference.paged_attention) via the TPU op; K/V of this
-    step must already be in the cache (write_kv runs first). `op` overrides the kernel."""
+    """jnp_attention.paged_attention's semantics via the TPU op; K/V of this step must
+    already be in the cache (write_kv runs first). `op` overrides the kernel."""
     del k_new, v_new  # read back from the cache, where write_kv put them
     if op is None:
         from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (

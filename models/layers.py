@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagedjax.kernels import get_paged_attention, reference
+from pagedjax.kernels import get_paged_attention, write_kv
 
 from .config import ModelConfig
 
@@ -22,8 +22,8 @@ class LayerMatrix:
     layer scan by the traced layer index.
 
     On XLA CPU a matmul cannot read a dynamic slice of a stacked [L, out, in] array in
-    place: each layer's slice is copied first (~15 ms of a 156 ms decode step of SmolLM2).
-    A `lax.switch` over separate arrays hands the chosen one to the matmul as it is."""
+    place: each layer's slice would be copied first, every step. A `lax.switch` over
+    separate arrays hands the chosen one to the matmul as it is."""
 
     matrices: tuple  # L arrays [out, in]
     index: jax.Array  # [] int32, the layer
@@ -175,7 +175,7 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, step, k_cache: jax.Arr
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
 
-    k_cache, v_cache = reference.write_kv(k_cache, v_cache, layer, k, v, step.slot_mapping)
+    k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, step.slot_mapping)
     attend = get_paged_attention(backend)
 
     def run(window):

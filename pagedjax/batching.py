@@ -7,27 +7,33 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .buckets import BucketKey, Buckets
+from .sampler import static_sampler
 from .step_input import (PENALTY_ALLOWED, PENALTY_BANNED, PENALTY_IN_CONTEXT, PenaltyTensors,
                          SamplingTensors, StepInput)
 
 _UINT32_MASK = (1 << 32) - 1
 
 
-def build_step_input(scheduled: Sequence, buckets: Buckets,
-                     block_size: int) -> tuple[BucketKey, StepInput]:
+def build_step_input(scheduled: Sequence, buckets: Buckets, block_size: int,
+                     decode_steps: int = 0) -> tuple[BucketKey, StepInput]:
     """Pack scheduled chunks (objects with .request, .start_position, .num_new_tokens) into
-    one StepInput padded to the smallest bucket that holds them.
+    one StepInput padded to the smallest bucket that holds them, and pick its program.
 
-    Padding tokens write to slot 0 of the null page and attend only to each other; padded
-    sequences have empty context and read logits of token 0 (their samples are ignored).
+    With `decode_steps` > 0 the step is a decode call of that many steps (multi_step.py):
+    each row's block table then lists every page it holds, so step j reads what the
+    steps before it wrote. Padding tokens write to slot 0 of the null page and attend
+    only to each other; padded sequences have empty context and read logits of token 0
+    (their samples are ignored).
     """
     num_tokens = sum(s.num_new_tokens for s in scheduled)
     entries = [_penalty_entries(s.request) for s in scheduled]
     widest = max((len(e[0]) for e in entries if e is not None), default=0)
     with_logprobs = any(s.request.sampling_params.logprobs is not None for s in scheduled)
     with_prompt_logprobs = any(needs_prompt_logprobs(s) for s in scheduled)
+    sampler = (static_sampler(s.request.sampling_params for s in scheduled) if decode_steps
+               else "any")
     key = buckets.key_for(num_tokens, len(scheduled), widest, with_logprobs,
-                          with_prompt_logprobs)
+                          with_prompt_logprobs, decode_steps, sampler)
     T, B, M = key.num_tokens, key.num_seqs, buckets.pages_per_seq
 
     # Per-token and per-sequence values are gathered in Python lists and written into
@@ -37,8 +43,7 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
     token_positions: list[int] = []
     token_slots: list[int] = []
     token_seqs: list[int] = []
-    table_pages: list[int] = []  # each sequence's cached pages, concatenated
-    table_counts: list[int] = []
+    tables: list[list[int]] = []  # each sequence's pages to read
     starts, ends, logits_at_rows = [], [], []
     query_start_loc = np.full(B + 1, num_tokens, np.int32)
     offset = 0
@@ -51,7 +56,7 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
             # tokens): an empty sequence, like padding, that samples with its own params
             # and seed from its parent's last-token logits.
             logits_at_rows.append(logits_at[id(chunk.logits_source)])
-            table_counts.append(0)
+            tables.append([])
             starts.append(0)
             ends.append(0)
             continue  # query_start_loc stays num_tokens, like padding's
@@ -73,9 +78,7 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
             pages = np.asarray(blocks, np.int32)[pos // block_size]
             token_slots.extend((pages * block_size + pos % block_size).tolist())
         token_seqs.extend([i] * n)
-        cached_pages = -(-start // block_size)
-        table_pages.extend(blocks[:cached_pages])
-        table_counts.append(cached_pages)
+        tables.append(blocks if decode_steps else blocks[:-(-start // block_size)])
         starts.append(start)
         ends.append(start + n)
         query_start_loc[i] = offset
@@ -91,11 +94,7 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
     positions[:num_tokens] = token_positions
     slot_mapping[:num_tokens] = token_slots
     token_seq[:num_tokens] = token_seqs
-    block_tables = np.zeros((B, M), np.int32)
-    counts = np.asarray(table_counts, np.int64)
-    rows = np.repeat(np.arange(len(counts)), counts)
-    first = np.repeat(np.cumsum(counts) - counts, counts)
-    block_tables[rows, np.arange(len(rows)) - first] = table_pages
+    block_tables = fill_block_tables(tables, B, M)
     n_seqs = len(scheduled)
     context_lens = np.zeros(B, np.int32)
     seq_lens = np.zeros(B, np.int32)
@@ -147,6 +146,18 @@ def build_step_input(scheduled: Sequence, buckets: Buckets,
                           PenaltyTensors(repetition_penalty, presence_penalty,
                                          frequency_penalty, penalty_ids, output_counts,
                                          penalty_flags, bias))
+
+
+def fill_block_tables(tables: Sequence[Sequence[int]], num_rows: int,
+                      width: int) -> np.ndarray:  # [B, M]
+    """Block tables int32 [num_rows, width]: row i lists the pages `tables[i]` (at most
+    `width`), the rest points at the null page 0."""
+    out = np.zeros((num_rows, width), np.int32)
+    counts = np.asarray([min(len(t), width) for t in tables], np.int64)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    out[rows, np.arange(len(rows)) - first] = [p for t in tables for p in t[:width]]
+    return out
 
 
 def needs_prompt_logprobs(chunk) -> bool:

@@ -14,13 +14,10 @@ pages are kept falls back to prefilling its whole prefix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional, Sequence
 
 from .request import Request
 from .sampling_params import MAX_LOGPROBS, SamplingParams
-
-if TYPE_CHECKING:
-    from .llm import LLM
 
 
 @dataclass(frozen=True)
@@ -83,17 +80,18 @@ def beam_search_score(tokens: list[int], cum_logprob: float, eos_token_ids,
     return cum_logprob / (seq_len ** length_penalty)
 
 
-def beam_search(llm: "LLM", prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
-    """Run beam search for every prompt (see the module docstring); one output per prompt."""
+def beam_search(engine: Any, prompts: Sequence[Sequence[int]],
+                params: BeamSearchParams) -> list[BeamSearchOutput]:
+    """Run beam search on `engine` (an Engine with a tokenizer) for every tokenized prompt
+    (see the module docstring); one output per prompt."""
     if not isinstance(params, BeamSearchParams):
         raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-    engine = llm.engine
     eos = engine.eos_token_ids
     step_params = SamplingParams(logprobs=2 * params.beam_width, max_tokens=1,
                                  temperature=0.0, ignore_eos=True)
-    # Tokenize and validate every prompt up front (no request is queued by this).
-    prompt_tokens = [list(r.prompt_token_ids)
-                     for r in llm._make_requests(prompts, step_params)]
+    # Validate every prompt up front (building a request queues nothing).
+    prompt_tokens = [list(engine.make_request(p, step_params).prompt_token_ids)
+                     for p in prompts]
 
     # With ignore_eos an EOS token is an ordinary token, so it counts in the length too
     # (vLLM always leaves a final EOS out, which makes width 1 differ from greedy there).
@@ -156,7 +154,7 @@ def beam_search(llm: "LLM", prompts: list, params: BeamSearchParams) -> list[Bea
             beam.finish_reason = beam.finish_reason or "length"
         best = sorted(done + group, key=key, reverse=True)[:params.beam_width]
         for beam in best:
-            beam.text = llm.tokenizer.decode(beam.tokens)
+            beam.text = engine.tokenizer.decode(beam.tokens)
         results.append(BeamSearchOutput(sequences=best))
     return results
 

@@ -59,11 +59,9 @@ class Buckets:
     (greedy; random; random with top-k / top-p), chosen on the host, rather than one
     program whose sampler picks its path at run time with lax.cond: on a GPU, XLA reads
     a conditional's predicate back to the host, so the dispatching thread waits for the
-    device up to the call's last cond (the sampler's, near the end) and the host's work
-    cannot overlap the call (measured on an H200: dispatching an 8-step call took 21 ms,
-    its whole device time). Plain steps keep one program: the host waits for their
-    tokens right after dispatch anyway. On CPU a dispatch returns at once either way, so
-    there nothing is split."""
+    device up to the call's last cond and the host's work cannot overlap the call.
+    Plain steps keep one program: the host waits for their tokens right after dispatch
+    anyway. On CPU a dispatch returns at once either way, so there nothing is split."""
 
     tokens: tuple[int, ...]
     seqs: tuple[int, ...]
@@ -83,18 +81,18 @@ class Buckets:
         )
 
     def key_for(self, num_tokens: int, num_seqs: int, penalty_entries: int = 0,
-                with_logprobs: bool = False, with_prompt_logprobs: bool = False) -> BucketKey:
-        """The smallest bucket holding a step of these sizes."""
-        return BucketKey(_fit(self.tokens, num_tokens, "tokens"),
-                         _fit(self.seqs, num_seqs, "sequences"),
-                         penalty_width(penalty_entries), bool(with_logprobs),
-                         bool(with_prompt_logprobs))
-
-    def decode_call_key(self, key: BucketKey, num_steps: int, sampler: str) -> BucketKey:
-        """The decode-call program for a pure-decode step of shape `key`: `num_steps`
-        steps with the batch's `sampler` (sampler.static_sampler) under static_samplers,
-        else "any"."""
-        return replace(key, num_steps=num_steps, decode_call=True,
+                with_logprobs: bool = False, with_prompt_logprobs: bool = False,
+                decode_steps: int = 0, sampler: str = "any") -> BucketKey:
+        """The one place a step's program is chosen: the smallest bucket holding a step of
+        these sizes; with `decode_steps` > 0 the decode-call program running that many
+        steps, sampling with `sampler` (sampler.static_sampler) under static_samplers."""
+        key = BucketKey(_fit(self.tokens, num_tokens, "tokens"),
+                        _fit(self.seqs, num_seqs, "sequences"),
+                        penalty_width(penalty_entries), bool(with_logprobs),
+                        bool(with_prompt_logprobs))
+        if decode_steps <= 0:
+            return key
+        return replace(key, num_steps=decode_steps, decode_call=True,
                        sampler=sampler if self.static_samplers else "any")
 
     def all_keys(self, num_steps: int = 1, decode_calls: bool = False) -> list[BucketKey]:
@@ -104,7 +102,7 @@ class Buckets:
         keys = [BucketKey(t, b) for t, b in itertools.product(self.tokens, self.seqs) if b <= t]
         samplers = STATIC_SAMPLERS if self.static_samplers else ("any",)
         if num_steps > 1 or decode_calls:
-            keys += [self.decode_call_key(self.key_for(b, b), num_steps, sampler)
+            keys += [self.key_for(b, b, decode_steps=num_steps, sampler=sampler)
                      for b in self.seqs if b <= self.tokens[-1] for sampler in samplers]
         return keys
 

@@ -24,7 +24,7 @@ def enable_compilation_cache() -> Optional[str]:
     cache_dir = os.path.expanduser(os.environ.get("PAGEDJAX_CACHE_DIR") or DEFAULT_CACHE_DIR)
     os.makedirs(cache_dir, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", cache_dir)
-    # Step programs compile in about a second on CPU: cache all of them, however quick.
+    # Step programs compile in seconds on CPU: cache all of them, however quick.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return cache_dir

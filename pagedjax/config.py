@@ -18,8 +18,9 @@ class EngineConfig:
     sizes the pool from `kv_cache_memory_fraction` of free accelerator memory, or from
     `kv_cache_memory_bytes` on CPU (where free memory is not reported). `block_size`
     (tokens per KV page) defaults to 64, between vLLM's 16 on GPU and 128 on CPU: a
-    decode row reads its context one page per loop step, and 64-key pages read ~1.5x
-    faster than 16-key ones on CPU; the Pallas GPU kernel takes one page per inner step.
+    decode row reads its context one page per loop step, so larger pages read it faster
+    on CPU, for up to block_size - 1 unfilled slots per sequence; the Pallas GPU kernel
+    takes one page per inner step.
     `num_scheduler_steps` > 1 runs that many decode steps per device call when every
     scheduled sequence is decoding and needs no host work between tokens (multi_step.py):
     it pays where the host's per-step work is comparable to the device's, as on a GPU.

@@ -1,11 +1,11 @@
 """One host->device transfer per step: a host StepInput's leaves travel packed.
 
 A StepInput has ~22 small arrays; `jax.device_put` of the tree moves each one separately
-(~300 us per 128-sequence step on the CPU machine, each a transfer of its own on a GPU).
-`pack` concatenates the 32-bit integer leaves (uint32 seed words bitcast) into one int32
-buffer and the float32 leaves into one float32 buffer; `to_device` sends the two and
-`unpack` (jitted, one small program per step shape) slices the StepInput back out on the
-device: ~80 us in all.
+(each a transfer of its own on a GPU), which costs more per step than two transfers and a
+slicing program. `pack` concatenates the 32-bit integer leaves (uint32 seed words bitcast)
+into one int32 buffer and the float32 leaves into one float32 buffer; `to_device` sends the
+two and `unpack` (jitted, one small program per step shape) slices the StepInput back out
+on the device.
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
-"""Multi-step decode: several decode steps of one batch inside one device program.
+"""Decode calls, device side: several decode steps of one batch inside one program.
 
-On a fast accelerator a small model's decode step takes a few milliseconds, about as long
-as the host's scheduling, input building and detokenizing around it, so the device idles
-for much of each step. When every scheduled sequence is decoding and no
-step needs host work between tokens (no penalties or logprobs, nobody waiting for
-admission), the engine runs `num_scheduler_steps` steps in one call (vLLM V0's
-multi-step scheduling): each step's sampled tokens feed the next step's input on the
-device, and the host then applies the K tokens one step at a time, so stop tokens, stop
-strings and max_tokens end a sequence exactly where single steps would; its remaining
-tokens are dropped. Sampling keys depend on (seed, token index) only, so seeded and
-greedy outputs equal the single-step ones.
-
-The host reserves KV pages for all K positions before the call and gives each sequence's
-block table every page it holds, so step j reads the keys steps < j wrote. While the batch
-stays the same (nobody waits, no sequence has ended), the engine dispatches the next call
-before fetching this one's tokens, feeding it this call's final `next_input` with fresh
-block tables (`with_slots` recomputes the slots from them), so the device computes while
-the host applies tokens. With `async_scheduling` the same chained calls run at one step
-per call too (vLLM V1's async scheduling): tokens stream one at a time, and the overlap
-stays.
+Each step's sampled tokens feed the next step's input on the device (`advance_decode_input`),
+so `num_steps` steps run without the host. Sampling keys depend on (seed, token index) only,
+so seeded and greedy outputs equal the single-step ones. The host side (when a batch runs
+as a decode call, page reservation, chaining calls) is decode_calls.py.
 """
 
 from __future__ import annotations

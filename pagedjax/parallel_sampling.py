@@ -3,7 +3,7 @@
 The prompt is prefilled once by the first sequence (the parent); when its last prefill
 chunk is scheduled the scheduler forks the other n - 1 sequences, which share the parent's
 KV blocks by reference count and sample their first token from the same logits in the
-same step (see Scheduler._apply_forks). Writes into a shared, partly filled block are
+same step (the scheduler's fork step). Writes into a shared, partly filled block are
 copy-on-write (BlockManager.copy_on_write + pagedjax/kv_copy.py).
 """
 

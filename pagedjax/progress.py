@@ -6,7 +6,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from .request import Request
+from .outputs import RequestOutput
 
 
 class GenerateProgress:
@@ -19,12 +19,12 @@ class GenerateProgress:
         self._prompt_tokens = 0
         self._output_tokens = 0
 
-    def update(self, request: Request) -> None:
-        """Record one finished request."""
+    def update(self, output: RequestOutput) -> None:
+        """Record one finished prompt (all its completions)."""
         if self._bar is None:
             return
-        self._prompt_tokens += len(request.prompt_token_ids)
-        self._output_tokens += len(request.output_token_ids)
+        self._prompt_tokens += len(output.prompt_token_ids)
+        self._output_tokens += sum(len(c.token_ids) for c in output.outputs)
         elapsed = max(time.perf_counter() - self._start, 1e-9)
         self._bar.set_postfix_str(
             f"input: {self._prompt_tokens / elapsed:.1f} toks/s, "

@@ -20,7 +20,9 @@ class RequestStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Request:
-    """A prompt being generated for; mutated only by the scheduler and the engine.
+    """A prompt being generated for. Built by the input processor; its scheduling state
+    (status, pages, computed and output tokens) is the scheduler's to change, its output
+    fields (text, logprobs) the output processor's.
 
     `num_computed_tokens` counts tokens whose K/V are in the cache. After a preemption by
     recompute it drops to 0 and prompt + output tokens are prefilled again.
@@ -39,11 +41,11 @@ class Request:
     finish_reason: Optional[str] = None
     stop_reason: Optional[int | str] = None  # the stop token id or stop string that fired
     output_text: str = ""  # detokenized output, cut at a matched stop string
-    detokenizer: Optional[Any] = None  # an IncrementalDetokenizer, set by the engine
+    detokenizer: Optional[Any] = None  # an IncrementalDetokenizer (None: no tokenizer)
     num_preemptions: int = 0
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # from SamplingParams.bad_words
     # With SamplingParams.logprobs: one {token_id: Logprob} per output token, and the sum
-    # of the sampled tokens' logprobs (both filled by the engine).
+    # of the sampled tokens' logprobs (both filled by the output processor).
     logprobs: Optional[list] = None
     cumulative_logprob: Optional[float] = None
     # With SamplingParams.prompt_logprobs: [None] + one {token_id: Logprob} per prompt

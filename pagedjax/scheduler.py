@@ -10,91 +10,28 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from .admission import check_admissible
 from .block_manager import BlockManager
 from .request import Request, RequestStatus
+from .scheduler_output import ScheduledRequest, SchedulerOutput
 
-
-@dataclass(frozen=True)
-class ScheduledRequest:
-    """One request's share of a step: `num_new_tokens` tokens from `start_position` on.
-
-    `samples` is fixed at scheduling time: True when this chunk reaches the end of the
-    request's known tokens, so the step produces a new token for it (a decode, or the last
-    prefill chunk). Earlier prefill chunks only fill the KV cache.
-    """
-
-    request: Request
-    num_new_tokens: int
-    start_position: int
-    samples: bool = field(init=False)
-    # A just-forked parallel-sampling child: no tokens of its own this step; it samples
-    # its first token from the logits of `logits_source` (its parent's last prompt token).
-    logits_source: Optional[Request] = None
-
-    def __post_init__(self):
-        end = self.start_position + self.num_new_tokens
-        object.__setattr__(self, "samples", end == self.request.num_tokens)
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The token ids fed to the model for this request this step."""
-        end = self.start_position + self.num_new_tokens
-        return self.request.all_token_ids[self.start_position:end]
-
-    @property
-    def seq_len(self) -> int:
-        """Context length after this step (tokens whose K/V will be in the cache)."""
-        return self.start_position + self.num_new_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    """What one `Scheduler.schedule()` call decided.
-
-    `scheduled` lists running requests first (decodes and continuing prefill chunks, in
-    admission order), then newly admitted ones. `preempted` are the requests sent back to
-    the waiting queue this step. `finished` are requests the scheduler had to end itself
-    because a single sequence outgrew the whole KV pool (finish_reason "length"); `update`
-    returns them too, so pass every output to `update`, even an empty one.
-    """
-
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-    finished: list[Request] = field(default_factory=list)
-    # Copy-on-write page copies (src, dst) to run on the device before this step.
-    copies: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def num_batched_tokens(self) -> int:
-        """Total tokens fed to the model this step."""
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def num_seqs(self) -> int:
-        """Sequences in this step's batch."""
-        return len(self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        """True when there is nothing to run on the device."""
-        return not self.scheduled
+__all__ = ["ScheduledRequest", "Scheduler", "SchedulerOutput"]
 
 
 class Scheduler:
     """Decides, step by step, which requests run and how many tokens each one feeds.
 
-    `max_num_seqs` caps sequences per step, `max_num_batched_tokens` caps tokens per step
-    (the chunked-prefill budget), and `max_model_len` caps prompt + generated tokens.
+    `max_num_seqs` caps sequences per step and `max_num_batched_tokens` caps tokens per
+    step (the chunked-prefill budget). Which sequences end, and when, is the output
+    processor's decision (`finish_requests`).
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int):
+                 max_num_batched_tokens: int):
         for name, value in (("max_num_seqs", max_num_seqs),
-                            ("max_num_batched_tokens", max_num_batched_tokens),
-                            ("max_model_len", max_model_len)):
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an int, got {value!r}")
             if value < 1:
@@ -104,7 +41,6 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._unfinished: dict[str, Request] = {}
@@ -142,48 +78,15 @@ class Scheduler:
     def add_request(self, request: Request, *, forked: bool = False) -> None:
         """Validate `request` and queue it (first come, first served).
 
-        Raises ValueError for an empty prompt, a prompt that leaves no room under
-        `max_model_len` for a generated token, a prompt larger than the whole KV pool, a
-        duplicate `request_id`, or a request that is not fresh. With `forked=True`
-        (Engine.fork_request) the request may already hold the pages of its first
+        The request was validated when it was built (InputProcessor); this checks what
+        only the scheduler knows. Raises ValueError for a prompt larger than the whole KV
+        pool, a duplicate `request_id`, or a request that is not fresh. With
+        `forked=True` (see `add_forked`) the request already holds the pages of its first
         `num_computed_tokens` prompt tokens (shared with another request, at least one
         prompt token left to prefill); only the rest of its prompt is prefilled.
         """
-        prompt_len = len(request.prompt_token_ids)
-        if prompt_len == 0:
-            raise ValueError("prompt: the prompt is empty; give at least one token")
-        if prompt_len >= self.max_model_len:
-            raise ValueError(
-                f"prompt: {prompt_len} tokens leave no room to generate under "
-                f"max_model_len={self.max_model_len} (the prompt must be shorter than "
-                f"max_model_len)")
-        bm = self.block_manager
-        needed = bm.blocks_needed(prompt_len)
-        if needed > bm.num_usable_blocks:
-            raise ValueError(
-                f"prompt: {prompt_len} tokens need {needed} KV blocks but the pool has only "
-                f"{bm.num_usable_blocks} usable (num_blocks={bm.num_blocks}, "
-                f"block_size={bm.block_size})")
-        if request.request_id in self._unfinished:
-            raise ValueError(f"request_id: {request.request_id!r} is already in use")
-        cached = request.num_computed_tokens
-        if forked:
-            not_fresh = not (0 <= cached < prompt_len
-                             and len(request.block_ids) == bm.blocks_needed(cached))
-        else:
-            not_fresh = bool(request.block_ids or cached)
-        if request.status is not RequestStatus.WAITING or not_fresh:
-            raise ValueError(
-                f"request: {request.request_id!r} is not a fresh request "
-                f"(status={request.status.value}, num_computed_tokens="
-                f"{request.num_computed_tokens}, {len(request.block_ids)} blocks)")
-        if 1 + len(request.pending_children) > self.max_num_seqs:
-            raise ValueError(
-                f"n: {1 + len(request.pending_children)} parallel sequences exceed "
-                f"max_num_seqs={self.max_num_seqs}")
-        for child in request.pending_children:
-            if child.request_id in self._unfinished or child.request_id == request.request_id:
-                raise ValueError(f"request_id: {child.request_id!r} is already in use")
+        check_admissible(request, self.block_manager, self.max_num_seqs,
+                         in_use=self._unfinished, forked=forked)
         self._unfinished[request.request_id] = request
         for child in request.pending_children:
             self._unfinished[child.request_id] = child
@@ -205,16 +108,55 @@ class Scheduler:
         self._finish(request, "abort")
         return request
 
+    def add_forked(self, request: Request, shared_block_ids: Sequence[int],
+                   num_cached_tokens: int) -> None:
+        """Queue `request` on top of pages another request holds: it shares
+        `shared_block_ids` (by reference count) for its first `num_cached_tokens` prompt
+        tokens and prefills only the rest. Raises ValueError as `add_request` (nothing is
+        kept then)."""
+        if shared_block_ids and num_cached_tokens > 0:
+            request.block_ids = self.block_manager.fork(shared_block_ids)
+            request.num_computed_tokens = num_cached_tokens
+        try:
+            self.add_request(request, forked=True)
+        except BaseException:
+            self.block_manager.free(request)
+            request.num_computed_tokens = 0
+            raise
+
     def finish_request(self, request_id: str, reason: str,
-                       stop_reason: Optional[int | str] = None) -> Optional[Request]:
-        """End a running request now (e.g. a stop string matched), free its pages; returns
-        it (None if unknown or already finished)."""
+                       stop_reason: Optional[int | str] = None) -> list[Request]:
+        """End a running request now (a stop rule fired), free its pages; returns every
+        request ended ([] if unknown or already finished)."""
         request = self._unfinished.get(request_id)
         if request is None or request.status is not RequestStatus.RUNNING:
-            return None
+            return []
         self.running.remove(request)
-        self._finish(request, reason, stop_reason)
-        return request
+        return self._finish(request, reason, stop_reason)
+
+    def finish_requests(self, decisions: Sequence) -> list[Request]:
+        """End each request of `decisions` (output_processor.StopDecision); returns every
+        request ended."""
+        ended = []
+        for decision in decisions:
+            ended += self.finish_request(decision.request.request_id,
+                                         decision.finish_reason, decision.stop_reason)
+        return ended
+
+    def reserve(self, rows: Sequence[tuple[Request, int]],
+                num_positions: int) -> Optional[list[tuple[int, int]]]:
+        """Pages for `num_positions` positions from each (request, start position) row on,
+        for decode calls that run several steps: private copies of shared pages (the
+        page copies to run first are returned), or None when the pool cannot hold them
+        (pages reserved so far stay with their requests)."""
+        copies = []
+        for request, start in rows:
+            end = start + num_positions
+            row_copies = self.block_manager.copy_on_write(request, start, end)
+            if row_copies is None or not self.block_manager.ensure_capacity(request, end):
+                return None
+            copies += row_copies
+        return copies
 
     # ------------------------------------------------------------------ one step
 
@@ -340,8 +282,10 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput,
                sampled_token_ids: Sequence[int]) -> list[Request]:
-        """Apply a step's results; returns the requests that finished (including any the
-        scheduler ended in `schedule`).
+        """Apply a step's results: advance each chunk's cache and append the tokens of
+        chunks that sample. Stop rules are the output processor's (`finish_requests`
+        ends what it decides). Returns the requests the scheduler ended itself in
+        `schedule` (pass every output here, even an empty one).
 
         `sampled_token_ids[i]` belongs to `output.scheduled[i]` and is ignored for chunks
         that don't sample; extra trailing entries (batch padding) are ignored.
@@ -350,7 +294,6 @@ class Scheduler:
             raise ValueError(
                 f"sampled_token_ids: got {len(sampled_token_ids)} ids for "
                 f"{len(output.scheduled)} scheduled requests")
-        finished = list(output.finished)
         for index, scheduled in enumerate(output.scheduled):
             request = scheduled.request
             if request.is_finished:
@@ -358,37 +301,16 @@ class Scheduler:
             request.num_computed_tokens += scheduled.num_new_tokens
             if not scheduled.samples:
                 continue
-            token_id = int(sampled_token_ids[index])
-            request.output_token_ids.append(token_id)
+            request.output_token_ids.append(int(sampled_token_ids[index]))
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
-            stop = self._check_stop(request, token_id)
-            if stop is not None:
-                self._finish(request, *stop)
-                finished.append(request)
-        if finished:
-            self.running = [r for r in self.running if not r.is_finished]
-        return finished
+        return list(output.finished)
 
     # ------------------------------------------------------------------ helpers
 
-    def _check_stop(self, request: Request,
-                    token_id: int) -> Optional[tuple[str, Optional[int]]]:
-        """(finish_reason, stop_reason) if `token_id` ends the request, else None.
-
-        As in vLLM, a stop token id is its own stop_reason and EOS has none."""
-        params = request.sampling_params
-        num_output = len(request.output_token_ids)
-        past_min = num_output >= params.min_tokens
-        if past_min and not params.ignore_eos and token_id in request.eos_token_ids:
-            return "stop", None
-        if past_min and token_id in params.stop_token_ids:
-            return "stop", token_id
-        if params.max_tokens is not None and num_output >= params.max_tokens:
-            return "length", None
-        if request.num_tokens >= self.max_model_len:
-            return "length", None
-        return None
+    def kv_waste(self) -> float:
+        """Block-tail waste of the running requests (BlockManager.waste)."""
+        return self.block_manager.waste(self.running)
 
     def _preempt(self, request: Request) -> None:
         # Recompute, not swap: dropping the KV is cheap here and re-prefill is one chunked

@@ -37,10 +37,9 @@ def test_static_samplers_split_decode_calls_only():
     plain = Buckets.for_limits(max_num_batched_tokens=64, max_num_seqs=8, max_pages_per_seq=4)
     split = Buckets.for_limits(max_num_batched_tokens=64, max_num_seqs=8, max_pages_per_seq=4,
                                static_samplers=True)
-    step = plain.key_for(5, 2)
-    assert plain.decode_call_key(step, 4, "greedy") == BucketKey(
+    assert plain.key_for(5, 2, decode_steps=4, sampler="greedy") == BucketKey(
         16, 2, num_steps=4, decode_call=True)  # one program on CPU: sampler "any"
-    assert split.decode_call_key(step, 4, "random") == BucketKey(
+    assert split.key_for(5, 2, decode_steps=4, sampler="random") == BucketKey(
         16, 2, num_steps=4, decode_call=True, sampler="random")
     assert split.all_keys() == plain.all_keys()  # plain steps are never split
     for steps, calls in ((4, False), (1, True)):  # warmup builds every decode-call sampler

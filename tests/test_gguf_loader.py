@@ -282,7 +282,7 @@ def test_sentencepiece_tokenizer_matches_transformers(tmp_path):
 
 
 def test_llama3_rope_scaling_recovered_from_rope_freqs():
-    from pagedjax.loading.gguf_loader import _llama3_factors, _llama3_scaling_from_factors
+    from pagedjax.loading.gguf_config import _llama3_factors, _llama3_scaling_from_factors
     from pagedjax.models.config import RopeScaling
 
     scaling = RopeScaling(rope_type="llama3", factor=32.0, low_freq_factor=1.0,

@@ -81,11 +81,11 @@ def test_gguf_type_loads_to_the_dequantized_data(tiny_dir, tmp_path, qtype):
 
 
 def test_chunked_dequantization_equals_whole(tiny_dir, tmp_path, monkeypatch):
-    from pagedjax.loading import gguf_loader
+    from pagedjax.loading import gguf_tensors
 
     path = make_tiny_llama_gguf(tiny_dir, tmp_path / "tiny.gguf", qtype="Q4_K")
     _, whole, _ = load_gguf(path)
-    monkeypatch.setattr(gguf_loader, "_DEQUANT_CHUNK_BYTES", 3000)  # a few rows per chunk
+    monkeypatch.setattr(gguf_tensors, "_DEQUANT_CHUNK_BYTES", 3000)  # a few rows per chunk
     _, chunked, _ = load_gguf(path)
     for key in ("embed", "lm_head"):
         np.testing.assert_array_equal(chunked[key], whole[key])

@@ -26,8 +26,8 @@ def multi_step_keys(llm):
 
 def spy_on_chaining(llm):
     """A list that collects every call the engine chains (dispatches before applying)."""
-    engine, chained = llm.engine, []
-    chain = engine._chain_decode_call
+    pipeline, chained = llm.engine.decode_calls, []
+    chain = pipeline.chain
 
     def spy(call):
         result = chain(call)
@@ -35,7 +35,7 @@ def spy_on_chaining(llm):
             chained.append(result)
         return result
 
-    engine._chain_decode_call = spy
+    pipeline.chain = spy
     return chained
 
 
@@ -68,10 +68,10 @@ def test_requests_added_or_aborted_while_a_call_is_in_flight(tiny_llama_dir):
     for request in requests:
         engine.add_request(request)
     for _ in range(20):  # until a call runs while the host applies the one before
-        if engine._in_flight is not None:
+        if engine.decode_calls.in_flight is not None:
             break
         engine.step()
-    assert engine._in_flight is not None
+    assert engine.decode_calls.in_flight is not None
     late = engine.make_request(PROMPTS[3], params)
     engine.add_request(late)  # the chain must stop so it gets admitted
     engine.abort_request(requests[1].request_id)  # its pages are freed mid-flight

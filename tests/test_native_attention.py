@@ -1,5 +1,5 @@
-"""The native CPU attention backend: its C++ decode-row kernel against the jnp reference
-and dense attention, its build cache, and its fallbacks."""
+"""The native CPU attention backend: whole steps against the dense oracle, its C++
+decode-row kernel against the jnp backend's rows, its build cache, and its fallbacks."""
 
 import os
 import subprocess
@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from pagedjax import SamplingParams
-from pagedjax.kernels import native_attention, native_build, reference, resolve_attention_backend
+from pagedjax.kernels import native_attention, native_build, resolve_attention_backend
 from pagedjax.kernels.backend import get_paged_attention
+from pagedjax.kernels.paged_context import PagedContext
+from pagedjax.kernels.softmax_parts import soft_cap_fn
 from tests.helpers.engines import make_llm
-from tests.test_reference_attention import STEPS, check_step
+from tests.test_jnp_attention import STEPS, check_step
 
 POISON = 1e4  # pages no row may read: a wrong page read shows up as a huge error
 # The kernel is built by the system C++ compiler; without one only the fallback is tested.
@@ -69,18 +71,18 @@ def make_rows(group, head_dim, page_size, lens, *, num_kv_heads=3, layer=1, seed
 @needs_compiler
 @pytest.mark.parametrize("group,head_dim,page_size", [(3, 64, 64), (4, 128, 16), (2, 5, 3)])
 @pytest.mark.parametrize("window,soft_cap", [(None, None), (70, None), (None, 30.0)])
-def test_rows_match_reference_rows(group, head_dim, page_size, window, soft_cap):
-    """The kernel's unnormalised softmax against _PagedContext.attend_rows: empty rows,
+def test_rows_match_jnp_rows(group, head_dim, page_size, window, soft_cap):
+    """The kernel's unnormalised softmax against PagedContext.attend_rows: empty rows,
     partial and whole last pages, a context past the window; rows unsorted."""
     lens = [0, 1, page_size - 1, page_size, page_size + 1, 3 * page_size + 5, 150, 2]
     q, tables, lens, k_cache, v_cache = make_rows(group, head_dim, page_size, lens)
     positions = lens  # each row's query sits right after its context
     layer = jnp.int32(1)
-    cap = reference._soft_cap(soft_cap)
+    cap = soft_cap_fn(soft_cap)
 
     @jax.jit
     def both(q, tables, lens, positions, k_cache, v_cache):
-        want = reference._PagedContext(k_cache, v_cache, layer, cap, window).attend_rows(
+        want = PagedContext(k_cache, v_cache, layer, cap, window).attend_rows(
             q, tables, lens, positions)
         got = native_attention.decode_rows(q, tables, lens, positions, k_cache=k_cache,
                                            v_cache=v_cache, layer=layer,

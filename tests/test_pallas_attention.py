@@ -1,4 +1,5 @@
-"""The Pallas ragged paged-attention kernel (interpret mode on CPU) against the reference."""
+"""The Pallas ragged paged-attention kernel (interpret mode on CPU) and the TPU adapter
+against the dense oracle."""
 
 import warnings
 
@@ -7,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagedjax.kernels import reference, resolve_attention_backend
+from pagedjax.kernels import resolve_attention_backend, write_kv
 from pagedjax.kernels.backend import get_paged_attention
+from pagedjax.kernels.dense_oracle import dense_paged_attention
 from pagedjax.kernels.pallas_attention import _dim_chunks, paged_attention as pallas_attention
 
 POISON = 1e4  # unused pages and the null page: any masking error shows up as a huge error
@@ -55,8 +57,8 @@ def make_case(seqs, *, num_heads, num_kv_heads, head_dim, page_size, num_pad_tok
         context_lens[i] = ctx
         offset += new
     cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-    k_cache, v_cache = reference.write_kv(cast(k_cache), cast(v_cache), jnp.int32(layer),
-                                          cast(k_new), cast(v_new), jnp.asarray(slots))
+    k_cache, v_cache = write_kv(cast(k_cache), cast(v_cache), jnp.int32(layer), cast(k_new),
+                                cast(v_new), jnp.asarray(slots))
     args = (cast(q), cast(k_new), cast(v_new), k_cache, v_cache, jnp.int32(layer))
     kwargs = dict(token_seq=jnp.asarray(token_seq), positions=jnp.asarray(positions),
                   context_lens=jnp.asarray(context_lens),
@@ -73,7 +75,7 @@ def _jit(fn, **kwargs):  # jitted, the array keyword arguments traced too
 
 def check(args, kwargs, real, tol, **options):
     extra = {k: options.pop(k) for k in ("sliding_window", "soft_cap") if k in options}
-    want = np.asarray(_jit(reference.paged_attention, **kwargs, **extra)(*args), np.float32)
+    want = dense_paged_attention(*args, **kwargs, **extra)
     got = _jit(pallas_attention, **kwargs, **extra, interpret=True, **options)(*args)
     assert got.shape == args[0].shape and got.dtype == args[0].dtype
     got = np.asarray(got, np.float32)
@@ -134,8 +136,8 @@ def test_bfloat16_accumulates_in_float32():
 def test_sliding_window_and_soft_cap(options):
     args, kwargs, real, _ = make_case(MIXED, num_heads=4, num_kv_heads=2, head_dim=8,
                                       page_size=4, seed=7)
-    base = np.asarray(reference.paged_attention(*args, **kwargs))
-    changed = np.asarray(reference.paged_attention(*args, **kwargs, **options))
+    base = dense_paged_attention(*args, **kwargs)
+    changed = dense_paged_attention(*args, **kwargs, **options)
     assert np.abs(base[real] - changed[real]).max() > 1e-3  # the option does something
     check(args, kwargs, real, 1e-5, **options)  # skips whole pages
 
@@ -147,7 +149,7 @@ def test_tpu_adapter_layout_with_the_ops_jnp_reference():
     from pagedjax.kernels.tpu_attention import paged_attention as tpu_attention
     args, kwargs, real, slots = make_case([(5, 1), (0, 3), (6, 2)], num_heads=6,
                                           num_kv_heads=2, head_dim=8, page_size=4)
-    want = np.asarray(reference.paged_attention(*args, **kwargs))
+    want = dense_paged_attention(*args, **kwargs)
     got = np.asarray(tpu_attention(*args, **kwargs, slot_mapping=jnp.asarray(slots),
                                    op=ref_ragged_paged_attention))
     n = int(real.sum())  # the op's jnp reference returns the real tokens only

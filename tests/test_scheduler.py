@@ -1,10 +1,12 @@
-"""Scheduler: continuous batching, chunked prefill, preemption, stop rules (fake tokens, no JAX)."""
+"""Scheduler: continuous batching, chunked prefill, preemption, and the stop rules the
+output processor applies to what it schedules (fake tokens, no model)."""
 
 import random
 
 import pytest
 
 from pagedjax.block_manager import BlockManager
+from pagedjax.output_processor import OutputProcessor
 from pagedjax.request import Request, RequestStatus
 from pagedjax.sampling_params import SamplingParams
 from pagedjax.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
@@ -19,12 +21,27 @@ def make_request(request_id, prompt_len, max_tokens=4, **params):
                    seed=0, eos_token_ids=frozenset({EOS}))
 
 
+class StepLoop:
+    """A scheduler whose `update` also applies the engine's stop rules (the output
+    processor's decisions, then `finish_requests`), as an engine step does."""
+
+    def __init__(self, scheduler, max_model_len):
+        self.scheduler = scheduler
+        self.rules = OutputProcessor(tokenizer=None, max_model_len=max_model_len)
+
+    def __getattr__(self, name):
+        return getattr(self.scheduler, name)
+
+    def update(self, out, tokens):
+        finished = self.scheduler.update(out, tokens)
+        return finished + self.scheduler.finish_requests(self.rules.process(out.scheduled))
+
+
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8,
                    max_num_batched_tokens=64, max_model_len=128):
     bm = BlockManager(num_blocks=num_blocks, block_size=block_size)
-    return Scheduler(bm, max_num_seqs=max_num_seqs,
-                     max_num_batched_tokens=max_num_batched_tokens,
-                     max_model_len=max_model_len)
+    return StepLoop(Scheduler(bm, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens), max_model_len)
 
 
 def step(scheduler, token=FILLER):
@@ -58,12 +75,10 @@ def summary(out):
     (dict(max_num_seqs=0), "max_num_seqs"),
     (dict(max_num_seqs=-1), "max_num_seqs"),
     (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
-    (dict(max_model_len=0), "max_model_len"),
-    (dict(max_model_len=16.0), "max_model_len"),
     (dict(max_num_seqs=True), "max_num_seqs"),
 ])
 def test_constructor_rejects_bad_values(kwargs, field):
-    args = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64)
+    args = dict(max_num_seqs=4, max_num_batched_tokens=32)
     args.update(kwargs)
     with pytest.raises(ValueError, match=field):
         Scheduler(BlockManager(16, 4), **args)
@@ -71,23 +86,7 @@ def test_constructor_rejects_bad_values(kwargs, field):
 
 def test_constructor_rejects_non_block_manager():
     with pytest.raises(ValueError, match="block_manager"):
-        Scheduler(None, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64)
-
-
-def test_empty_prompt_is_rejected():
-    sched = make_scheduler()
-    with pytest.raises(ValueError, match="prompt.*empty"):
-        sched.add_request(make_request("r", 0))
-    assert not sched.has_unfinished()
-
-
-@pytest.mark.parametrize("prompt_len", [16, 17, 100])
-def test_prompt_too_long_for_max_model_len_is_rejected(prompt_len):
-    sched = make_scheduler(max_model_len=16)
-    with pytest.raises(ValueError, match=r"max_model_len=16.*") as info:
-        sched.add_request(make_request("r", prompt_len))
-    assert str(prompt_len) in str(info.value)
-    assert sched.num_waiting == 0
+        Scheduler(None, max_num_seqs=4, max_num_batched_tokens=32)
 
 
 def test_prompt_one_shorter_than_max_model_len_is_accepted():
@@ -532,8 +531,8 @@ def test_random_workload_with_tiny_pool():
     max_prompt, max_new = 40, 30
     # Capacity 80 slots: enough for any single sequence, far too little for all at once.
     bm = BlockManager(num_blocks=21, block_size=block_size)
-    sched = Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                      max_model_len=max_prompt + max_new + 1)
+    sched = StepLoop(Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
+                     max_model_len=max_prompt + max_new + 1)
     pending = [make_request(f"r{i}", rng.randint(1, max_prompt),
                             max_tokens=rng.randint(1, max_new)) for i in range(100)]
     all_requests = list(pending)

@@ -116,10 +116,13 @@ def test_chat_streamed_and_not_equal_offline(client, offline):
     assert streamed == offline["chat"]
 
 
-def test_n_seed_stop_and_logprobs(client, offline):
+def test_n_seed_stop_and_logprobs(client, offline, llm):
     kwargs = dict(model="tiny", prompt="once upon a time", max_tokens=8, temperature=1.0,
                   seed=7, n=2, extra_body={"ignore_eos": True})
+    prefilled = llm.engine.stats.num_prompt_tokens
     first = client.completions.create(**kwargs)
+    # the n sequences share one prefill of the prompt (the engine's page-sharing fork)
+    assert llm.engine.stats.num_prompt_tokens - prefilled == first.usage.prompt_tokens
     again = client.completions.create(**kwargs)
     assert [c.index for c in first.choices] == [0, 1]
     assert [c.text for c in first.choices] == [c.text for c in again.choices]

@@ -1,7 +1,7 @@
 """Loading a llama.cpp GGUF file: config from metadata, dequantized params, tokenizer.
 
-Tensors are dequantized one at a time with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0,
-Q4_0/1, Q5_0/1, K-quants, ...) and copied into preallocated stacked arrays.
+This module maps GGUF tensor names to our params tree and runs the load; the config comes
+from gguf_config.py and the dequantization from gguf_tensors.py.
 
 llama.cpp's converter permutes the rows of each q and k projection so that RoPE can rotate
 adjacent pairs (GPT-J style): per head, `w.reshape(2, head_dim // 2, in).swapaxes(0, 1)`.
@@ -9,37 +9,27 @@ Our models use HF's rotate-half convention, so the loader undoes that permutatio
 files only: qwen2, qwen3, phi3, gemma and gemma2 files keep HF's order).
 
 gpt2 files hold GPT-2's fused attn_qkv and learned position_embd; llama.cpp's converter
-transposes HF's Conv1D weights to [out, in], so they need no transpose here. gemma2 files
-do not store query_pre_attn_scalar: the loader applies llama.cpp's own rule (see
-`gemma2_query_pre_attn_scalar`).
+transposes HF's Conv1D weights to [out, in], so they need no transpose here.
 """
 
 from __future__ import annotations
 
-import math
-import mmap
 import os
 import re
 from typing import Any, Optional, Sequence
 
 import numpy as np
 from gguf import GGUFReader
-from gguf.quants import dequantize
 
-from pagedjax.models.config import ModelConfig, RopeScaling
+from pagedjax.models.config import ModelConfig
 
 from .dtypes import resolve_dtype
+from .gguf_config import _ROPE_FREQS, config_from_gguf
+from .gguf_tensors import _dequantize
 from .gguf_tokenizer import tokenizer_from_gguf
 from .params_builder import ParamsBuilder
 from .tokenizer import Tokenizer
 
-# GGUF general.architecture -> HF architecture name: the ones whose tensors use the llama
-# names below (Qwen2 adds q/k/v biases, Qwen3 per-head q/k norms). Other architectures use
-# other tensor names, fused tensors and config keys.
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                      "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                      "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                      "gpt2": "GPT2LMHeadModel"}
 # Only llama.cpp's llama converter permutes q/k rows (its "normal" RoPE); qwen2/qwen3 use the
 # NEOX (rotate-half) RoPE and keep HF's row order.
 _PERMUTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -68,11 +58,6 @@ _ARCH_TOP_TENSORS = {
 # llama.cpp's Gemma converters store norm weights as 1 + w (its RMSNorm multiplies by the
 # weight); params keep HF's w, which models/layers.py's rms_norm_plus_one uses.
 _NORM_PLUS_ONE_ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM")
-# What llama.cpp assumes for Gemma 2 files without these keys (llama_hparams defaults).
-_GEMMA2_DEFAULTS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
-                    "attention.sliding_window": 4096}
-# llama.cpp's Gemma 2 model type by layer count: 46 layers is the 27B model.
-_GEMMA2_27B_LAYERS = 46
 
 # GGUF per-layer tensor name -> (params leaf, fused part).
 _LAYER_TENSORS = {
@@ -95,7 +80,6 @@ _LAYER_TENSORS = {
 _TOP_TENSORS = {"token_embd.weight": "embed", "output_norm.weight": "final_norm",
                 "output.weight": "lm_head"}
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
-_ROPE_FREQS = "rope_freqs.weight"
 
 
 def load_gguf(path: str | os.PathLike, dtype: Any = np.float32,
@@ -128,7 +112,7 @@ def load_gguf(path: str | os.PathLike, dtype: Any = np.float32,
             f"{config.vocab_size} rows"
         )
     # The reader's parsed metadata fields (one numpy array per token string and merge:
-    # ~100 MB for a 49k vocabulary) are done with; the tensors keep only the memmap.
+    # large for a big vocabulary) are done with; the tensors keep only the memmap.
     del reader
     params = _load_params(tensors, config, np_dtype)
     return config, params, tokenizer
@@ -139,254 +123,11 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items()}
 
 
-def _required(meta: dict[str, Any], key: str) -> Any:
-    if key not in meta:
-        raise ValueError(f"GGUF metadata is missing {key}")
-    return meta[key]
-
-
-def _as_int(meta: dict[str, Any], key: str, value: Any) -> int:
-    if isinstance(value, list):
-        # Per-layer head counts (e.g. OpenELM) have no place in ModelConfig.
-        raise ValueError(f"GGUF metadata {key} is a per-layer list; only one value is supported")
-    return int(value)
-
-
-def _decimal(value: float) -> float:
-    # GGUF stores float32; the shortest decimal that rounds to it is the value the model
-    # was configured with (9.99999974738e-06 -> 1e-05), matching the HF config.
-    return float(str(np.float32(value)))
-
-
-def _logical_shape(tensor) -> tuple[int, ...]:
-    # GGUF lists dims innermost first (ggml's ne); numpy order is the reverse: [out, in].
-    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
-
-
-def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig described by GGUF metadata (and tensor presence for tie/bias)."""
-    arch = _required(meta, "general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; supported: "
-            f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
-        )
-
-    def get(key: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{key}", default)
-
-    def need(key: str) -> int:
-        full = f"{arch}.{key}"
-        return _as_int(meta, full, _required(meta, full))
-
-    hidden = need("embedding_length")
-    num_heads = need("attention.head_count")
-    num_kv_heads = _as_int(meta, f"{arch}.attention.head_count_kv",
-                           get("attention.head_count_kv", num_heads))
-    head_dim = int(get("attention.key_length", hidden // num_heads))
-    value_dim = int(get("attention.value_length", head_dim))
-    if value_dim != head_dim:
-        raise ValueError(f"GGUF {arch}.attention.value_length ({value_dim}) differs from "
-                         f"key_length ({head_dim}); not supported")
-    rope_dim = int(get("rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
-        raise ValueError(f"GGUF {arch}.rope.dimension_count ({rope_dim}) differs from head_dim "
-                         f"({head_dim}): partial rotary embeddings are not supported")
-
-    if "token_embd.weight" not in tensors:
-        raise ValueError("GGUF file is missing tensor token_embd.weight")
-    embed_shape = _logical_shape(tensors["token_embd.weight"])
-    vocab_size = embed_shape[0]
-    rope_theta = _decimal(get("rope.freq_base", 10000.0))
-    num_layers = need("block_count")
-    # GPT-2 uses LayerNorm (its own key); the others RMSNorm.
-    eps_key = "attention.layer_norm_epsilon" if arch == "gpt2" else \
-        "attention.layer_norm_rms_epsilon"
-    max_positions = int(get("context_length", 2048))
-    if arch == "gpt2":
-        if "position_embd.weight" not in tensors:
-            raise ValueError("GGUF gpt2 file is missing tensor position_embd.weight")
-        # The table's rows are the positions the model has (context_length says the same
-        # for files llama.cpp's converter wrote: both are n_positions / n_ctx).
-        max_positions = _logical_shape(tensors["position_embd.weight"])[0]
-
-    return ModelConfig(
-        architecture=GGUF_ARCHITECTURES[arch],
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=need("feed_forward_length"),
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=_decimal(_required(meta, f"{arch}.{eps_key}")),
-        rope_theta=rope_theta,
-        rope_scaling=_rope_scaling(meta, arch, tensors, rope_theta, head_dim),
-        max_position_embeddings=max_positions,
-        tie_word_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
-        attention_out_bias="blk.0.attn_output.bias" in tensors,
-        qk_norm="blk.0.attn_q_norm.weight" in tensors,
-        **_family_config(arch, get, hidden=hidden, num_heads=num_heads, head_dim=head_dim,
-                         num_layers=num_layers),
-    )
-
-
-def gemma2_query_pre_attn_scalar(num_layers: int, hidden_size: int, num_heads: int,
-                                 head_dim: int) -> float:
-    """The attention scale llama.cpp uses for a Gemma 2 GGUF (scores * scalar ** -0.5).
-
-    GGUF files have no query_pre_attn_scalar; llama.cpp (llama-model.cpp, Gemma 2 hparams,
-    after gemma_pytorch's config) scales by 1 / sqrt(hidden_size / num_heads) for the
-    27B model, which it recognizes by its 46 layers, and by 1 / sqrt(head_dim) otherwise.
-    That matches every released Gemma 2 config.json: 2B and 9B have
-    query_pre_attn_scalar = head_dim = 256, 27B has 144 = 4608 / 32."""
-    if num_layers == _GEMMA2_27B_LAYERS:
-        return float(hidden_size // num_heads)
-    return float(head_dim)
-
-
-def _family_config(arch: str, get, *, hidden: int, num_heads: int, head_dim: int,
-                   num_layers: int) -> dict[str, Any]:
-    """ModelConfig fields a GGUF architecture implies beyond the llama ones."""
-    if arch == "gemma":
-        return dict(norm_type="rms_plus_one", embed_scale=True, hidden_act="gelu_tanh")
-    if arch == "gemma2":
-        def value(key: str) -> Any:
-            return get(key, _GEMMA2_DEFAULTS[key])
-
-        window = int(value("attention.sliding_window"))
-        return dict(
-            norm_type="rms_plus_one", embed_scale=True, hidden_act="gelu_tanh",
-            sandwich_norms=True,
-            attn_logit_softcap=_decimal(value("attn_logit_softcapping")),
-            final_logit_softcap=_decimal(value("final_logit_softcapping")),
-            # llama.cpp: the window on even layers (swa pattern 2), as HF's Gemma 2.
-            sliding_window=window,
-            sliding_window_layers=tuple(i % 2 == 0 for i in range(num_layers)),
-            query_pre_attn_scalar=gemma2_query_pre_attn_scalar(num_layers, hidden,
-                                                               num_heads, head_dim))
-    if arch == "gpt2":
-        # llama.cpp's GPT-2 graph: LayerNorm with bias, tanh GELU, ungated MLP with biases.
-        return dict(norm_type="layer", hidden_act="gelu_tanh", gated_mlp=False, mlp_bias=True,
-                    position_embedding="learned")
-    window = get("attention.sliding_window")
-    if arch == "phi3" and window:
-        return dict(sliding_window=int(window))
-    return {}
-
-
-def _rope_scaling(meta: dict[str, Any], arch: str, tensors: dict[str, Any],
-                  theta: float, head_dim: int) -> RopeScaling:
-    kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
-    if _ROPE_FREQS in tensors:
-        # Llama 3.1-style scaling is stored as per-frequency factors, not parameters.
-        factors = dequantize(tensors[_ROPE_FREQS].data, tensors[_ROPE_FREQS].tensor_type)
-        original = meta.get(f"{arch}.rope.scaling.original_context_length")
-        return _llama3_scaling_from_factors(np.asarray(factors, np.float64).reshape(-1),
-                                            theta, head_dim, original)
-    if kind == "none" or (kind == "linear" and factor == 1.0):
-        return RopeScaling()
-    if kind == "linear":
-        return RopeScaling(rope_type="linear", factor=factor)
-    raise ValueError(f"GGUF {arch}.rope.scaling.type={kind!r} is not supported; "
-                     "supported: none, linear, llama3 (rope_freqs tensor)")
-
-
-def _llama3_factors(scaling: RopeScaling, theta: float, head_dim: int) -> np.ndarray:
-    """The per-frequency factors llama.cpp's converter writes for Llama 3 RoPE scaling."""
-    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
-    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
-    out = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / freq
-        if wavelen < high_wavelen:
-            out.append(1.0)
-        elif wavelen > low_wavelen:
-            out.append(scaling.factor)
-        else:
-            smooth = ((scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor)
-                      / (scaling.high_freq_factor - scaling.low_freq_factor))
-            out.append(1.0 / ((1 - smooth) / scaling.factor + smooth))
-    return np.asarray(out)
-
-
-def _llama3_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int,
-                                 original: Optional[int]) -> RopeScaling:
-    # The file keeps only the resulting factors; recover the parameters by checking the
-    # values every Llama 3.x release uses against them.
-    if factors.shape != (head_dim // 2,):
-        raise ValueError(f"GGUF tensor {_ROPE_FREQS} has shape {factors.shape}, "
-                         f"expected ({head_dim // 2},)")
-    if np.allclose(factors, 1.0):
-        return RopeScaling()
-    for orig in ([int(original)] if original else [8192, 4096, 16384]):
-        for low, high in ((1.0, 4.0),):
-            scaling = RopeScaling(rope_type="llama3", factor=float(np.round(factors.max(), 4)),
-                                  low_freq_factor=low, high_freq_factor=high,
-                                  original_max_position_embeddings=orig)
-            if np.allclose(_llama3_factors(scaling, theta, head_dim), factors, rtol=1e-4):
-                return scaling
-    raise ValueError(f"GGUF tensor {_ROPE_FREQS} holds RoPE factors that match no known "
-                     "Llama 3 scaling; not supported")
-
-
 def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (GPT-J pair order -> HF rotate-half order)."""
     rows = w.shape[0]
     half = rows // n_heads // 2
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-# Quantized tensors are dequantized this many output bytes at a time: gguf's dequantize
-# makes several full-size temporaries, which for a big embedding would cost more than the
-# tensor itself.
-_DEQUANT_CHUNK_BYTES = 16 << 20
-
-
-def _release_file_pages(data: np.ndarray) -> None:
-    """Drop the pages of the file that `data` maps from this process's resident set.
-
-    Tensors are read through one read-only memmap; pages already read would otherwise stay
-    resident (counted in RSS) until the load ends, adding the file's size to its peak. A
-    read-only mapping re-reads a dropped page from the page cache if it is touched again.
-    """
-    base = data
-    while base is not None and getattr(base, "_mmap", None) is None:
-        base = getattr(base, "base", None)
-    mapping = getattr(base, "_mmap", None)
-    if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    try:
-        mapping.madvise(mmap.MADV_DONTNEED)
-    except (OSError, ValueError):
-        pass
-
-
-def _dequantize(tensor) -> np.ndarray:
-    shape = _logical_shape(tensor)
-    data, qtype = tensor.data, tensor.tensor_type
-    # The tensors before this one are in the params by now. (Always safe: a view still
-    # held into the shared, read-only mapping just re-reads its page when touched.)
-    _release_file_pages(data)
-    try:
-        rows = data.shape[0] if data.ndim >= 2 else 0
-        row_bytes = 4 * math.prod(shape[1:]) if len(shape) >= 2 else 0
-        if qtype.name == "F32" or rows < 2 or rows * row_bytes <= _DEQUANT_CHUNK_BYTES:
-            return dequantize(data, qtype).reshape(shape)
-        values = np.empty(shape, np.float32)
-        step = max(1, _DEQUANT_CHUNK_BYTES // row_bytes)
-        for start in range(0, rows, step):
-            chunk = dequantize(data[start:start + step], qtype)
-            values[start:start + step] = chunk.reshape(-1, *shape[1:])
-        return values
-    except NotImplementedError as err:
-        raise ValueError(
-            f"GGUF tensor {tensor.name} has type {tensor.tensor_type.name}, which gguf cannot "
-            f"dequantize: {err}"
-        ) from err
 
 
 def _layer_tensors(architecture: str) -> dict[str, tuple[str, Optional[str]]]:

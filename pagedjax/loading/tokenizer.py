@@ -1,13 +1,13 @@
 """Tokenizer: a `tokenizers.Tokenizer` plus the model's special ids and chat template.
 
-Built from an HF model directory (`Tokenizer.from_hf_dir`) or from GGUF metadata
-(`gguf_tokenizer.tokenizer_from_gguf`). No transformers at run time: tokenizer.json is
-read by the `tokenizers` library and chat templates are rendered with jinja2.
+Built from an HF model directory (`Tokenizer.from_hf_dir`, in hf_tokenizer.py) or from
+GGUF metadata (`gguf_tokenizer.tokenizer_from_gguf`). No transformers at run time:
+tokenizer.json is read by the `tokenizers` library and chat templates are rendered with
+jinja2.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -63,59 +63,9 @@ class Tokenizer:
     def from_hf_dir(cls, model_dir: str | os.PathLike) -> "Tokenizer":
         """Load tokenizer.json (+ tokenizer_config.json, generation_config.json,
         special_tokens_map.json, config.json, chat_template.jinja) from an HF model dir."""
-        model_dir = os.fspath(model_dir)
-        tok_path = os.path.join(model_dir, "tokenizer.json")
-        if not os.path.isfile(tok_path):
-            if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
-                raise ValueError(
-                    f"{model_dir} has only a sentencepiece tokenizer.model; pagedjax needs "
-                    "tokenizer.json (save the tokenizer with a fast HF tokenizer to create it)"
-                )
-            raise ValueError(f"{model_dir} has no tokenizer.json")
-        try:
-            backend = tokenizers.Tokenizer.from_file(tok_path)
-        except Exception as err:  # tokenizers raises its own Exception type
-            raise ValueError(f"cannot read {tok_path}: {err}") from err
+        from .hf_tokenizer import tokenizer_from_hf_dir  # it imports this module
 
-        tok_config = _read_json(model_dir, "tokenizer_config.json")
-        special_map = _read_json(model_dir, "special_tokens_map.json")
-        gen_config = _read_json(model_dir, "generation_config.json")
-        model_config = _read_json(model_dir, "config.json")
-
-        def token_id(key: str) -> Optional[int]:
-            # tokenizer_config wins over special_tokens_map (transformers' order).
-            for source in (tok_config, special_map):
-                content = _token_content(source.get(key))
-                if content is not None:
-                    return backend.token_to_id(content)
-            return None
-
-        bos = token_id("bos_token")
-        if bos is None:
-            bos = _first_id(gen_config.get("bos_token_id", model_config.get("bos_token_id")))
-        eos = token_id("eos_token")
-        eos_ids = set()
-        for source in (gen_config, model_config):
-            eos_ids.update(_id_list(source.get("eos_token_id")))
-        if eos is None and eos_ids:
-            # generation_config lists the primary EOS first.
-            eos = _id_list(gen_config.get("eos_token_id") or model_config.get("eos_token_id"))[0]
-        pad = token_id("pad_token")
-        if pad is None:
-            pad = _first_id(gen_config.get("pad_token_id", model_config.get("pad_token_id")))
-
-        template, named = _hf_chat_template(model_dir, tok_config)
-        return cls(
-            backend,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            eos_token_ids=eos_ids,
-            pad_token_id=pad,
-            unk_token_id=token_id("unk_token"),
-            add_bos_token=bool(tok_config.get("add_bos_token", False)),
-            chat_template=template,
-            named_chat_templates=named,
-        )
+        return tokenizer_from_hf_dir(model_dir, cls)
 
     # -- properties -----------------------------------------------------------------------
 
@@ -169,7 +119,7 @@ class Tokenizer:
         """A step function for incremental decoding done inside the tokenizers library:
         each call feeds one id and returns the text it completes, or None while a
         character waits for more bytes. It runs IncrementalDetokenizer's prefix / read
-        offset algorithm with `context_ids` as already-emitted context, at a tenth of the
+        offset algorithm with `context_ids` as already-emitted context, at a fraction of the
         Python version's cost per token. None when this tokenizers version lacks it."""
         try:
             stream = tokenizers.decoders.DecodeStream(
@@ -299,54 +249,3 @@ def _tag_final_message(messages: Sequence[Any]) -> tuple[list, str]:
     else:
         raise ValueError("continue_final_message: the final message has no content to continue")
     return list(messages[:-1]) + [last], final_text
-
-
-def _read_json(model_dir: str, name: str) -> dict[str, Any]:
-    path = os.path.join(model_dir, name)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
-
-
-def _token_content(value: Any) -> Optional[str]:
-    # tokenizer_config writes special tokens as a string or as an AddedToken dict.
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
-def _first_id(value: Any) -> Optional[int]:
-    ids = _id_list(value)
-    return ids[0] if ids else None
-
-
-def _hf_chat_template(model_dir: str, tok_config: dict[str, Any]) -> tuple[Optional[str], dict[str, str]]:
-    """The default chat template and any named ones.
-
-    Newer transformers saves the template to chat_template.jinja; older ones keep it in
-    tokenizer_config.json, as a string or a list of {"name", "template"} entries."""
-    path = os.path.join(model_dir, "chat_template.jinja")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read(), {}
-    value = tok_config.get("chat_template")
-    if isinstance(value, list):
-        named = {t["name"]: t["template"] for t in value
-                 if isinstance(t, dict) and "name" in t and "template" in t}
-        return named.get("default"), named
-    return (value if isinstance(value, str) else None), {}

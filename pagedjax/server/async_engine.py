@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
 from pagedjax.engine import Engine
+from pagedjax.output_stream import DeltaTracker, SequenceDelta, sequences
 from pagedjax.request import Request
 
 from .metrics import ServerMetrics
@@ -24,30 +25,16 @@ from .metrics import ServerMetrics
 logger = logging.getLogger("pagedjax.server")
 
 
-@dataclass(frozen=True)
-class RequestUpdate:
-    """A request's progress after a step: what is new since the previous update."""
-
-    new_token_ids: list[int]
-    new_text: str
-    new_logprobs: Optional[list]  # one {token_id: Logprob} per new token, when asked
-    finished: bool
-    finish_reason: Optional[str]
-    stop_reason: Optional[int | str]
-    num_prompt_tokens: int
-    num_output_tokens: int
-
-
 @dataclass
 class _Stream:
-    """Where the engine thread sends one request's updates."""
+    """Where the engine thread sends one request's deltas (all its sequences)."""
 
     request: Request
     loop: asyncio.AbstractEventLoop
     updates: asyncio.Queue
-    sent_tokens: int = 0
-    sent_chars: int = 0
-    last_token_time: Optional[float] = field(default=None)
+    deltas: DeltaTracker = field(default_factory=DeltaTracker)
+    unfinished: int = 1  # sequences not finished yet
+    last_token_time: dict = field(default_factory=dict)  # sequence index -> time
 
 
 class AsyncEngine:
@@ -58,7 +45,8 @@ class AsyncEngine:
         self.metrics = metrics
         self.log_interval_s = log_interval_s
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, _Stream] = {}  # by request id
+        self._streams_by_seq: dict[str, _Stream] = {}  # by each sequence's request id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
         self._error: Optional[BaseException] = None
@@ -82,23 +70,25 @@ class AsyncEngine:
 
     # ---- requests (event-loop side) ------------------------------------------------
 
-    async def generate(self, request: Request) -> AsyncIterator[RequestUpdate]:
-        """Queue `request` (built by engine.make_request) and yield its updates until it
-        finishes. If the consumer stops early (client gone), the request is aborted."""
+    async def generate(self, request: Request) -> AsyncIterator[SequenceDelta]:
+        """Queue `request` (built by engine.make_request; with n > 1 its n sequences share
+        the prompt's pages) and yield each sequence's deltas until all finished. If the
+        consumer stops early (client gone), every sequence is aborted."""
         if not self.is_healthy:
             raise RuntimeError("the engine is not running")
-        stream = _Stream(request, asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(request, asyncio.get_running_loop(), asyncio.Queue(),
+                         unfinished=len(sequences(request)))
         self._commands.put(("add", stream))
-        finished = False
+        remaining = stream.unfinished
         try:
-            while not finished:
-                update = await stream.updates.get()
-                if isinstance(update, BaseException):
-                    raise update
-                finished = update.finished
-                yield update
+            while remaining:
+                delta = await stream.updates.get()
+                if isinstance(delta, BaseException):
+                    raise delta
+                remaining -= int(delta.finished)
+                yield delta
         finally:
-            if not finished:
+            if remaining:
                 self._commands.put(("abort", request.request_id))
 
     # ---- engine thread -------------------------------------------------------------
@@ -121,8 +111,8 @@ class AsyncEngine:
                 stream.loop.call_soon_threadsafe(stream.updates.put_nowait,
                                                  RuntimeError(f"engine failed: {error}"))
         finally:
-            for request_id in list(self._streams):
-                self.engine.abort_request(request_id)
+            for stream in list(self._streams.values()):
+                self._abort(stream)
             self._streams.clear()
 
     def _drain_commands(self, block: bool) -> None:
@@ -135,9 +125,7 @@ class AsyncEngine:
             if kind == "add":
                 self._add(payload)
             elif kind == "abort" and payload in self._streams:
-                self._streams.pop(payload)
-                self.engine.abort_request(payload)
-                self.metrics.aborted.inc()
+                self._abort(self._streams.pop(payload))
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
@@ -149,54 +137,50 @@ class AsyncEngine:
         except ValueError as error:
             stream.loop.call_soon_threadsafe(stream.updates.put_nowait, error)
             return
+        for seq in sequences(stream.request):
+            self._streams_by_seq[seq.request_id] = stream
         self._streams[stream.request.request_id] = stream
+
+    def _abort(self, stream: _Stream) -> None:
+        for seq in sequences(stream.request):
+            self._streams_by_seq.pop(seq.request_id, None)
+            self.engine.abort_request(seq.request_id)
+        self.metrics.aborted.inc()
 
     def _step(self) -> None:
         result = self.engine.step_with_updates()
         now = time.monotonic()
-        self.metrics.observe_step(self.engine, result)
+        self.metrics.observe_step(self.engine)
         changed = {r.request_id: r for r in result.updated + result.finished}
-        for request_id, request in changed.items():
-            stream = self._streams.get(request_id)
+        for request_id, seq in changed.items():
+            stream = self._streams_by_seq.get(request_id)
             if stream is None:
                 continue
-            update = self._update_for(stream, request)
-            if update.new_token_ids:
-                if stream.last_token_time is None:
-                    self.metrics.time_to_first_token.observe(now - request.arrival_time)
+            delta = stream.deltas.delta(seq)
+            if delta is None:
+                continue
+            if delta.new_token_ids:
+                last = stream.last_token_time.get(delta.index)
+                if last is None:
+                    self.metrics.time_to_first_token.observe(now - seq.arrival_time)
                 else:
-                    self.metrics.inter_token_latency.observe(now - stream.last_token_time)
-                stream.last_token_time = now
-            if request.is_finished:
-                self._streams.pop(request_id, None)
-                self.metrics.observe_finished(request, now)
-            stream.loop.call_soon_threadsafe(stream.updates.put_nowait, update)
-
-    def _update_for(self, stream: _Stream, request: Request) -> RequestUpdate:
-        finished = request.is_finished
-        text = request.output_text
-        visible = len(text) if finished else max(
-            stream.sent_chars, len(text) - request.sampling_params.stop_holdback)
-        new_tokens = request.output_token_ids[stream.sent_tokens:]
-        new_logprobs = (request.logprobs[stream.sent_tokens:]
-                        if request.logprobs is not None else None)
-        update = RequestUpdate(
-            new_token_ids=list(new_tokens), new_text=text[stream.sent_chars:visible],
-            new_logprobs=new_logprobs, finished=finished,
-            finish_reason=request.finish_reason, stop_reason=request.stop_reason,
-            num_prompt_tokens=len(request.prompt_token_ids),
-            num_output_tokens=len(request.output_token_ids))
-        stream.sent_tokens = len(request.output_token_ids)
-        stream.sent_chars = visible
-        return update
+                    self.metrics.inter_token_latency.observe(now - last)
+                stream.last_token_time[delta.index] = now
+            if delta.finished:
+                self._streams_by_seq.pop(request_id, None)
+                self.metrics.observe_finished(seq, now)
+                stream.unfinished -= 1
+                if not stream.unfinished:
+                    self._streams.pop(stream.request.request_id, None)
+            stream.loop.call_soon_threadsafe(stream.updates.put_nowait, delta)
 
     def _log_stats(self) -> None:
-        engine = self.engine
-        stats = engine.kv_cache_stats()
+        queues = self.engine.queue_stats()
+        usage = self.engine.kv_cache_stats().usage
         throughput = self.metrics.recent_throughput()
         logger.info(
             "running: %d reqs, waiting: %d reqs, KV usage: %.1f%%, prompt throughput: "
             "%.1f tok/s, generation throughput: %.1f tok/s, preemptions: %d",
-            engine.scheduler.num_running, engine.scheduler.num_waiting, 100 * stats.usage,
-            throughput[0], throughput[1], engine.scheduler.num_preemptions)
+            queues.num_running, queues.num_waiting, 100 * usage, throughput[0],
+            throughput[1], queues.num_preemptions)
 

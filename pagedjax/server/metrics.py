@@ -51,20 +51,20 @@ class ServerMetrics:
         self._output_total = 0
         self._recent = collections.deque(maxlen=64)  # (time, prompt tokens, output tokens)
 
-    def observe_step(self, engine, result) -> None:
+    def observe_step(self, engine) -> None:
         """Record one engine step (called on the engine thread)."""
         stats = engine.stats
-        scheduler = engine.scheduler
+        queues = engine.queue_stats()
         self.prompt_tokens.inc(stats.num_prompt_tokens - self._prompt_total)
         self.generation_tokens.inc(stats.num_generated_tokens - self._output_total)
         self._prompt_total = stats.num_prompt_tokens
         self._output_total = stats.num_generated_tokens
-        self.preemptions.inc(scheduler.num_preemptions - self._seen_preemptions)
-        self._seen_preemptions = scheduler.num_preemptions
+        self.preemptions.inc(queues.num_preemptions - self._seen_preemptions)
+        self._seen_preemptions = queues.num_preemptions
         self.steps.inc()
-        self.running.set(scheduler.num_running)
-        self.waiting.set(scheduler.num_waiting)
-        self.kv_usage.set(engine.block_manager.usage)
+        self.running.set(queues.num_running)
+        self.waiting.set(queues.num_waiting)
+        self.kv_usage.set(engine.kv_cache_stats().usage)
         self.max_seqs_in_step.set(stats.max_seqs_in_step)
         self._recent.append((time.monotonic(), stats.num_prompt_tokens,
                              stats.num_generated_tokens))

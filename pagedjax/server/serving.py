@@ -8,11 +8,11 @@ import uuid
 from dataclasses import dataclass, fields
 from typing import AsyncIterator, Optional, Sequence
 
-from pagedjax.parallel_sampling import child_seed
+from pagedjax.output_stream import SequenceDelta
 from pagedjax.request import Request
 from pagedjax.sampling_params import SamplingParams
 
-from .async_engine import AsyncEngine, RequestUpdate
+from .async_engine import AsyncEngine
 from .errors import APIError, param_of
 
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} | {"max_completion_tokens",
@@ -23,7 +23,8 @@ MAX_N = 16
 
 @dataclass
 class Choice:
-    """One completion being produced: its index, and its text / tokens so far."""
+    """One completion being produced: its index, and its text / tokens so far. `request`
+    is its prompt's engine request (all n completions of a prompt share it)."""
 
     index: int
     prompt_index: int
@@ -34,7 +35,7 @@ class Choice:
     finish_reason: Optional[str] = None
     stop_reason: Optional[int | str] = None
 
-    def apply(self, update: RequestUpdate) -> None:
+    def apply(self, update: SequenceDelta) -> None:
         """Fold an engine update into this choice."""
         self.text += update.new_text
         self.token_ids = (self.token_ids or []) + update.new_token_ids
@@ -102,39 +103,39 @@ def make_choices(engine, prompts: Sequence[tuple[list[int], Optional[str]]], n: 
                  params: Sequence[SamplingParams], request_prefix: str) -> list[Choice]:
     """One Choice per (prompt, sample); choice i of prompt p has index p * n + i.
 
-    Each sample is its own engine request (the prompt is prefilled per sample); with a
-    seed, sample i uses `child_seed(seed, i)`, so the n choices equal what
+    Each prompt is one engine request with `n` sequences: the prompt is prefilled once
+    and its pages shared, and with a seed sample i uses `child_seed(seed, i)`, as
     `LLM.generate` gives for `SamplingParams(n=n, seed=seed)` offline."""
     choices = []
     for prompt_index, ((token_ids, text), sampling) in enumerate(zip(prompts, params)):
-        for i in range(n):
-            sample_params = sampling
-            if n > 1 and sampling.seed is not None:
-                sample_params = dataclasses.replace(sampling, seed=child_seed(sampling.seed, i))
-            try:
-                request = engine.make_request(token_ids, sample_params, prompt=text,
-                                              request_id=f"{request_prefix}-{prompt_index}-{i}")
-            except ValueError as error:
-                raise APIError(400, str(error), param_of(str(error), _SAMPLING_FIELDS)) from None
-            choices.append(Choice(index=prompt_index * n + i, prompt_index=prompt_index,
-                                  request=request))
+        try:
+            request = engine.make_request(token_ids, dataclasses.replace(sampling, n=n),
+                                          prompt=text,
+                                          request_id=f"{request_prefix}-{prompt_index}")
+        except ValueError as error:
+            raise APIError(400, str(error), param_of(str(error), _SAMPLING_FIELDS)) from None
+        choices += [Choice(index=prompt_index * n + i, prompt_index=prompt_index,
+                           request=request) for i in range(n)]
     return choices
 
 
-async def run_choices(async_engine: AsyncEngine,
-                      choices: Sequence[Choice]) -> AsyncIterator[tuple[Choice, RequestUpdate]]:
-    """Run every choice's request concurrently (they batch together in the engine) and
-    yield (choice, update) as updates arrive. Closing this early aborts them all."""
+async def run_choices(async_engine: AsyncEngine, choices: Sequence[Choice]
+                      ) -> AsyncIterator[tuple[Choice, SequenceDelta]]:
+    """Run every prompt's request concurrently (they batch together in the engine) and
+    yield (choice, delta) as deltas arrive. Closing this early aborts them all."""
     updates: asyncio.Queue = asyncio.Queue()
+    by_prompt: dict[int, list[Choice]] = {}
+    for choice in choices:
+        by_prompt.setdefault(choice.prompt_index, []).append(choice)
 
-    async def pump(choice: Choice) -> None:
+    async def pump(group: list[Choice]) -> None:
         try:
-            async for update in async_engine.generate(choice.request):
-                await updates.put((choice, update))
+            async for delta in async_engine.generate(group[0].request):
+                await updates.put((group[delta.index], delta))
         except Exception as error:  # noqa: BLE001 - re-raised in the consumer
-            await updates.put((choice, error))
+            await updates.put((group[0], error))
 
-    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    tasks = [asyncio.create_task(pump(group)) for group in by_prompt.values()]
     try:
         remaining = len(choices)
         while remaining:
@@ -176,7 +177,7 @@ def usage(choices: Sequence[Choice]) -> dict:
     prompt_tokens = {}
     for choice in choices:
         prompt_tokens[choice.prompt_index] = len(choice.request.prompt_token_ids)
-    completion = sum(len(choice.request.output_token_ids) for choice in choices)
+    completion = sum(len(choice.token_ids or []) for choice in choices)
     prompt = sum(prompt_tokens.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}

@@ -1,28 +1,12 @@
-"""kernels.reference against a dense per-sequence attention written in numpy."""
+"""The jnp backend (kernels.jnp_attention) and the cache write against the dense oracle
+(kernels.dense_oracle); the native backend's tests run the same STEPS through check_step."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pagedjax.kernels import paged_attention, write_kv
-
-
-def dense_attention(q, k, v, scale, window=None, soft_cap=None):
-    """q: [n, H, D], k/v: [ctx, K, D]; the n queries are the last n positions (causal)."""
-    n, H, D = q.shape
-    ctx, K, _ = k.shape
-    group = H // K
-    out = np.zeros_like(q)
-    for t in range(n):
-        visible = ctx - n + t + 1
-        first = 0 if window is None else max(0, visible - window)
-        for h in range(H):
-            scores = (k[first:visible, h // group] @ q[t, h]) * scale
-            if soft_cap is not None:
-                scores = soft_cap * np.tanh(scores / soft_cap)
-            p = np.exp(scores - scores.max())
-            out[t, h] = (p / p.sum()) @ v[first:visible, h // group]
-    return out
+from pagedjax.kernels.dense_oracle import dense_attention
 
 
 # (cached context length, new tokens this step) of each sequence in one step.
@@ -66,7 +50,7 @@ def test_sliding_window_and_soft_cap_over_chunked_context(window, soft_cap):
 def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None,
                attention=paged_attention):
     """One step of `seqs` ((cached, new) per sequence) through `attention` (a backend's
-    paged_attention) against dense_attention, and the cache write landing exactly at the
+    paged_attention) against the dense oracle, and the cache write landing exactly at the
     scheduled slots."""
     rng = np.random.default_rng(num_heads * 10 + num_kv_heads)
     S, D = 4, 8

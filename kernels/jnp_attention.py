@@ -1,0 +1,170 @@
+"""Ragged paged attention in plain jnp: the "reference" backend (the CPU path, and the
+base of the "native" one). kernels.dense_oracle is what tests check it against.
+
+A step holds T ragged tokens from B sequences (decodes and prefill chunks mixed). Each
+token attends to two key sets, merged as two parts of one softmax:
+
+* the sequence's **cached context**: positions before this step's first token of that
+  sequence, read from the paged cache through the sequence's block table;
+* the **in-step tokens** of the same sequence at positions <= its own, taken straight
+  from this step's freshly projected K/V (no cache read needed).
+
+So a prefill of fresh prompts reads no pages at all, a decode token reads exactly its own
+sequence's pages, and a continuing prefill chunk reads its pages once for all of its
+tokens; no Python loop over sequences. Shaped for XLA CPU: einsums keep their batch axes
+leading (a trailing one makes XLA transpose its operand per call), and in-step scores are
+computed only for the query / key blocks that can share a sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from .paged_context import PagedContext
+from .softmax_parts import PartialSoftmax, soft_cap_fn
+
+IN_STEP_BLOCK = 128  # query / key tokens per block of the in-step attention
+
+
+def paged_attention(
+    q: jax.Array,  # [T, H, D] (already scaled or not: `scale` is applied here)
+    k_new: jax.Array,  # [T, K, D] this step's keys
+    v_new: jax.Array,  # [T, K, D] this step's values
+    k_cache: jax.Array,  # [L, P, K, D, S] (keys transposed within a page)
+    v_cache: jax.Array,  # [L, P, S, K, D]
+    layer: jax.Array,  # [] int32
+    token_seq: jax.Array,  # [T] sequence of each token (a sequence's tokens contiguous, in
+    #                        position order, as the scheduler lays them out); padding -1
+    positions: jax.Array,  # [T] absolute position of each token
+    context_lens: jax.Array,  # [B] cached tokens of each sequence before this step
+    block_tables: jax.Array,  # [B, M] pages holding each sequence's cached context
+    scale: float,
+    sliding_window: int | None = None,  # keys at positions > (query position - window) only
+    soft_cap: float | None = None,  # scores -> soft_cap * tanh(scores / soft_cap)
+    row_attention: Callable | None = None,
+) -> jax.Array:  # [T, H, D]
+    """Attention of ragged query tokens over their sequences' paged context + in-step tokens.
+
+    The cached context is read per *sequence* whenever a step has at most one multi-token
+    chunk with cached context (the usual case: decodes, fresh prefills and one continuing
+    chunk): each decode reads its own pages, the one chunk's pages are read once for all
+    its tokens, and not at all in a step without such a chunk. Otherwise every token
+    gathers its sequence's pages itself (correct for any step, but it moves T x context
+    bytes). Context is read page by page up to the longest context among the rows read
+    together, so the width M of the block tables costs nothing. `sliding_window` and
+    `soft_cap` default off.
+
+    `row_attention` replaces the jnp read of one-query-token rows (the native backend's
+    C++ kernel): called as row_attention(q, tables, lens, query_positions, k_cache=,
+    v_cache=, layer=, sliding_window=, soft_cap=), it returns what
+    PagedContext.attend_rows does.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_new.shape[1]
+    group = num_heads // num_kv_heads
+    num_seqs = block_tables.shape[0]
+    q_tokens = (q.astype(jnp.float32) * scale).reshape(
+        num_tokens, num_kv_heads, group, head_dim)  # [T, K, G, D]
+    qg = jnp.swapaxes(q_tokens, 0, 1)  # [K, T, G, D]
+    cap = soft_cap_fn(soft_cap)
+
+    valid = token_seq >= 0
+    seq = jnp.where(valid, token_seq, 0)
+    query_lens = jax.ops.segment_sum(valid.astype(jnp.int32), seq, num_segments=num_seqs)
+    chunks_with_context = (query_lens > 1) & (context_lens > 0)  # [B]
+    token_is_single = valid & (query_lens[seq] == 1)  # [T] decodes and 1-token chunks
+    k_step, v_step = (jnp.swapaxes(x.astype(jnp.float32), 0, 1) for x in (k_new, v_new))
+
+    # In-step tokens of the same sequence, causal by absolute position. The diagonal is
+    # always visible, so this part gives every row a finite maximum to merge against.
+    def among_step_tokens():
+        return _in_step_blocks(qg, k_step, v_step, token_seq, positions, cap, sliding_window)
+
+    def own_token_only():  # one token per sequence: the same numbers, without [T, T] scores
+        score = cap(jnp.einsum("ktgd,ktd->ktg", qg, k_step))
+        return PartialSoftmax(score, jnp.ones_like(score),
+                              jnp.broadcast_to(v_step[:, :, None], qg.shape))
+
+    in_step = jax.lax.cond(jnp.all(token_is_single | ~valid), own_token_only,
+                           among_step_tokens)
+    if row_attention is not None:
+        row_attention = functools.partial(
+            row_attention, k_cache=k_cache, v_cache=v_cache, layer=layer,
+            sliding_window=sliding_window, soft_cap=soft_cap)
+    pages = PagedContext(k_cache, v_cache, layer, cap, sliding_window, row_attention)
+
+    def per_sequence():
+        # Single-token rows: each sequence's last query against that sequence's pages.
+        last_token = jax.ops.segment_max(jnp.where(valid, jnp.arange(num_tokens), 0), seq,
+                                         num_segments=num_seqs)
+        last_token = jnp.clip(last_token, 0, num_tokens - 1)  # empty (padded) sequences
+        decode = pages.attend_rows(q_tokens[last_token], block_tables, context_lens,
+                                   positions[last_token])  # [K, B, G]
+        decode = PartialSoftmax(*(x[:, seq] for x in decode))  # back to token rows [K, T, G]
+
+        def chunk_context():  # the (at most one) multi-token chunk with context: [K, T, G]
+            chunk = jnp.argmax(chunks_with_context)
+            lens = jnp.where(token_seq == chunk, context_lens[chunk], 0)  # [T]
+            return pages.attend_chunk(qg, block_tables[chunk], lens, positions,
+                                      IN_STEP_BLOCK)
+
+        # A step without such a chunk (every decode-only step) never reads its pages.
+        chunk = jax.lax.cond(jnp.any(chunks_with_context), chunk_context,
+                             lambda: PartialSoftmax.empty(qg.shape))
+        return decode.select(token_is_single[None, :, None], chunk)
+
+    def per_token():
+        lens = jnp.where(valid, context_lens[seq], 0)
+        return pages.attend_rows(q_tokens, block_tables[seq], lens, positions)
+
+    context = jax.lax.cond(jnp.sum(chunks_with_context) <= 1, per_sequence, per_token)
+    out = context.merge(in_step)  # [K, T, G, D]
+    return jnp.swapaxes(out, 0, 1).reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def _in_step_blocks(qg, k_step, v_step, token_seq, positions, cap, sliding_window):
+    """Attention among the step's own tokens, same sequence and causal: qg [K, T, G, D],
+    k_step / v_step [K, T, D] -> PartialSoftmax [K, T, G].
+
+    A sequence's in-step tokens are contiguous and in position order, so query block i
+    needs key blocks only from the block holding the first token of its earliest sequence
+    up to block i itself (a 512-token prefill of one sequence: 10 of the 16 blocks; four
+    128-token prompts: the 4 diagonal ones). Each query block takes its key blocks in one
+    softmax pass, lax.switch choosing how many (the key range is static in every branch),
+    rather than folding them one at a time with an online softmax."""
+    num_kv_heads, num_tokens, group, head_dim = qg.shape
+    block = min(IN_STEP_BLOCK, num_tokens)
+    num_blocks = -(-num_tokens // block)
+    pad = num_blocks * block - num_tokens
+    if pad:  # padding tokens (sequence -1) see only each other
+        qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        k_step, v_step = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (k_step, v_step))
+        token_seq = jnp.pad(token_seq, (0, pad), constant_values=-1)
+        positions = jnp.pad(positions, (0, pad))
+    keys_t = jnp.swapaxes(k_step, 1, 2)  # [K, D, T']: scores as a plain [M, K] x [K, N]
+    index = jnp.arange(num_blocks * block)
+    starts_sequence = jnp.concatenate([jnp.ones(1, bool), token_seq[1:] != token_seq[:-1]])
+    first_of_sequence = jax.lax.cummax(jnp.where(starts_sequence, index, 0))  # [T']
+
+    def attend(num_key_blocks, i):  # query block i over key blocks i+1-num_key_blocks..i
+        rows = slice(i * block, (i + 1) * block)
+        keys = slice((i + 1 - num_key_blocks) * block, (i + 1) * block)
+        visible = (token_seq[rows, None] == token_seq[None, keys]) & (
+            positions[None, keys] <= positions[rows, None])  # [block, N]
+        if sliding_window is not None:
+            visible &= positions[rows, None] - positions[None, keys] < sliding_window
+        return PartialSoftmax.of(
+            cap(jnp.einsum("ktgd,kdn->ktgn", qg[:, rows], keys_t[:, :, keys])),
+            visible[None, :, None, :],
+            lambda w: jnp.einsum("ktgn,knd->ktgd", w, v_step[:, keys]))
+
+    parts = []
+    for i in range(num_blocks):
+        first = first_of_sequence[i * block] // block
+        branches = [functools.partial(attend, n, i) for n in range(1, i + 2)]
+        parts.append(jax.lax.switch(i - first, branches))
+    return PartialSoftmax(*(jnp.concatenate(x, axis=1)[:, :num_tokens] for x in zip(*parts)))
