@@ -24,7 +24,9 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     args = parser.parse_args()
 
-    llm = LLM(args.model, max_model_len=args.max_model_len, max_num_seqs=args.prompts)
+    # the second run repeats the first's prompts: prefix caching would serve them
+    llm = LLM(args.model, max_model_len=args.max_model_len, max_num_seqs=args.prompts,
+              enable_prefix_caching=False)
     prompts = [f"Tell me a fact about the number {i}." for i in range(args.prompts)]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     for label in ("first run (compiles included)", "second run (compiled)"):

@@ -87,7 +87,8 @@ def main() -> None:
     steps, trace_dir = args.num_scheduler_steps, args.trace_dir
     spec = WORKLOADS["decode-heavy"]
     llm = LLM(args.model, num_scheduler_steps=steps, async_scheduling=args.async_scheduling,
-              max_num_seqs=128, max_model_len=1024, kv_cache_memory_bytes=1 << 30)
+              max_num_seqs=128, max_model_len=1024, kv_cache_memory_bytes=1 << 30,
+              enable_prefix_caching=False)  # the timed pass repeats the prompts
     prompts = make_prompts(llm.tokenizer, spec["num_prompts"], spec["min_len"],
                            spec["max_len"])
     batch = [{"prompt_token_ids": p} for p in prompts]

@@ -110,8 +110,11 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
     page = EngineConfig().block_size
     kv_bytes = kv_bytes_per_token * sum(-(-(len(p) + new_tokens) // page) * page
                                         for p in prompts)
+    # Prefix caching off: the timed pass repeats the warm-up pass's prompts, which the
+    # cache would serve (vLLM's benchmarks turn it off for the same reason).
     llm = LLM(model, dtype=dtype, attention_backend=attention_backend,
               num_scheduler_steps=num_scheduler_steps, async_scheduling=async_scheduling,
+              enable_prefix_caching=False,
               max_model_len=max(1024, max_len),
               max_num_seqs=max_num_seqs, kv_cache_memory_bytes=max(1 << 30, int(kv_bytes * 1.1)))
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
@@ -146,7 +149,7 @@ def run_pagedjax(model: Optional[str], dtype: str, attention_backend: str, promp
              "host_overhead": (waited if waited is not None and on_cpu else replayed),
              "host_overhead_replayed": replayed, "host_overhead_waited": waited,
              "mean_kv_waste": round(llm.engine.stats.mean_waste, 4),
-             "preemptions": llm.engine.scheduler.num_preemptions,
+             "preemptions": llm.engine.queue_stats().num_preemptions,
              "max_seqs_in_step": llm.engine.stats.max_seqs_in_step,
              "attention_backend": llm.engine.attention_backend,
              "num_scheduler_steps": num_scheduler_steps, "async_scheduling": async_scheduling,

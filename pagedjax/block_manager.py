@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from .prefix_cache import PrefixCache
 from .request import Request
 
 NULL_BLOCK = 0
@@ -24,16 +25,19 @@ class BlockManager:
     reference counted (int32 numpy array) so that `fork` can share them between sequences;
     a page returns to the free list when its count drops to 0.
 
-    The free list is FIFO: a freed page goes to the back and is reused last. That keeps a
-    just-freed page's contents intact for as long as possible, which is what prefix-cache
-    reuse will want later, and it spreads writes over the whole pool.
+    The free list is FIFO: a freed page goes to the back and is reused last, which spreads
+    writes over the whole pool. With a `prefix_cache` (prefix_cache.PrefixCache), full
+    pages keep their key when freed and stay findable in the cache's LRU queue; allocation
+    takes pages from the free list first and evicts from that queue after.
     """
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int,
+                 prefix_cache: Optional[PrefixCache] = None):
         _check_int("num_blocks", num_blocks, minimum=2)
         _check_int("block_size", block_size, minimum=1)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_cache = prefix_cache
         self._ref_counts = np.zeros(num_blocks, dtype=np.int32)
         self._free: deque[int] = deque(range(1, num_blocks))
 
@@ -46,13 +50,13 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        """Pages currently on the free list."""
-        return len(self._free)
+        """Pages no sequence references (cached ones included: they can be evicted)."""
+        return len(self._free) + self._num_evictable()
 
     @property
     def num_used_blocks(self) -> int:
         """Pages currently referenced by at least one sequence."""
-        return self.num_usable_blocks - len(self._free)
+        return self.num_usable_blocks - self.num_free_blocks
 
     @property
     def usage(self) -> float:
@@ -91,7 +95,7 @@ class BlockManager:
 
     def can_allocate(self, n_blocks: int) -> bool:
         """True when `n_blocks` pages are free right now."""
-        return n_blocks <= len(self._free)
+        return n_blocks <= self.num_free_blocks
 
     def allocate(self, n_blocks: int) -> list[int]:
         """Take `n_blocks` pages off the free list, each with reference count 1.
@@ -102,11 +106,21 @@ class BlockManager:
             raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
         if not self.can_allocate(n_blocks):
             raise RuntimeError(
-                f"out of KV blocks: asked for {n_blocks}, {len(self._free)} free "
+                f"out of KV blocks: asked for {n_blocks}, {self.num_free_blocks} free "
                 f"of {self.num_usable_blocks} usable")
-        block_ids = [self._free.popleft() for _ in range(n_blocks)]
+        block_ids = [self._free.popleft() if self._free else self.prefix_cache.evict()
+                     for _ in range(n_blocks)]
         self._ref_counts[block_ids] = 1
         return block_ids
+
+    def take_cached(self, block_ids: Sequence[int]) -> list[int]:
+        """Add a reference to each page of a prefix-cache hit (a free one leaves the
+        eviction queue); returns a copy of the ids."""
+        for block_id in block_ids:
+            if self._ref_counts[block_id] == 0:
+                self.prefix_cache.unpark(block_id)
+            self._ref_counts[block_id] += 1
+        return list(block_ids)
 
     def ensure_capacity(self, request: Request, num_tokens: int) -> bool:
         """Grow `request.block_ids` so it can hold `num_tokens` tokens.
@@ -184,13 +198,59 @@ class BlockManager:
                     f"{int(self._ref_counts[block_id])} references (double free?)")
         for block_id in block_ids:
             self._ref_counts[block_id] -= 1
-            if self._ref_counts[block_id] == 0:
+            if self._ref_counts[block_id] == 0 and not (
+                    self.prefix_cache is not None and self.prefix_cache.park(block_id)):
                 self._free.append(block_id)
 
     def free(self, request: Request) -> None:
-        """Release every page of `request` and clear its `block_ids`."""
-        self.free_blocks(request.block_ids)
+        """Release every page of `request` and clear its `block_ids`. With a prefix cache
+        the deepest page goes back first, so shared roots are evicted last."""
+        if self.prefix_cache is not None:
+            self.free_blocks(request.block_ids[::-1])
+        else:
+            self.free_blocks(request.block_ids)
         request.block_ids.clear()
+
+    def take_cached_prefix(self, request: Request) -> int:
+        """Give a request that holds no pages the longest cached run of its full pages
+        (the last token always left to compute); returns the tokens found. Requests
+        asking for prompt logprobs compute every position, so they look nothing up."""
+        cache = self.prefix_cache
+        if cache is None:
+            return 0
+        request.kv_weights_version = cache.weights_version
+        if request.sampling_params.prompt_logprobs is not None:
+            return 0
+        request.block_ids = self.take_cached(cache.longest_prefix(request))
+        request.num_computed_tokens = len(request.block_ids) * self.block_size
+        return request.num_computed_tokens
+
+    def record_prefix_lookup(self, request: Request, num_cached_tokens: int) -> None:
+        """Count an admitted request's cache lookup; its first sets num_cached_tokens."""
+        if self.prefix_cache is None:
+            return
+        self.prefix_cache.record_query(request.num_tokens, num_cached_tokens)
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = num_cached_tokens
+
+    def cache_full_blocks(self, request: Request, num_computed_before: int) -> None:
+        """Make the pages `request` filled since it had `num_computed_before` tokens
+        findable, if its KV was computed with the current weights."""
+        cache = self.prefix_cache
+        if cache is None or request.kv_weights_version != cache.weights_version:
+            return
+        first = num_computed_before // self.block_size
+        last = request.num_computed_tokens // self.block_size
+        if last > first:
+            cache.register(request, request.block_ids, first, last)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached page (free ones become plain free pages)."""
+        if self.prefix_cache is not None:
+            self._free.extend(self.prefix_cache.reset())
+
+    def _num_evictable(self) -> int:
+        return 0 if self.prefix_cache is None else self.prefix_cache.num_evictable
 
     def check_no_leak(self) -> None:
         """Raise RuntimeError unless every usable page is free and the books balance.
@@ -199,6 +259,8 @@ class BlockManager:
         """
         used = np.flatnonzero(self._ref_counts)
         free = list(self._free)
+        if self.prefix_cache is not None:
+            free += self.prefix_cache.evictable_blocks()
         if used.size or len(free) != self.num_usable_blocks or len(set(free)) != len(free):
             raise RuntimeError(
                 f"KV block leak: {self.num_used_blocks} pages in use "

@@ -1,4 +1,4 @@
-"""Command line: `pagedjax generate [--model M] PROMPT...`."""
+"""Command line: `pagedjax generate [--model M] PROMPT...` and `pagedjax serve [MODEL]`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' on /v1 (or PAGEDJAX_API_KEY)")
     serve.add_argument("--served-model-name", nargs="+", default=None)
     serve.add_argument("--chat-template", default=None, help="a Jinja template or its file")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="accept a chat_template in requests (rendered in a worker "
+                            "process, with a time and output limit)")
+    serve.add_argument("--max-sequences-per-request", type=int, default=256,
+                       help="most prompts x n in one completion request")
+    serve.add_argument("--request-read-timeout", type=float, default=30.0,
+                       help="seconds a request's headers, then its body, may take to arrive")
+    serve.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                       help="seconds an idle keep-alive connection stays open")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="on shutdown, seconds in-flight requests get to finish before "
+                            "they are failed")
     serve.add_argument("--no-warmup", action="store_true",
                        help="compile step programs on first use instead of before serving")
     _add_engine_arguments(serve)
@@ -56,6 +68,13 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--async-scheduling", action="store_true",
                         help="dispatch each decode call before the previous one's tokens "
                              "reach the host, at any --num-scheduler-steps")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=True, help="reuse the KV pages of prompt prefixes already "
+                                           "computed (--no-enable-prefix-caching: off)")
+    parser.add_argument("--prefix-caching-hash-algo", choices=["builtin", "sha256"],
+                        default="builtin",
+                        help="page keys: Python's hash, or sha256 where collisions must "
+                             "be impossible to provoke")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -64,18 +83,24 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 num_blocks=args.num_blocks, seed=args.seed,
                 num_scheduler_steps=args.num_scheduler_steps,
-                async_scheduling=args.async_scheduling)
+                async_scheduling=args.async_scheduling,
+                enable_prefix_caching=args.enable_prefix_caching,
+                prefix_caching_hash_algo=args.prefix_caching_hash_algo)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from pagedjax import LLM
-    from pagedjax.server import serve
+    from pagedjax.server import ServerConfig, serve
 
+    config = ServerConfig(max_sequences_per_request=args.max_sequences_per_request,
+                          request_read_timeout_s=args.request_read_timeout,
+                          keep_alive_timeout_s=args.keep_alive_timeout,
+                          shutdown_timeout_s=args.shutdown_timeout,
+                          trust_request_chat_template=args.trust_request_chat_template)
     llm = LLM(args.model, revision=args.revision, **_engine_kwargs(args))
-    serve(llm, host=args.host, port=args.port, warmup=not args.no_warmup,
-          served_model_names=args.served_model_name or (), api_key=args.api_key,
-          chat_template=args.chat_template)
-    return 0
+    return serve(llm, host=args.host, port=args.port, warmup=not args.no_warmup,
+                 served_model_names=args.served_model_name or (), api_key=args.api_key,
+                 chat_template=args.chat_template, config=config)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ from typing import Optional
 
 from pagedjax.kernels import ATTENTION_BACKENDS
 
+from .prefix_cache import HASH_ALGOS
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -29,6 +31,9 @@ class EngineConfig:
     one's tokens reach the host, so the host's work overlaps the device's (vLLM V1's
     `--async-scheduling`; outputs are unchanged; off by default: on a CPU host and device
     share the cores, and it compiles one more program per sequence bucket).
+    `enable_prefix_caching` (on, as in vLLM V1) reuses the KV pages of prompt prefixes
+    already computed (prefix_cache.py); `prefix_caching_hash_algo` "sha256" makes page
+    keys collision-proof for multi-tenant servers ("builtin": Python's 64-bit hash).
     """
 
     dtype: str = "auto"
@@ -44,6 +49,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     num_scheduler_steps: int = 1
     async_scheduling: bool = False
+    enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "builtin"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -70,6 +77,12 @@ class EngineConfig:
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(
                 f"async_scheduling must be a bool, got {self.async_scheduling!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(
+                f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if self.prefix_caching_hash_algo not in HASH_ALGOS:
+            raise ValueError(f"prefix_caching_hash_algo must be one of {', '.join(HASH_ALGOS)}, "
+                             f"got {self.prefix_caching_hash_algo!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "

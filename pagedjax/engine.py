@@ -31,6 +31,7 @@ from .input_processor import InputProcessor
 from .kv_copy import copy_kv_blocks
 from .kv_pool import bytes_per_block, resolve_dtype, resolve_max_model_len, resolve_num_blocks
 from .output_processor import OutputProcessor
+from .prefix_cache import PrefixCache
 from .request import Request
 from .runner import ModelRunner, allocate_kv_cache
 from .sampling_params import SamplingParams
@@ -76,7 +77,9 @@ class Engine:
             vocab_size=model_config.vocab_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, eos_token_ids=self.eos_token_ids,
             tokenizer=tokenizer, seed=config.seed)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.prefix_cache = (PrefixCache(config.block_size, config.prefix_caching_hash_algo)
+                             if config.enable_prefix_caching else None)
+        self.block_manager = BlockManager(num_blocks, config.block_size, self.prefix_cache)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.output_processor = OutputProcessor(tokenizer, self.max_model_len)
@@ -114,9 +117,16 @@ class Engine:
         return jax.tree.map(to_device, params)
 
     def set_params(self, params: Any) -> None:
-        """Swap in new weights (same shapes) without recompiling."""
+        """Swap in new weights (same shapes) without recompiling; no KV page computed with
+        the old weights is found by the prefix cache again."""
         check_params(params, self.model_config)
         self.runner.set_params(self.cast_params(params))
+        if self.prefix_cache is not None:
+            self.prefix_cache.new_weights()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached KV page (pages in use stay with their requests)."""
+        self.block_manager.reset_prefix_cache()
 
     # ---- requests ------------------------------------------------------------------
 
@@ -164,8 +174,7 @@ class Engine:
         request = self.make_request(prompt, sampling_params, request_id=request_id)
         request.retain_blocks = retain_blocks
         cached = min(num_parent_tokens, parent.num_computed_tokens, len(prompt) - 1)
-        shared = parent.block_ids[:self.block_manager.blocks_needed(max(cached, 0))]
-        self.scheduler.add_forked(request, shared, cached)
+        self.scheduler.add_forked(request, parent, cached)
         return request
 
     def release_request(self, request: Request) -> None:
@@ -279,12 +288,15 @@ class Engine:
 
     def kv_cache_stats(self) -> KVCacheStats:
         """Current pool usage and the block-tail waste of live requests."""
-        bm = self.block_manager
+        bm, cache = self.block_manager, self.prefix_cache
         return KVCacheStats(num_blocks=bm.num_blocks, block_size=bm.block_size,
                             used_blocks=bm.num_used_blocks, usage=bm.usage,
                             waste=self.scheduler.kv_waste(),
                             bytes=bm.num_blocks * bytes_per_block(
-                                self.model_config, self.config.block_size, self.dtype))
+                                self.model_config, self.config.block_size, self.dtype),
+                            cached_blocks=cache.num_cached_blocks if cache else 0,
+                            prefix_cache_queries=cache.num_queried_tokens if cache else 0,
+                            prefix_cache_hits=cache.num_hit_tokens if cache else 0)
 
     def queue_stats(self) -> QueueStats:
         """Requests running and waiting now, and preemptions so far."""

@@ -15,6 +15,16 @@ class KVCacheStats:
     usage: float  # used / usable blocks
     waste: float  # allocated slots of live requests not holding a token
     bytes: int
+    cached_blocks: int = 0  # pages holding a prefix-cache key (free or in use)
+    prefix_cache_queries: int = 0  # prompt tokens looked up, since the engine started
+    prefix_cache_hits: int = 0  # of those, tokens found in the cache
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Hit tokens over queried tokens (0 before any query)."""
+        if not self.prefix_cache_queries:
+            return 0.0
+        return self.prefix_cache_hits / self.prefix_cache_queries
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ class InputProcessor:
             raise ValueError(
                 f"prompt: the prompt has {len(token_ids)} tokens, but max_model_len is "
                 f"{self.max_model_len} (it must leave room for at least one new token)")
+        if sampling_params.top_k > self.vocab_size:
+            raise ValueError(f"top_k: {sampling_params.top_k} is larger than the vocabulary "
+                             f"({self.vocab_size} tokens); use -1 or 0 to turn top-k off")
         bad_words_ids = sampling_params.check_token_ids(self.vocab_size, self.tokenizer)
         if sampling_params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer, and this engine has none")
@@ -116,7 +119,8 @@ class InputProcessor:
             child = dataclasses.replace(
                 parent, request_id=f"{i}_{parent.request_id}", seed=child_seed(seed, i),
                 prompt_token_ids=list(parent.prompt_token_ids), output_token_ids=[],
-                block_ids=[], child_index=i, sequences=[], pending_children=[])
+                block_ids=[], child_index=i, sequences=[], pending_children=[],
+                block_hashes=[])
             child.detokenizer = self._detokenizer(child)
             parent.sequences.append(child)
             parent.pending_children.append(child)

@@ -39,7 +39,8 @@ class LLM:
                  max_num_batched_tokens: int = 512, seed: int = 0,
                  kv_cache_memory_bytes: int = 1 << 30, kv_cache_memory_fraction: float = 0.9,
                  attention_backend: str = "auto", num_scheduler_steps: int = 1,
-                 async_scheduling: bool = False, tokenizer: Any = None,
+                 async_scheduling: bool = False, enable_prefix_caching: bool = True,
+                 prefix_caching_hash_algo: str = "builtin", tokenizer: Any = None,
                  _loaded: Optional[tuple] = None):
         engine_config = EngineConfig(
             dtype=dtype, max_model_len=max_model_len, block_size=block_size,
@@ -48,7 +49,8 @@ class LLM:
             kv_cache_memory_bytes=kv_cache_memory_bytes,
             kv_cache_memory_fraction=kv_cache_memory_fraction,
             attention_backend=attention_backend, num_scheduler_steps=num_scheduler_steps,
-            async_scheduling=async_scheduling)
+            async_scheduling=async_scheduling, enable_prefix_caching=enable_prefix_caching,
+            prefix_caching_hash_algo=prefix_caching_hash_algo)
         if _loaded is None:
             from .loading import load_model  # pulls in gguf/safetensors only when loading
 
@@ -198,6 +200,10 @@ class LLM:
         """Use new weights of the same shapes (e.g. the latest training step); no recompile.
         Accepts the same containers as `from_params`."""
         self.engine.set_params(params_from_flax(params))
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (vLLM's reset_prefix_cache)."""
+        self.engine.reset_prefix_cache()
 
     def get_tokenizer(self):
         """The tokenizer prompts are encoded with."""

@@ -171,4 +171,5 @@ def to_request_output(request: Request, prompt_index: Optional[int] = None,
                          prompt_token_ids=list(request.prompt_token_ids),
                          outputs=[completion], finished=request.is_finished,
                          metrics=metrics, prompt_index=prompt_index,
-                         prompt_logprobs=prompt_logprobs)
+                         prompt_logprobs=prompt_logprobs,
+                         num_cached_tokens=request.num_cached_tokens or 0)

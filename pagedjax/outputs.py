@@ -75,3 +75,5 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs=k: one entry per prompt token, None for the
     # first, then {token_id: Logprob} with the prompt token plus the k most likely ones.
     prompt_logprobs: Optional[list] = None
+    # Prompt tokens whose KV came from the prefix cache (vLLM's field).
+    num_cached_tokens: int = 0

@@ -61,6 +61,14 @@ class Request:
     child_index: int = 0
     sequences: list = field(default_factory=list)
     pending_children: list = field(default_factory=list)
+    # Prefix caching: the keys of the request's full pages (prefix_cache.PrefixCache,
+    # computed for weights version `block_hashes_version`), the weights version its cached
+    # KV was computed with (-1: none yet), and how many prompt tokens its first admission
+    # found in the cache (vLLM's num_cached_tokens).
+    block_hashes: list = field(default_factory=list)
+    block_hashes_version: int = -1
+    kv_weights_version: int = -1
+    num_cached_tokens: Optional[int] = None
     # Keep the KV pages when the request finishes (not when it is aborted), so that
     # Engine.fork_request can continue from them, until Engine.release_request frees them.
     retain_blocks: bool = False

@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 MAX_LOGPROBS = 20  # most top logprobs per token; the jitted step always computes this many
+# The device holds every integer option (and token id) in int32 arrays and every float one
+# in float32: values outside these ranges are rejected here, before a step could overflow.
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # smallest normal float32; below it precision is gone
+MIN_TEMPERATURE = 1e-5  # smaller positive ones overflow float32 logits (vLLM's sampling eps)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,10 @@ class SamplingParams:
     `skip_special_tokens` drops special tokens from the output text;
     `spaces_between_special_tokens` (only matters with skip_special_tokens=False) puts a
     space between a special token's text and the text around it, vLLM's slow-tokenizer rule.
+    Integer options must fit int32 and float ones float32 (the device's dtypes); `top_k`
+    is also checked against the model's vocabulary when a request is built, as are token
+    ids (`stop_token_ids`, `logit_bias`, `allowed_token_ids`). A positive `temperature`
+    must be at least 1e-5 (use 0 for greedy).
     `n > 1` (parallel sampling) samples n completions of one prompt whose prompt KV is
     computed once and shared (copy-on-write); completion i draws with the seed
     `pagedjax.parallel_sampling.child_seed(seed, i)`, so it equals an n=1 request with that
@@ -73,6 +83,9 @@ class SamplingParams:
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, "
+                             f"got {self.temperature}")
         _check_number("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -81,9 +94,7 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
-            if self.seed >= 2**63:
-                raise ValueError(f"seed must be < 2**63, got {self.seed}")
+            _check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("min_tokens", self.min_tokens, minimum=0)
@@ -143,12 +154,13 @@ class SamplingParams:
 
     def check_token_ids(self, vocab_size: int,
                         tokenizer: Any = None) -> tuple[tuple[int, ...], ...]:
-        """Reject logit_bias / allowed_token_ids ids outside [0, vocab_size); return the
-        bad words' token id sequences (vLLM's tokenization: each word as given and with one
-        leading space, the latter only when it gives a different first token and the same
-        length)."""
+        """Reject logit_bias / allowed_token_ids / stop_token_ids ids outside
+        [0, vocab_size); return the bad words' token id sequences (vLLM's tokenization: each
+        word as given and with one leading space, the latter only when it gives a different
+        first token and the same length)."""
         for name, ids in (("logit_bias", [t for t, _ in self.logit_bias or ()]),
-                          ("allowed_token_ids", self.allowed_token_ids or ())):
+                          ("allowed_token_ids", self.allowed_token_ids or ()),
+                          ("stop_token_ids", self.stop_token_ids)):
             for token in ids:
                 if token >= vocab_size:
                     raise ValueError(f"{name}: token id {token} is outside the "
@@ -248,11 +260,13 @@ def _normalize_allowed(allowed) -> Optional[tuple[int, ...]]:
     return tuple(sorted(set(int(t) for t in allowed)))
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def _check_int(name: str, value, minimum: int, maximum: int = INT32_MAX) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
 
 
 def _check_number(name: str, value) -> None:
@@ -260,3 +274,6 @@ def _check_number(name: str, value) -> None:
         raise ValueError(f"{name} must be a number, got {value!r}")
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {value!r}")
+    if abs(value) > FLOAT32_MAX or 0 < abs(value) < FLOAT32_TINY:
+        raise ValueError(f"{name} must fit in float32 (0 or a magnitude in "
+                         f"[{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}]), got {value!r}")

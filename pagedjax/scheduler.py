@@ -108,12 +108,13 @@ class Scheduler:
         self._finish(request, "abort")
         return request
 
-    def add_forked(self, request: Request, shared_block_ids: Sequence[int],
-                   num_cached_tokens: int) -> None:
-        """Queue `request` on top of pages another request holds: it shares
-        `shared_block_ids` (by reference count) for its first `num_cached_tokens` prompt
-        tokens and prefills only the rest. Raises ValueError as `add_request` (nothing is
-        kept then)."""
+    def add_forked(self, request: Request, parent: Request, num_cached_tokens: int) -> None:
+        """Queue `request` on top of pages `parent` holds: it shares them (by reference
+        count) for its first `num_cached_tokens` prompt tokens and prefills only the rest.
+        Raises ValueError as `add_request` (nothing is kept then)."""
+        request.kv_weights_version = parent.kv_weights_version
+        shared_block_ids = parent.block_ids[:self.block_manager.blocks_needed(
+            max(num_cached_tokens, 0))]
         if shared_block_ids and num_cached_tokens > 0:
             request.block_ids = self.block_manager.fork(shared_block_ids)
             request.num_computed_tokens = num_cached_tokens
@@ -209,16 +210,21 @@ class Scheduler:
             request = self.waiting[0]
             if self._num_seats() + 1 + len(request.pending_children) > self.max_num_seqs:
                 break
+            looked_up = not request.block_ids  # a fork already holds its shared pages
+            cached = bm.take_cached_prefix(request) if looked_up else 0
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             target = request.num_computed_tokens + num_new
-            if request.block_ids:  # a fork: writes into shared pages copy them first
+            if request.block_ids and not cached:  # a fork: writes into shared pages copy
                 fits = bm.can_allocate(bm.num_blocks_to_write(
                     request, request.num_computed_tokens, target))
                 fits = fits and self._reserve(request, target, out)
-            else:
+            else:  # cached pages are full: they are never written
                 fits = bm.ensure_capacity(request, target)
             if not fits:
-                if request.block_ids and not self.running:
+                if cached:  # give the pages back (they stay cached)
+                    bm.free(request)
+                    request.num_computed_tokens = 0
+                elif request.block_ids and not self.running:
                     # Pages kept by finished requests (retain_blocks) may fill the pool:
                     # drop the shared prefix and retry as a plain recompute.
                     bm.free(request)
@@ -233,6 +239,8 @@ class Scheduler:
                 # Never preempt for a waiting request: running ones have priority.
                 break
             self.waiting.popleft()
+            if looked_up:
+                bm.record_prefix_lookup(request, cached)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
@@ -267,6 +275,7 @@ class Scheduler:
             prompt_len = len(parent.prompt_token_ids)
             for child in parent.pending_children:
                 child.block_ids = self.block_manager.fork(parent.block_ids)
+                child.kv_weights_version = parent.kv_weights_version
                 child.num_computed_tokens = prompt_len
                 child.status = RequestStatus.RUNNING
                 child.first_scheduled_time = time.monotonic()
@@ -299,6 +308,7 @@ class Scheduler:
             if request.is_finished:
                 continue  # aborted between schedule() and update()
             request.num_computed_tokens += scheduled.num_new_tokens
+            self.block_manager.cache_full_blocks(request, scheduled.start_position)
             if not scheduled.samples:
                 continue
             request.output_token_ids.append(int(sampled_token_ids[index]))

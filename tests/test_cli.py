@@ -38,3 +38,18 @@ def test_engine_flags_reach_the_engine_config():
     kwargs = _engine_kwargs(args)
     assert kwargs["num_scheduler_steps"] == 8 and kwargs["async_scheduling"] is True
     assert _engine_kwargs(_build_parser().parse_args(["serve"]))["async_scheduling"] is False
+
+
+def test_prefix_caching_flags_on_both_commands():
+    from pagedjax.cli import _build_parser, _engine_kwargs
+
+    for command in ("serve", "generate"):
+        extra = [] if command == "serve" else ["hi"]
+        default = _engine_kwargs(_build_parser().parse_args([command, *extra]))
+        off = _engine_kwargs(_build_parser().parse_args(
+            [command, "--no-enable-prefix-caching", "--prefix-caching-hash-algo", "sha256",
+             *extra]))
+        assert default["enable_prefix_caching"] is True
+        assert default["prefix_caching_hash_algo"] == "builtin"
+        assert off["enable_prefix_caching"] is False
+        assert off["prefix_caching_hash_algo"] == "sha256"

@@ -69,3 +69,17 @@ def test_chat_answers_the_capital_of_france(llm):
     completion = outputs[0].outputs[0]
     assert completion.text == "The capital of France is Paris."
     assert completion.finish_reason == "stop"
+
+
+def test_prefix_cache_hits_keep_hf_tokens(llm, hf_model):
+    """Two prompts sharing a long system text: the second reads its first pages from the
+    prefix cache and still gives HF's greedy ids."""
+    tokenizer = llm.get_tokenizer()
+    system = tokenizer.encode(" ".join(PLAIN + QUESTIONS) * 3)
+    prompts = [system + tokenizer.encode(q, add_special_tokens=False) for q in QUESTIONS[:2]]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outputs = [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0]
+               for p in prompts]
+    assert outputs[1].num_cached_tokens >= 128
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 16)

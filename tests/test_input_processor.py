@@ -40,3 +40,13 @@ def test_n_sequences_get_children_with_their_own_seeds():
     assert request.pending_children == request.sequences[1:]
     with pytest.raises(ValueError, match="n: 9"):
         make_processor().make_request([5], SamplingParams(n=9))
+
+
+def test_top_k_and_token_ids_are_checked_against_the_vocabulary():
+    processor = make_processor()  # vocabulary of 100
+    assert processor.make_request([5], SamplingParams(top_k=100)).sampling_params.top_k == 100
+    for params, field in [(SamplingParams(top_k=101), "top_k"),
+                          (SamplingParams(stop_token_ids=[100]), "stop_token_ids"),
+                          (SamplingParams(logit_bias={100: 1.0}), "logit_bias")]:
+        with pytest.raises(ValueError, match=field):
+            processor.make_request([5], params)

@@ -23,6 +23,7 @@ from pagedjax.sampling_params import SamplingParams
 from tests.helpers.hf_reference import (
     check_greedy_matches_hf,
     check_paged_logits,
+    hf_greedy,
     hf_logits,
 )
 from tests.helpers.tiny_zoo import make_tiny_model
@@ -72,6 +73,19 @@ def test_logits_match_hf_at_prefill_and_decode(tiny):
 
 def test_greedy_ids_match_hf_over_32_tokens(tiny):
     check_greedy_matches_hf(tiny.llm, tiny.hf, lengths=(3, 11, 20, 6))
+
+
+def test_prefix_cache_hits_give_hf_tokens(tiny):
+    """A prompt that extends an earlier one reads its first pages from the prefix cache
+    (sliding windows and soft-caps included) and still gives HF's greedy ids."""
+    vocab = tiny.llm.engine.model_config.vocab_size
+    first = np.random.default_rng(3).integers(3, vocab, size=25).tolist()
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tiny.llm.generate([{"prompt_token_ids": first}], params, use_tqdm=False)
+    longer = first + [4, 5, 6]
+    out = tiny.llm.generate([{"prompt_token_ids": longer}], params, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 24  # three full pages of 8
+    assert out.outputs[0].token_ids == hf_greedy(tiny.hf, longer, 8)
 
 
 def test_prompt_logprobs_match_hf(tiny):

@@ -84,7 +84,10 @@ def test_greedy_children_are_identical(llm):
     assert_clean(llm)
 
 
-def test_fewer_peak_blocks_than_separate_requests(llm):
+def test_fewer_peak_blocks_than_separate_requests(tiny_llama_dir):
+    # Without prefix caching, so separate requests hold a copy of the prompt each (the
+    # cache would share their full pages too: test_prefix_caching covers that).
+    llm = make_llm(tiny_llama_dir, enable_prefix_caching=False)
     stats = llm.engine.stats
     stats.peak_used_blocks = 0
     forked = llm.generate([{"prompt_token_ids": LONG_PROMPT}], sampled(n=4, max_tokens=4),

@@ -28,6 +28,12 @@ INVALID = [
     ("stop_token_ids", ["a"]), ("stop_token_ids", [1.5]), ("stop_token_ids", [-1]),
     ("stop_token_ids", [2, -3]), ("stop_token_ids", 5), ("stop_token_ids", [True]),
     ("skip_special_tokens", 0), ("skip_special_tokens", "no"), ("skip_special_tokens", None),
+    # beyond the device dtypes (int32 / float32) or vLLM's greedy threshold
+    ("top_k", 2**31), ("top_k", 1099511627776), ("n", 2**31), ("max_tokens", 2**31),
+    ("min_tokens", 2**40), ("stop_token_ids", [2**31]), ("logprobs", 2**40),
+    ("temperature", 1e-6), ("temperature", 1e39), ("top_p", 1e-40),
+    ("repetition_penalty", 1e-40), ("repetition_penalty", 1e39), ("logit_bias", {5: 1e39}),
+    ("logit_bias", {2**31: 1.0}), ("allowed_token_ids", [2**31]),
 ]
 
 
@@ -69,6 +75,7 @@ VALID = [
     ("top_k", -1), ("top_k", 0), ("top_k", 1), ("top_k", 50),
     ("min_p", 0), ("min_p", 0.0), ("min_p", 0.5), ("min_p", 1.0),
     ("seed", None), ("seed", 0), ("seed", 42), ("seed", 2**32 + 5), ("seed", 2**63 - 1),
+    ("top_k", 2**31 - 1), ("temperature", 1e-5), ("max_tokens", 2**31 - 1),
     ("max_tokens", None), ("max_tokens", 1), ("max_tokens", 4096),
     ("min_tokens", 0), ("min_tokens", 16),
     ("ignore_eos", True), ("ignore_eos", False),

@@ -121,9 +121,12 @@ def test_n_seed_stop_and_logprobs(client, offline, llm):
                   seed=7, n=2, extra_body={"ignore_eos": True})
     prefilled = llm.engine.stats.num_prompt_tokens
     first = client.completions.create(**kwargs)
-    # the n sequences share one prefill of the prompt (the engine's page-sharing fork)
-    assert llm.engine.stats.num_prompt_tokens - prefilled == first.usage.prompt_tokens
+    # the n sequences share one prefill of the prompt (the engine's page-sharing fork),
+    # which skips the pages an earlier request left in the prefix cache
+    cached = first.usage.prompt_tokens_details.cached_tokens
+    assert llm.engine.stats.num_prompt_tokens - prefilled == first.usage.prompt_tokens - cached
     again = client.completions.create(**kwargs)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0  # its pages were cached
     assert [c.index for c in first.choices] == [0, 1]
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
     assert first.choices[0].text != first.choices[1].text
@@ -280,8 +283,12 @@ def test_tokenize_detokenize_version_metrics(server, llm):
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
                  "prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
                  "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
-                 "e2e_request_latency_seconds_bucket"):
+                 "e2e_request_latency_seconds_bucket", "prefix_cache_queries_total",
+                 "prefix_cache_hits_total"):
         assert f"pagedjax:{name}" in metrics, name
+    hits = [line for line in metrics.splitlines()
+            if line.startswith("pagedjax:prefix_cache_hits_total")]
+    assert float(hits[0].split()[-1]) > 0  # earlier tests repeated their prompts
 
 
 @pytest.mark.parametrize("engine_options", [

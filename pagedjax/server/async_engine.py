@@ -1,9 +1,11 @@
 """AsyncEngine: one engine thread keeps stepping while asyncio handlers add requests.
 
 The engine itself is plain, single-threaded Python: only the engine thread touches it.
-Handlers talk to that thread through a command queue (add / abort) and get each request's
-progress back on an asyncio queue, so concurrent HTTP requests are continuously batched
-together, and a client that goes away aborts its request and frees its KV blocks.
+Handlers talk to that thread through a command queue (add / abort / fail all) and get each
+request's progress back on an asyncio queue, so concurrent HTTP requests are continuously
+batched together, and a client that goes away aborts its request and frees its KV blocks.
+A step that raises fails the request that caused it (engine_failures.py), not the thread;
+only an engine failure stops it, and then the server exits for a supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -13,43 +15,38 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 from pagedjax.engine import Engine
-from pagedjax.output_stream import DeltaTracker, SequenceDelta, sequences
+from pagedjax.output_stream import SequenceDelta, sequences
 from pagedjax.request import Request
 
-from .metrics import ServerMetrics
+from .engine_failures import FailureTriage
+from .errors import APIError
+from .metrics import LiveStats, ServerMetrics
+from .request_stream import ACCEPTED, EngineStream, RequestHandle
 
 logger = logging.getLogger("pagedjax.server")
 
-
-@dataclass
-class _Stream:
-    """Where the engine thread sends one request's deltas (all its sequences)."""
-
-    request: Request
-    loop: asyncio.AbstractEventLoop
-    updates: asyncio.Queue
-    deltas: DeltaTracker = field(default_factory=DeltaTracker)
-    unfinished: int = 1  # sequences not finished yet
-    last_token_time: dict = field(default_factory=dict)  # sequence index -> time
-
-
 class AsyncEngine:
-    """Runs `engine` on a background thread; `generate` streams a request's updates."""
+    """Runs `engine` on a background thread; `add_request` queues a request on it."""
 
     def __init__(self, engine: Engine, metrics: ServerMetrics, log_interval_s: float = 5.0):
         self.engine = engine
         self.metrics = metrics
         self.log_interval_s = log_interval_s
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, _Stream] = {}  # by request id
-        self._streams_by_seq: dict[str, _Stream] = {}  # by each sequence's request id
+        self._streams: dict[str, EngineStream] = {}  # by request id (engine thread)
+        self._streams_by_seq: dict[str, EngineStream] = {}  # by each sequence's request id
+        self._triage = FailureTriage()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pagedjax-engine", daemon=True)
-        self._error: Optional[BaseException] = None
+        self._failure: Optional[BaseException] = None
+        self._failure_callbacks: list[Callable[[BaseException], None]] = []
+        self._draining = False
+        self._in_flight = 0  # requests handed out and not closed (event loop side)
+        self._live = LiveStats()
+        metrics.watch(self.live_stats)
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -58,62 +55,141 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop the engine thread (pending requests are aborted)."""
+        """Stop the engine thread (requests still in it are failed with a 503)."""
         self._stop.set()
         self._commands.put(("wake", None))
         self._thread.join(timeout=30)
 
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests (503), give those in flight `timeout_s` to finish, then fail
+        the rest (their streams get an error event, their responses a 503)."""
+        self._draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._in_flight and loop.time() < deadline and self._thread.is_alive():
+            await asyncio.sleep(0.05)
+        if self._in_flight and self._thread.is_alive():
+            logger.warning("shutdown deadline: failing %d requests still in flight",
+                           self._in_flight)
+            self._commands.put(("fail_all", None))
+            deadline = loop.time() + 2.0
+            while self._in_flight and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+
+    def notify_on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """Call `callback(error)` (on the engine thread) if the engine fails; at once if
+        it has failed already."""
+        self._failure_callbacks.append(callback)
+        if self._failure is not None:
+            callback(self._failure)
+
     @property
     def is_healthy(self) -> bool:
-        """False once the engine thread has died."""
-        return self._thread.is_alive() and self._error is None
+        """True while the engine thread runs and the server is not shutting down."""
+        return self._thread.is_alive() and self._failure is None and not self._draining
+
+    @property
+    def failure(self) -> Optional[BaseException]:
+        """The error that stopped the engine, if one did."""
+        return self._failure
+
+    def live_stats(self) -> LiveStats:
+        """The queues and KV usage as of the engine thread's last command or step."""
+        return self._live
 
     # ---- requests (event-loop side) ------------------------------------------------
 
-    async def generate(self, request: Request) -> AsyncIterator[SequenceDelta]:
+    async def add_request(self, request: Request) -> RequestHandle:
         """Queue `request` (built by engine.make_request; with n > 1 its n sequences share
-        the prompt's pages) and yield each sequence's deltas until all finished. If the
-        consumer stops early (client gone), every sequence is aborted."""
+        the prompt's pages); returns once the engine thread accepted it. Raises APIError:
+        400 when the scheduler refuses it, 503 when the engine is not serving."""
+        if self._draining:
+            raise APIError(503, "the server is shutting down")
         if not self.is_healthy:
-            raise RuntimeError("the engine is not running")
-        stream = _Stream(request, asyncio.get_running_loop(), asyncio.Queue(),
-                         unfinished=len(sequences(request)))
+            raise APIError(503, "the engine is not running")
+        num_sequences = len(sequences(request))
+        stream = EngineStream(request, asyncio.get_running_loop(), asyncio.Queue(),
+                              unfinished=num_sequences)
+        self._in_flight += 1
         self._commands.put(("add", stream))
-        remaining = stream.unfinished
         try:
-            while remaining:
-                delta = await stream.updates.get()
-                if isinstance(delta, BaseException):
-                    raise delta
-                remaining -= int(delta.finished)
+            first = await self._first_message(stream)
+        except BaseException:
+            self._closed(request.request_id, True)
+            raise
+        if first is not ACCEPTED:
+            self._in_flight -= 1
+            raise first
+        # Not stream.unfinished: the engine thread may have counted it down already.
+        return RequestHandle(stream, num_sequences, self._closed)
+
+    async def _first_message(self, stream: EngineStream):
+        while True:
+            try:
+                return await asyncio.wait_for(stream.updates.get(), 1.0)
+            except TimeoutError:
+                if not self._thread.is_alive():  # it stopped before reading our command
+                    raise APIError(503, "the engine is not running") from None
+
+    async def generate(self, request: Request) -> AsyncIterator[SequenceDelta]:
+        """`add_request`, then yield every delta; stopping early aborts the request."""
+        handle = await self.add_request(request)
+        try:
+            async for delta in handle:
                 yield delta
         finally:
-            if remaining:
-                self._commands.put(("abort", request.request_id))
+            handle.close()
+
+    def _closed(self, request_id: str, abort: bool) -> None:
+        self._in_flight -= 1
+        if abort:
+            self._commands.put(("abort", request_id))
 
     # ---- engine thread -------------------------------------------------------------
 
     def _run(self) -> None:
         last_log = time.monotonic()
+        final_error = APIError(503, "the server is shutting down")
         try:
             while not self._stop.is_set():
-                busy = self.engine.has_unfinished_requests()
-                self._drain_commands(block=not busy)
+                self._admit_held()
+                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                self._admit_held()
                 if self.engine.has_unfinished_requests():
                     self._step()
+                self._publish()
                 if time.monotonic() - last_log >= self.log_interval_s:
                     self._log_stats()
                     last_log = time.monotonic()
-        except BaseException as error:  # noqa: BLE001 - reported to every waiting client
-            self._error = error
-            logger.exception("engine thread died")
-            for stream in list(self._streams.values()):
-                stream.loop.call_soon_threadsafe(stream.updates.put_nowait,
-                                                 RuntimeError(f"engine failed: {error}"))
+        except BaseException as error:  # noqa: BLE001 - the engine failed: reported, exit
+            self._failure = error
+            final_error = APIError(500, f"the engine failed ({type(error).__name__}: "
+                                        f"{error}); the server is restarting")
+            logger.critical("engine failed: %s: %s", type(error).__name__, error,
+                            exc_info=error)
+            for callback in self._failure_callbacks:
+                try:
+                    callback(error)
+                except Exception:  # noqa: BLE001 - one listener must not silence the rest
+                    logger.exception("engine failure callback failed")
         finally:
             for stream in list(self._streams.values()):
-                self._abort(stream)
-            self._streams.clear()
+                try:
+                    self._drop(stream, final_error)
+                except Exception:  # noqa: BLE001 - a failed engine may refuse aborts too
+                    pass
+            while True:  # requests sent after the last drain: tell them too
+                try:
+                    kind, payload = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "add":
+                    payload.send(final_error)
+            self._publish_safely()
+
+    def _admit_held(self) -> None:
+        for stream in self._triage.admit():
+            self._enter_engine(stream)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -125,30 +201,64 @@ class AsyncEngine:
             if kind == "add":
                 self._add(payload)
             elif kind == "abort" and payload in self._streams:
-                self._abort(self._streams.pop(payload))
+                self._drop(self._streams[payload], None)
+                self.metrics.aborted.inc()
+            elif kind == "fail_all":
+                for stream in list(self._streams.values()):
+                    self._drop(stream, APIError(503, "the server is shutting down"))
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
 
-    def _add(self, stream: _Stream) -> None:
+    def _add(self, stream: EngineStream) -> None:
+        if stream.request_id in self._streams:
+            stream.send(APIError(400, f"request id {stream.request_id} is in use"))
+            return
+        self._streams[stream.request_id] = stream
+        if self._triage.active:  # suspects of a failed step go first, alone
+            self._triage.hold(stream)
+            stream.send(ACCEPTED)
+        elif self._enter_engine(stream):
+            stream.send(ACCEPTED)
+
+    def _enter_engine(self, stream: EngineStream) -> bool:
+        """Add the stream's request to the engine; on refusal fail it (False)."""
         try:
             self.engine.add_request(stream.request)
         except ValueError as error:
-            stream.loop.call_soon_threadsafe(stream.updates.put_nowait, error)
-            return
+            self._drop(stream, APIError(400, str(error)))
+            return False
+        except Exception as error:  # noqa: BLE001 - this request's problem, not the engine's
+            logger.exception("adding request %s failed", stream.request_id)
+            self._drop(stream, APIError(500, f"{type(error).__name__}: {error}"))
+            return False
+        stream.in_engine = True
         for seq in sequences(stream.request):
             self._streams_by_seq[seq.request_id] = stream
-        self._streams[stream.request.request_id] = stream
+        return True
 
-    def _abort(self, stream: _Stream) -> None:
-        for seq in sequences(stream.request):
-            self._streams_by_seq.pop(seq.request_id, None)
-            self.engine.abort_request(seq.request_id)
-        self.metrics.aborted.inc()
+    def _drop(self, stream: EngineStream, error: Optional[APIError]) -> None:
+        """Forget a stream: abort what is left of it in the engine, and send its handler
+        `error` (None: the handler left)."""
+        self._streams.pop(stream.request_id, None)
+        self._triage.cleared(stream)
+        try:
+            for seq in sequences(stream.request):
+                self._streams_by_seq.pop(seq.request_id, None)
+                if stream.in_engine:
+                    self.engine.abort_request(seq.request_id)
+        finally:
+            stream.in_engine = False
+            if error is not None:
+                stream.send(error)
 
     def _step(self) -> None:
-        result = self.engine.step_with_updates()
+        try:
+            result = self.engine.step_with_updates()
+        except Exception as error:  # noqa: BLE001 - judged: a request fails, or the engine
+            self._step_failed(error)
+            return
         now = time.monotonic()
         self.metrics.observe_step(self.engine)
         changed = {r.request_id: r for r in result.updated + result.finished}
@@ -159,28 +269,75 @@ class AsyncEngine:
             delta = stream.deltas.delta(seq)
             if delta is None:
                 continue
-            if delta.new_token_ids:
-                last = stream.last_token_time.get(delta.index)
-                if last is None:
-                    self.metrics.time_to_first_token.observe(now - seq.arrival_time)
-                else:
-                    self.metrics.inter_token_latency.observe(now - last)
-                stream.last_token_time[delta.index] = now
+            stream.observe_timing(delta, seq, now, self.metrics)
+            if not stream.delivered:
+                stream.delivered = True
+                self._triage.cleared(stream)
             if delta.finished:
                 self._streams_by_seq.pop(request_id, None)
                 self.metrics.observe_finished(seq, now)
                 stream.unfinished -= 1
                 if not stream.unfinished:
-                    self._streams.pop(stream.request.request_id, None)
-            stream.loop.call_soon_threadsafe(stream.updates.put_nowait, delta)
+                    self._streams.pop(stream.request_id, None)
+                    stream.in_engine = False
+            stream.send(delta)
+
+    def _step_failed(self, error: Exception) -> None:
+        """Fail the request that broke the step, or hold the suspects back; re-raise when
+        no request can be blamed (an engine failure)."""
+        suspects = [s for s in self._streams.values() if s.is_suspect]
+        verdict = self._triage.verdict(error, suspects)
+        if verdict.fatal:
+            raise error
+        if verdict.guilty is not None:
+            stream = verdict.guilty
+            logger.error("engine step failed (%s: %s): failing request %s",
+                         type(error).__name__, error, stream.request_id,
+                         exc_info=error)
+            self.metrics.failed.inc()
+            self._drop(stream, APIError(500, f"the request failed in the engine "
+                                             f"({type(error).__name__}: {error})"))
+            return
+        logger.warning("engine step failed (%s: %s) with %d new requests in it: "
+                       "re-admitting them by halves to find the one that fails",
+                       type(error).__name__, error, len(verdict.readmit))
+        for stream in verdict.readmit:
+            self._take_out(stream)
+
+    def _take_out(self, stream: EngineStream) -> None:
+        """Abort a suspect in the engine and give it a fresh request (it has no output to
+        lose), to be re-admitted by the triage."""
+        for seq in sequences(stream.request):
+            self._streams_by_seq.pop(seq.request_id, None)
+            self.engine.abort_request(seq.request_id)
+        stream.in_engine = False
+        old = stream.request
+        try:
+            fresh = self.engine.make_request(old.prompt_token_ids, old.sampling_params,
+                                             prompt=old.prompt, request_id=old.request_id)
+        except ValueError as error:
+            self._drop(stream, APIError(400, str(error)))
+            return
+        stream.restart(fresh)
+
+    def _publish(self) -> None:
+        queues = self.engine.queue_stats()
+        self._live = LiveStats(num_running=queues.num_running,
+                               num_waiting=queues.num_waiting + self._triage.num_held,
+                               kv_usage=self.engine.kv_cache_stats().usage,
+                               max_seqs_in_step=self.engine.stats.max_seqs_in_step)
+
+    def _publish_safely(self) -> None:
+        try:
+            self._publish()
+        except Exception:  # noqa: BLE001 - a failed engine may not answer: keep the last
+            pass
 
     def _log_stats(self) -> None:
-        queues = self.engine.queue_stats()
-        usage = self.engine.kv_cache_stats().usage
+        live = self._live
         throughput = self.metrics.recent_throughput()
         logger.info(
             "running: %d reqs, waiting: %d reqs, KV usage: %.1f%%, prompt throughput: "
             "%.1f tok/s, generation throughput: %.1f tok/s, preemptions: %d",
-            queues.num_running, queues.num_waiting, 100 * usage, throughput[0],
-            throughput[1], queues.num_preemptions)
-
+            live.num_running, live.num_waiting, 100 * live.kv_usage, throughput[0],
+            throughput[1], self.engine.queue_stats().num_preemptions)

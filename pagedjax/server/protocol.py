@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -55,12 +55,31 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    """One chat message; `content` may be a string or a list of text parts."""
+    """One chat message; `content` may be a string or a list of text parts
+    ({"type": "text", "text": str}); other part types are refused."""
 
     model_config = ConfigDict(extra="allow")
 
     role: str
     content: Union[str, list[dict[str, Any]], None] = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content):
+        if isinstance(content, list):
+            for i, part in enumerate(content):
+                if part.get("type", "text") != "text":
+                    raise ValueError(f"part {i} has type {part.get('type')!r}: only text "
+                                     f"parts are supported")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"part {i}: a text part needs a string 'text'")
+        return content
+
+    def text_content(self) -> Optional[str]:
+        """The content as one string (text parts joined), or None."""
+        if isinstance(self.content, list):
+            return "".join(part["text"] for part in self.content)
+        return self.content
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, fields
-from typing import AsyncIterator, Optional, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 from pagedjax.output_stream import SequenceDelta
 from pagedjax.request import Request
@@ -14,6 +15,7 @@ from pagedjax.sampling_params import SamplingParams
 
 from .async_engine import AsyncEngine
 from .errors import APIError, param_of
+from .request_stream import RequestHandle
 
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)} | {"max_completion_tokens",
                                                                 "top_logprobs", "prompt",
@@ -64,7 +66,7 @@ def sampling_params_for(body, *, max_tokens: Optional[int], logprobs: Optional[i
                 "min_p": body.min_p, "repetition_penalty": body.repetition_penalty}
     try:
         return SamplingParams(
-            max_tokens=max_tokens, seed=seed, stop=body.stop,
+            max_tokens=max_tokens, seed=reduce_seed(seed), stop=body.stop,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             logit_bias=logit_bias, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
             stop_token_ids=body.stop_token_ids or (), logprobs=logprobs,
@@ -75,10 +77,24 @@ def sampling_params_for(body, *, max_tokens: Optional[int], logprobs: Optional[i
         raise APIError(400, str(error), param_of(str(error), _SAMPLING_FIELDS)) from None
 
 
-def check_n(n: int) -> None:
-    """Reject an `n` outside 1..MAX_N."""
+def reduce_seed(seed: Optional[int]) -> Optional[int]:
+    """An OpenAI seed (any signed 64-bit int, as vLLM takes) reduced to SamplingParams'
+    range [0, 2**63); APIError(400) outside int64."""
+    if seed is None:
+        return None
+    if not -2**63 <= seed < 2**63:
+        raise APIError(400, f"seed must fit in a signed 64-bit integer, got {seed}", "seed")
+    return seed % 2**63
+
+
+def check_n(n: int, num_prompts: int = 1, max_sequences: Optional[int] = None) -> None:
+    """Reject an `n` outside 1..MAX_N, or prompts x n over `max_sequences`."""
     if not 1 <= n <= MAX_N:
         raise APIError(400, f"n must be between 1 and {MAX_N}, got {n}", "n")
+    if max_sequences is not None and num_prompts * n > max_sequences:
+        raise APIError(400, f"prompt: {num_prompts} prompts x n={n} = {num_prompts * n} "
+                            f"sequences, more than this server takes in one request "
+                            f"({max_sequences})", "prompt" if num_prompts > 1 else "n")
 
 
 def resolve_max_tokens(requested: Optional[int], prompt_len: int, max_model_len: int,
@@ -119,65 +135,85 @@ def make_choices(engine, prompts: Sequence[tuple[list[int], Optional[str]]], n: 
     return choices
 
 
-async def run_choices(async_engine: AsyncEngine, choices: Sequence[Choice]
+async def start_choices(async_engine: AsyncEngine, choices: Sequence[Choice]
+                        ) -> list[RequestHandle]:
+    """Hand every prompt's request to the engine; returns once all were accepted (they
+    batch together), or raises the first refusal (an APIError) with none left running."""
+    requests = {}
+    for choice in choices:
+        requests.setdefault(choice.prompt_index, choice.request)
+    added = await asyncio.gather(*[async_engine.add_request(r) for r in requests.values()],
+                                 return_exceptions=True)
+    handles = [h for h in added if isinstance(h, RequestHandle)]
+    for outcome in added:
+        if isinstance(outcome, BaseException):
+            for handle in handles:
+                handle.close()
+            raise outcome
+    return handles
+
+
+async def run_choices(handles: Sequence[RequestHandle], choices: Sequence[Choice],
+                      disconnected: Optional[Callable[[], Awaitable[None]]] = None
                       ) -> AsyncIterator[tuple[Choice, SequenceDelta]]:
-    """Run every prompt's request concurrently (they batch together in the engine) and
-    yield (choice, delta) as deltas arrive. Closing this early aborts them all."""
-    updates: asyncio.Queue = asyncio.Queue()
+    """Yield (choice, delta) as the accepted requests' deltas arrive. Closing this early,
+    an engine error, or `disconnected()` returning (the client left: APIError 499)
+    aborts every request still running."""
     by_prompt: dict[int, list[Choice]] = {}
     for choice in choices:
         by_prompt.setdefault(choice.prompt_index, []).append(choice)
+    updates: asyncio.Queue = asyncio.Queue()
 
-    async def pump(group: list[Choice]) -> None:
+    async def pump(handle: RequestHandle, group: list[Choice]) -> None:
         try:
-            async for delta in async_engine.generate(group[0].request):
+            async for delta in handle:
                 await updates.put((group[delta.index], delta))
         except Exception as error:  # noqa: BLE001 - re-raised in the consumer
             await updates.put((group[0], error))
+        finally:
+            handle.close()
 
-    tasks = [asyncio.create_task(pump(group)) for group in by_prompt.values()]
+    tasks = [asyncio.create_task(pump(h, g)) for h, g in zip(handles, by_prompt.values())]
+    gone = asyncio.ensure_future(disconnected() if disconnected else asyncio.Event().wait())
     try:
         remaining = len(choices)
         while remaining:
-            choice, update = await updates.get()
+            get = asyncio.ensure_future(updates.get())
+            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                raise APIError(499, "client disconnected")
+            choice, update = get.result()
             if isinstance(update, Exception):
                 raise update
             if update.finished:
                 remaining -= 1
             yield choice, update
     finally:
+        gone.cancel()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(gone, *tasks, return_exceptions=True)
+        for handle in handles:
+            handle.close()
 
 
-async def collect(async_engine: AsyncEngine, choices: Sequence[Choice],
-                  is_disconnected) -> None:
-    """Run choices to completion, folding updates into them; abort all of them if
-    `is_disconnected()` turns true first (the client went away)."""
-
-    async def consume() -> None:
-        async for choice, update in run_choices(async_engine, choices):
+async def collect(handles: Sequence[RequestHandle], choices: Sequence[Choice],
+                  disconnected: Callable[[], Awaitable[None]]) -> None:
+    """Run choices to completion, folding updates into them; every request is aborted if
+    `disconnected()` returns first (the client went away)."""
+    async with aclosing(run_choices(handles, choices, disconnected)) as updates:
+        async for choice, update in updates:
             choice.apply(update)
-
-    task = asyncio.create_task(consume())
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if done:
-            task.result()
-            return
-        if await is_disconnected():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise APIError(499, "client disconnected")
 
 
 def usage(choices: Sequence[Choice]) -> dict:
-    """OpenAI `usage`: prompt tokens counted once per prompt, completion tokens summed."""
-    prompt_tokens = {}
-    for choice in choices:
-        prompt_tokens[choice.prompt_index] = len(choice.request.prompt_token_ids)
+    """OpenAI `usage`: prompt tokens counted once per prompt, completion tokens summed;
+    `prompt_tokens_details.cached_tokens`: prompt tokens read from the prefix cache."""
+    requests = {choice.prompt_index: choice.request for choice in choices}
+    prompt = sum(len(r.prompt_token_ids) for r in requests.values())
+    cached = sum(r.num_cached_tokens or 0 for r in requests.values())
     completion = sum(len(choice.token_ids or []) for choice in choices)
-    prompt = sum(prompt_tokens.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}

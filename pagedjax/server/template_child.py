@@ -1,0 +1,99 @@
+"""The chat-template worker process: renders request-supplied chat templates, one job at a
+time, with a memory cap and a small LRU of compiled templates.
+
+Started by template_worker.TemplateWorker as a plain script (`python -I template_child.py
+CACHE_SIZE MEMORY_BYTES`), so it imports only jinja2 and pagedjax/loading/chat_template.py
+(loaded by path: importing the pagedjax package would import jax). Protocol: one JSON job
+per line on stdin, one JSON reply per line on stdout ({"text"} or {"error"}, plus
+"cached": compiled templates held). The parent kills it when a job runs too long.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import resource
+import sys
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # as pagedjax.loading.tokenizer
+
+
+def _load_chat_template_module():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "loading",
+                        "chat_template.py")
+    spec = importlib.util.spec_from_file_location("pagedjax_chat_template", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tag_final_message(messages: list) -> tuple[list, str]:
+    """Messages whose last text ends with the tag, and that text (Tokenizer's rule)."""
+    if not messages or not isinstance(messages[-1], dict):
+        raise ValueError("continue_final_message: the conversation has no final message")
+    last = dict(messages[-1])
+    content = last.get("content")
+    if isinstance(content, str):
+        final_text, last["content"] = content, content + _CONTINUE_TAG
+    elif isinstance(content, list):
+        blocks = [dict(b) if isinstance(b, dict) else b for b in content]
+        texts = [b for b in blocks if isinstance(b, dict) and "text" in b]
+        if not texts:
+            raise ValueError("continue_final_message: the final message has no text")
+        final_text = texts[-1]["text"]
+        texts[-1]["text"] = final_text + _CONTINUE_TAG
+        last["content"] = blocks
+    else:
+        raise ValueError("continue_final_message: the final message has no content")
+    return list(messages[:-1]) + [last], final_text
+
+
+def _render(chat, compile_template, job: dict) -> str:
+    template = compile_template(job["template"])
+    messages = job["messages"]
+    if not job["continue_final_message"]:
+        return chat.render_chat_template(template, messages,
+                                         add_generation_prompt=job["add_generation_prompt"],
+                                         special_tokens=job["special_tokens"])
+    messages, final_text = _tag_final_message(messages)
+    rendered = chat.render_chat_template(template, messages, add_generation_prompt=False,
+                                         special_tokens=job["special_tokens"])
+    tag = _CONTINUE_TAG.strip()
+    if final_text.strip() not in rendered or tag not in rendered:
+        raise ValueError("continue_final_message: the final message does not appear in "
+                         "the rendered chat")
+    cut = rendered.rindex(tag)
+    if rendered[cut:cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return rendered[:cut]
+    return rendered[:cut].rstrip()
+
+
+def main() -> None:
+    """Serve render jobs from stdin until it closes."""
+    cache_size, memory_bytes = int(sys.argv[1]), int(sys.argv[2])
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    chat = _load_chat_template_module()
+    compile_template = functools.lru_cache(maxsize=cache_size)(chat.compile_chat_template)
+    for line in sys.stdin:
+        job = json.loads(line)
+        try:
+            text = _render(chat, compile_template, job)
+            if len(text) > job["max_chars"]:
+                reply = {"error": f"the rendered chat has {len(text)} characters, more than "
+                                  f"the {job['max_chars']} allowed"}
+            else:
+                reply = {"text": text}
+        except MemoryError:
+            reply = {"error": "rendering the chat template needed more memory than allowed"}
+        except Exception as error:  # noqa: BLE001 - any template failure is the client's
+            reply = {"error": f"the chat template failed to render: "
+                              f"{type(error).__name__}: {error}"}
+        reply["cached"] = compile_template.cache_info().currsize
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
