@@ -49,6 +49,12 @@ def param_of(message: str, fields: set[str]) -> Optional[str]:
     return first if first in fields else None
 
 
+def _is_type_tag(part) -> bool:
+    # pydantic names the union member an error came from ("str", "list[int]"): not a field
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "dict", "list"}
+                                      or "[" in part)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """APIError, invalid bodies and HTTP errors as OpenAI error bodies (the catch-all for
     anything else is the ErrorBoundary middleware, which keeps the connection open)."""
@@ -61,7 +67,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid_body(_: Request, error: RequestValidationError) -> Response:
         problems = error.errors()
         first = problems[0] if problems else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        location = [str(part) for part in first.get("loc", ())
+                    if part != "body" and not _is_type_tag(part)]
         param = ".".join(location) or None
         message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid request body')}"
         return error_response(400, message, param)

@@ -25,6 +25,9 @@ def protocol_with_read_timeout(seconds: float) -> type:
     half-sent or silent connection open forever)."""
 
     class ReadTimeoutProtocol(AutoHTTPProtocol):
+        """uvicorn's protocol plus one timer per connection, armed while it waits for a
+        request's headers."""
+
         _pagedjax_timer: Optional[asyncio.TimerHandle] = None
         _pagedjax_bytes_after: object = None  # the cycle after which new bytes came
 
