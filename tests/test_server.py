@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import socket
 import threading
 import time
 
@@ -14,16 +13,10 @@ import uvicorn
 from pagedjax import SamplingParams
 from pagedjax.server import build_app, create_server_state
 from tests.helpers.engines import make_llm
+from tests.helpers.servers import API_KEY, free_port
 
 PROMPTS = ["the cat sat on the mat", "hello there", "once upon a time", "a dog"]
 MAX_TOKENS = 12
-API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RunningServer:

@@ -76,3 +76,49 @@ def render_chat_template(
         )
     except jinja2.exceptions.TemplateError as err:
         raise ValueError(f"chat template failed to render: {err}") from err
+
+
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def tag_final_message(messages: Sequence[Any]) -> tuple[list, str]:
+    """A copy of `messages` whose last message's text ends with CONTINUE_TAG, and that
+    text (the last text block when the content is a list of blocks)."""
+    if not messages or not isinstance(messages[-1], dict):
+        raise ValueError("continue_final_message: the conversation has no final message")
+    last = dict(messages[-1])
+    content = last.get("content")
+    if isinstance(content, str):
+        final_text = content
+        last["content"] = content + CONTINUE_TAG
+    elif isinstance(content, (list, tuple)):
+        blocks = [dict(b) if isinstance(b, dict) else b for b in content]
+        for block in reversed(blocks):
+            if isinstance(block, dict) and "text" in block:
+                final_text = block["text"]
+                block["text"] = block["text"] + CONTINUE_TAG
+                break
+        else:
+            raise ValueError("continue_final_message: the final message has no text to continue")
+        last["content"] = blocks
+    else:
+        raise ValueError("continue_final_message: the final message has no content to continue")
+    return list(messages[:-1]) + [last], final_text
+
+
+def render_continuing_final_message(template: jinja2.Template, messages: Sequence[Any], *,
+                                    special_tokens: dict[str, Optional[str]],
+                                    **kwargs: Any) -> str:
+    """Render `messages` with the last one left open for the model to continue
+    (transformers' way: tag the end of its text, render, cut at the tag)."""
+    messages, final_text = tag_final_message(messages)
+    rendered = render_chat_template(template, messages, add_generation_prompt=False,
+                                    special_tokens=special_tokens, **kwargs)
+    tag = CONTINUE_TAG.strip()
+    if final_text.strip() not in rendered or tag not in rendered:
+        raise ValueError("continue_final_message: the final message does not appear in "
+                         "the rendered chat (the chat template changed or dropped it)")
+    cut = rendered.rindex(tag)
+    if rendered[cut:cut + len(CONTINUE_TAG)] == CONTINUE_TAG:
+        return rendered[:cut]
+    return rendered[:cut].rstrip()  # the template trimmed the message's trailing space

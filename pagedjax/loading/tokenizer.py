@@ -15,7 +15,8 @@ import jinja2
 import tokenizers
 import tokenizers.decoders
 
-from .chat_template import compile_chat_template, render_chat_template
+from .chat_template import (compile_chat_template, render_chat_template,
+                            render_continuing_final_message)
 
 
 class Tokenizer:
@@ -209,43 +210,5 @@ class Tokenizer:
             return render_chat_template(compiled, messages,
                                         add_generation_prompt=add_generation_prompt,
                                         special_tokens=special, **template_kwargs)
-        # transformers' way: tag the end of the final message's text, render, cut at the tag.
-        messages, final_text = _tag_final_message(messages)
-        rendered = render_chat_template(compiled, messages, add_generation_prompt=False,
-                                        special_tokens=special, **template_kwargs)
-        tag = _CONTINUE_TAG.strip()
-        if final_text.strip() not in rendered or tag not in rendered:
-            raise ValueError("continue_final_message: the final message does not appear in "
-                             "the rendered chat (the chat template changed or dropped it)")
-        cut = rendered.rindex(tag)
-        if rendered[cut:cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
-            return rendered[:cut]
-        return rendered[:cut].rstrip()  # the template trimmed the message's trailing space
-
-
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
-
-
-def _tag_final_message(messages: Sequence[Any]) -> tuple[list, str]:
-    """A copy of `messages` whose last message's text ends with _CONTINUE_TAG, and that
-    text (the last text block when the content is a list of blocks)."""
-    if not messages or not isinstance(messages[-1], dict):
-        raise ValueError("continue_final_message: the conversation has no final message")
-    last = dict(messages[-1])
-    content = last.get("content")
-    if isinstance(content, str):
-        final_text = content
-        last["content"] = content + _CONTINUE_TAG
-    elif isinstance(content, (list, tuple)):
-        blocks = [dict(b) if isinstance(b, dict) else b for b in content]
-        for block in reversed(blocks):
-            if isinstance(block, dict) and "text" in block:
-                final_text = block["text"]
-                block["text"] = block["text"] + _CONTINUE_TAG
-                break
-        else:
-            raise ValueError("continue_final_message: the final message has no text to continue")
-        last["content"] = blocks
-    else:
-        raise ValueError("continue_final_message: the final message has no content to continue")
-    return list(messages[:-1]) + [last], final_text
+        return render_continuing_final_message(compiled, messages, special_tokens=special,
+                                               **template_kwargs)

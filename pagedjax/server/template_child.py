@@ -17,7 +17,6 @@ import os
 import resource
 import sys
 
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # as pagedjax.loading.tokenizer
 
 
 def _load_chat_template_module():
@@ -29,27 +28,6 @@ def _load_chat_template_module():
     return module
 
 
-def _tag_final_message(messages: list) -> tuple[list, str]:
-    """Messages whose last text ends with the tag, and that text (Tokenizer's rule)."""
-    if not messages or not isinstance(messages[-1], dict):
-        raise ValueError("continue_final_message: the conversation has no final message")
-    last = dict(messages[-1])
-    content = last.get("content")
-    if isinstance(content, str):
-        final_text, last["content"] = content, content + _CONTINUE_TAG
-    elif isinstance(content, list):
-        blocks = [dict(b) if isinstance(b, dict) else b for b in content]
-        texts = [b for b in blocks if isinstance(b, dict) and "text" in b]
-        if not texts:
-            raise ValueError("continue_final_message: the final message has no text")
-        final_text = texts[-1]["text"]
-        texts[-1]["text"] = final_text + _CONTINUE_TAG
-        last["content"] = blocks
-    else:
-        raise ValueError("continue_final_message: the final message has no content")
-    return list(messages[:-1]) + [last], final_text
-
-
 def _render(chat, compile_template, job: dict) -> str:
     template = compile_template(job["template"])
     messages = job["messages"]
@@ -57,17 +35,8 @@ def _render(chat, compile_template, job: dict) -> str:
         return chat.render_chat_template(template, messages,
                                          add_generation_prompt=job["add_generation_prompt"],
                                          special_tokens=job["special_tokens"])
-    messages, final_text = _tag_final_message(messages)
-    rendered = chat.render_chat_template(template, messages, add_generation_prompt=False,
-                                         special_tokens=job["special_tokens"])
-    tag = _CONTINUE_TAG.strip()
-    if final_text.strip() not in rendered or tag not in rendered:
-        raise ValueError("continue_final_message: the final message does not appear in "
-                         "the rendered chat")
-    cut = rendered.rindex(tag)
-    if rendered[cut:cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
-        return rendered[:cut]
-    return rendered[:cut].rstrip()
+    return chat.render_continuing_final_message(template, messages,
+                                                special_tokens=job["special_tokens"])
 
 
 def main() -> None:
