@@ -13,7 +13,7 @@ import uvicorn
 from pagedjax import SamplingParams
 from pagedjax.server import build_app, create_server_state
 from tests.helpers.engines import make_llm
-from tests.helpers.servers import API_KEY, free_port
+from tests.helpers.servers import API_KEY, free_port, wait_idle
 
 PROMPTS = ["the cat sat on the mat", "hello there", "once upon a time", "a dog"]
 MAX_TOKENS = 12
@@ -70,15 +70,6 @@ def server(llm, offline):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
-
-
-def wait_idle(llm, timeout=30):
-    """Until the engine has no request and every KV block is free again."""
-    deadline = time.monotonic() + timeout
-    while llm.engine.has_unfinished_requests() or llm.engine.block_manager.num_used_blocks:
-        assert time.monotonic() < deadline, "engine never went idle"
-        time.sleep(0.05)
-    llm.engine.block_manager.check_no_leak()
 
 
 def test_completions_streamed_and_not_equal_offline(client, offline):
