@@ -10,7 +10,7 @@ token attends to two key sets, merged as two parts of one softmax:
   from this step's freshly projected K/V (no cache read needed).
 
 So a prefill of fresh prompts reads no pages at all, a decode token reads exactly its own
-sequence's pages, and a continuing prefill chunk reads its pages once for all of its
+sequence's pages, and a continuing prefill chunk reads its pages once per block of its
 tokens; no Python loop over sequences. Shaped for XLA CPU: einsums keep their batch axes
 leading (a trailing one makes XLA transpose its operand per call), and in-step scores are
 computed only for the query / key blocks that can share a sequence.
@@ -28,6 +28,7 @@ from .paged_context import PagedContext
 from .softmax_parts import PartialSoftmax, soft_cap_fn
 
 IN_STEP_BLOCK = 128  # query / key tokens per block of the in-step attention
+CHUNK_QUERY_BLOCK = 32  # query tokens per block of a chunk reading its cached context
 
 
 def paged_attention(
@@ -49,14 +50,12 @@ def paged_attention(
 ) -> jax.Array:  # [T, H, D]
     """Attention of ragged query tokens over their sequences' paged context + in-step tokens.
 
-    The cached context is read per *sequence* whenever a step has at most one multi-token
-    chunk with cached context (the usual case: decodes, fresh prefills and one continuing
-    chunk): each decode reads its own pages, the one chunk's pages are read once for all
-    its tokens, and not at all in a step without such a chunk. Otherwise every token
-    gathers its sequence's pages itself (correct for any step, but it moves T x context
-    bytes). Context is read page by page up to the longest context among the rows read
-    together, so the width M of the block tables costs nothing. `sliding_window` and
-    `soft_cap` default off.
+    The cached context is read per *sequence*: each decode row reads its own pages, and
+    each multi-token chunk with cached context (a continuing chunked prefill, a prompt
+    after a prefix-cache hit) reads its pages once per block of CHUNK_QUERY_BLOCK of its
+    own tokens; a step without such a chunk reads no pages for its prefills. Context is
+    read page by page up to the longest context among the rows read together, so the
+    width M of the block tables costs nothing. `sliding_window` and `soft_cap` default off.
 
     `row_attention` replaces the jnp read of one-query-token rows (the native backend's
     C++ kernel): called as row_attention(q, tables, lens, query_positions, k_cache=,
@@ -97,33 +96,63 @@ def paged_attention(
             sliding_window=sliding_window, soft_cap=soft_cap)
     pages = PagedContext(k_cache, v_cache, layer, cap, sliding_window, row_attention)
 
-    def per_sequence():
-        # Single-token rows: each sequence's last query against that sequence's pages.
-        last_token = jax.ops.segment_max(jnp.where(valid, jnp.arange(num_tokens), 0), seq,
-                                         num_segments=num_seqs)
-        last_token = jnp.clip(last_token, 0, num_tokens - 1)  # empty (padded) sequences
-        decode = pages.attend_rows(q_tokens[last_token], block_tables, context_lens,
-                                   positions[last_token])  # [K, B, G]
-        decode = PartialSoftmax(*(x[:, seq] for x in decode))  # back to token rows [K, T, G]
+    # Single-token rows: each sequence's last query against that sequence's pages.
+    last_token = jax.ops.segment_max(jnp.where(valid, jnp.arange(num_tokens), 0), seq,
+                                     num_segments=num_seqs)
+    last_token = jnp.clip(last_token, 0, num_tokens - 1)  # empty (padded) sequences
+    decode = pages.attend_rows(q_tokens[last_token], block_tables, context_lens,
+                               positions[last_token])  # [K, B, G]
+    decode = PartialSoftmax(*(x[:, seq] for x in decode))  # back to token rows [K, T, G]
 
-        def chunk_context():  # the (at most one) multi-token chunk with context: [K, T, G]
-            chunk = jnp.argmax(chunks_with_context)
-            lens = jnp.where(token_seq == chunk, context_lens[chunk], 0)  # [T]
-            return pages.attend_chunk(qg, block_tables[chunk], lens, positions,
-                                      IN_STEP_BLOCK)
+    def chunk_context():  # multi-token chunks with cached context: [K, T, G]
+        return _chunks_over_context(pages, qg, seq, valid, positions, query_lens,
+                                    context_lens, block_tables, chunks_with_context)
 
-        # A step without such a chunk (every decode-only step) never reads its pages.
-        chunk = jax.lax.cond(jnp.any(chunks_with_context), chunk_context,
-                             lambda: PartialSoftmax.empty(qg.shape))
-        return decode.select(token_is_single[None, :, None], chunk)
-
-    def per_token():
-        lens = jnp.where(valid, context_lens[seq], 0)
-        return pages.attend_rows(q_tokens, block_tables[seq], lens, positions)
-
-    context = jax.lax.cond(jnp.sum(chunks_with_context) <= 1, per_sequence, per_token)
+    # A step without such a chunk (every decode-only step) never reads its pages.
+    chunk = jax.lax.cond(jnp.any(chunks_with_context), chunk_context,
+                         lambda: PartialSoftmax.empty(qg.shape))
+    context = decode.select(token_is_single[None, :, None], chunk)
     out = context.merge(in_step)  # [K, T, G, D]
     return jnp.swapaxes(out, 0, 1).reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def _chunks_over_context(pages: PagedContext, qg, seq, valid, positions, query_lens,
+                         context_lens, block_tables, chunks_with_context) -> PartialSoftmax:
+    """Every multi-token chunk with cached context (a prompt after a prefix-cache hit, a
+    continuing chunked prefill) over its own sequence's pages: qg [K, T, G, D] ->
+    PartialSoftmax [K, T, G], nothing visible for the step's other tokens.
+
+    Each chunk is cut into blocks of CHUNK_QUERY_BLOCK of its tokens and all blocks are
+    read together (PagedContext.attend_blocks). A chunk has at least 2 tokens, so T // Q
+    + min(B, T // 2) blocks always suffice; the unused ones have no context and cost
+    almost nothing."""
+    num_kv_heads, num_tokens, group, head_dim = qg.shape
+    num_seqs = block_tables.shape[0]
+    block = min(CHUNK_QUERY_BLOCK, num_tokens)
+    num_blocks = num_tokens // block + min(num_seqs, num_tokens // 2)
+    index = jnp.arange(num_tokens)
+    first_token = jax.ops.segment_min(jnp.where(valid, index, num_tokens), seq,
+                                      num_segments=num_seqs)  # [B]
+    blocks_per_seq = jnp.where(chunks_with_context, -(-query_lens // block), 0)  # [B]
+    blocks_end = jnp.cumsum(blocks_per_seq)
+    first_block = blocks_end - blocks_per_seq  # [B]
+
+    ids = jnp.arange(num_blocks)
+    owner = jnp.searchsorted(blocks_end, ids, side="right")  # [Nb]; B past the last block
+    used = owner < num_seqs
+    owner = jnp.minimum(owner, num_seqs - 1)
+    start = first_token[owner] + (ids - first_block[owner]) * block
+    tokens = jnp.clip(start[:, None] + jnp.arange(block), 0, num_tokens - 1)  # [Nb, Q]
+    parts = pages.attend_blocks(jnp.moveaxis(qg[:, tokens], 0, 1),  # [Nb, K, Q, G, D]
+                                block_tables[owner], jnp.where(used, context_lens[owner], 0),
+                                positions[tokens])
+
+    in_chunk = valid & chunks_with_context[seq]  # [T]
+    offset = index - first_token[seq]
+    token_block = jnp.where(in_chunk, first_block[seq] + offset // block, 0)
+    rows = PartialSoftmax(*(jnp.swapaxes(x[token_block, :, offset % block], 0, 1)
+                            for x in parts))  # [K, T, G]
+    return rows.select(in_chunk[None, :, None], PartialSoftmax.empty(qg.shape))
 
 
 def _in_step_blocks(qg, k_step, v_step, token_seq, positions, cap, sliding_window):

@@ -6,7 +6,6 @@ gathered whole; each loop stops at the longest context among the rows it serves.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -77,6 +76,26 @@ class PagedContext:
             seen &= query_positions[:, None] - keys[None, :] < self.sliding_window
         return seen
 
+    def _read_in_tiers(self, tables, lens, fold_for, acc: PartialSoftmax,
+                       min_tier_rows: int = MIN_TIER_ROWS) -> PartialSoftmax:
+        """Fold each row's context chunks into acc for rows sorted longest context first
+        (tables [R, M], lens [R]), in tiers: all rows up to the longest context of the
+        shorter half, the longer half on to the longest of its own shorter half, and so
+        on down to min_tier_rows rows, so each row reads close to its own context rather
+        than the longest. fold_for(n) folds a chunk into the first n rows."""
+        done, tier_rows = 0, lens.shape[0]
+        while tier_rows:
+            rest = tier_rows // 2 if tier_rows // 2 >= min_tier_rows else 0
+            # Rows rest.. of this tier are complete once the longest of them is read; stop
+            # never decreases from tier to tier (lens is sorted longest first).
+            stop = self._chunks_for(lens[rest])
+            tier = self._loop(tables[:tier_rows], done, stop, fold_for(tier_rows),
+                              PartialSoftmax(*(x[:tier_rows] for x in acc)))
+            acc = PartialSoftmax(*(jnp.concatenate([t, x[tier_rows:]])
+                                   for t, x in zip(tier, acc)))
+            done, tier_rows = stop, rest
+        return acc
+
     def attend_rows(
         self,
         q: jax.Array,  # [R, K, G, D] float32, already scaled: one query token per row
@@ -88,24 +107,15 @@ class PagedContext:
 
         Scores are per KV head (a page's keys are head-major); values are weighed for all
         heads in one block-diagonal GEMM ([R, K*G, N] x [R, N, K*D], the other heads'
-        blocks computed and dropped). Rows are sorted longest context first and read in
-        tiers: all rows up to the longest context of the shorter half, the longer half
-        on to the longest of its own shorter half, and so on down to MIN_TIER_ROWS rows,
-        so each row reads close to its own context rather than the longest."""
+        blocks computed and dropped). Rows are read in tiers (_read_in_tiers)."""
         if self.row_attention is not None:
             return PartialSoftmax(*self.row_attention(q, tables, lens, query_positions))
         rows, num_kv_heads, group, head_dim = q.shape
         order = jnp.argsort(-lens)  # longest first
         q, tables, lens, query_positions = (x[order] for x in
                                             (q, tables, lens, query_positions))
-        acc = PartialSoftmax.empty((rows, num_kv_heads * group, num_kv_heads * head_dim))
-        done, tier_rows = 0, rows
-        while tier_rows:
-            rest = tier_rows // 2 if tier_rows // 2 >= MIN_TIER_ROWS else 0
-            # Rows rest.. of this tier are complete once the longest of them is read; stop
-            # never decreases from tier to tier (lens is sorted longest first).
-            stop = self._chunks_for(lens[rest])
 
+        def fold_for(tier_rows):
             def fold_chunk(acc, k, v, keys, q=q[:tier_rows], lens=lens[:tier_rows],
                            query_positions=query_positions[:tier_rows]):
                 seen = self._visible(keys, lens, query_positions)  # [n, N]
@@ -114,13 +124,10 @@ class PagedContext:
                 part = PartialSoftmax.of(self.cap(scores), seen[:, None, :],
                                          lambda w: jnp.einsum("rhn,rnx->rhx", w, v))
                 return acc.combine(part)
+            return fold_chunk
 
-            tier = self._loop(tables[:tier_rows], done, stop, fold_chunk,
-                              PartialSoftmax(*(x[:tier_rows] for x in acc)))
-            acc = PartialSoftmax(*(jnp.concatenate([t, x[tier_rows:]])
-                                   for t, x in zip(tier, acc)))
-            done, tier_rows = stop, rest
-
+        acc = self._read_in_tiers(tables, lens, fold_for, PartialSoftmax.empty(
+            (rows, num_kv_heads * group, num_kv_heads * head_dim)))
         back = jnp.argsort(order)  # sorted rows -> original rows
         out = acc.out[back].reshape(rows, num_kv_heads, group, num_kv_heads, head_dim)
         out = jnp.moveaxis(jnp.diagonal(out, axis1=1, axis2=3), -1, 0)  # [K, R, G, D]
@@ -128,46 +135,48 @@ class PagedContext:
                        for x in (acc.max, acc.total))
         return PartialSoftmax(max_, total, out)
 
-    def attend_chunk(
+    def attend_blocks(
         self,
-        q: jax.Array,  # [K, T, G, D] float32, already scaled: every token of the step
-        table: jax.Array,  # [M] pages of the chunk's sequence
-        lens: jax.Array,  # [T] keys at positions < lens visible; 0 outside the chunk
-        query_positions: jax.Array,  # [T] each token's own position (for the window)
-        block_tokens: int,  # query tokens per block
-    ) -> PartialSoftmax:  # [K, T, G]
-        """One sequence's multi-token chunk (its tokens contiguous) over that sequence's
-        pages, read once for all of them. Only the query blocks that hold chunk tokens
-        are computed; a page's values are regrouped head-first ([K, N, D], a small copy)
-        so each head's GEMMs cover all block * G query rows at once."""
-        num_kv_heads, num_tokens, _, head_dim = q.shape
-        block = min(block_tokens, num_tokens)
-        if num_tokens % block:
-            block = num_tokens
+        q: jax.Array,  # [R, K, Q, G, D] float32, already scaled: Q query tokens per row
+        tables: jax.Array,  # [R, M] pages of each row's sequence
+        lens: jax.Array,  # [R] keys at positions < lens are visible (0: an empty row)
+        query_positions: jax.Array,  # [R, Q] each token's own position (for the window)
+    ) -> PartialSoftmax:  # [R, K, Q, G]
+        """Rows of Q tokens of one sequence each (blocks of multi-token chunks: prompts
+        after a prefix-cache hit, continuing chunked prefills) over that sequence's cached
+        context, all rows read together in tiers (_read_in_tiers), so a step with many
+        such chunks loops over its longest context once, not once per chunk. A page's
+        values are regrouped head-first ([K, N, D], a small copy) so each head's GEMMs
+        cover the Q * G query rows at once."""
+        rows, num_kv_heads, num_queries, group, head_dim = q.shape
+        order = jnp.argsort(-lens)  # longest first
+        q, tables, lens, query_positions = (x[order] for x in
+                                            (q, tables, lens, query_positions))
 
-        def query_block(b, acc: PartialSoftmax) -> PartialSoftmax:
-            rows = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=b * block,
-                                     slice_size=block, axis=0)
-            q_rows = jax.lax.dynamic_slice_in_dim(q, b * block, block, axis=1)
-            block_lens, block_positions = rows(lens), rows(query_positions)
-
-            def fold_chunk(acc, k, v, keys):
-                v = jnp.swapaxes(v.reshape(-1, num_kv_heads, head_dim), 0, 1)  # [K, N, D]
-                seen = self._visible(keys, block_lens, block_positions)  # [block, N]
-                scores = jnp.einsum("ktgd,pkds->ktgps", q_rows, k[0]).reshape(
-                    *q_rows.shape[:3], -1)
-                part = PartialSoftmax.of(self.cap(scores), seen[None, :, None, :],
-                                         lambda w: jnp.einsum("ktgn,knd->ktgd", w, v))
+        def fold_for(tier_rows):
+            def fold_chunk(acc, k, v, keys, q=q[:tier_rows], lens=lens[:tier_rows],
+                           query_positions=query_positions[:tier_rows]):
+                n = q.shape[0]
+                # Plain batched GEMMs over (row, head) pairs: keys [n*K, D, N] and values
+                # [n*K, N, D] regrouped from the pages (small copies), queries [n*K, Q*G, D].
+                keys_t = jnp.moveaxis(k, 1, 3).reshape(n * num_kv_heads, head_dim, -1)
+                values = jnp.swapaxes(v.reshape(n, -1, num_kv_heads, head_dim), 1, 2).reshape(
+                    n * num_kv_heads, -1, head_dim)
+                seen = keys[None, None, :] < lens[:, None, None]  # [n, 1, N]
+                if self.sliding_window is not None:
+                    seen = seen & (query_positions[:, :, None] - keys[None, None, :]
+                                   < self.sliding_window)  # [n, Q, N]
+                scores = jnp.matmul(q.reshape(n * num_kv_heads, -1, head_dim), keys_t)
+                part = PartialSoftmax.of(
+                    self.cap(scores.reshape(n, num_kv_heads, num_queries, group, -1)),
+                    seen[:, None, :, None, :],
+                    lambda w: jnp.matmul(w.reshape(n * num_kv_heads, -1, w.shape[-1]),
+                                         values).reshape(q.shape))
                 return acc.combine(part)
+            return fold_chunk
 
-            part = self._loop(table[None], 0, self._chunks_for(jnp.max(block_lens)),
-                              fold_chunk, PartialSoftmax.empty(q_rows.shape))
-            return PartialSoftmax(*(jax.lax.dynamic_update_slice_in_dim(a, p, b * block,
-                                                                        axis=1)
-                                    for a, p in zip(acc, part)))
-
-        in_chunk = lens > 0
-        first = jnp.argmax(in_chunk)
-        last = num_tokens - 1 - jnp.argmax(in_chunk[::-1])
-        return jax.lax.fori_loop(first // block, last // block + 1, query_block,
-                                 PartialSoftmax.empty(q.shape))
+        # Down to single rows: a row here is a block of Q tokens, too heavy to read along.
+        acc = self._read_in_tiers(tables, lens, fold_for, PartialSoftmax.empty(q.shape),
+                                  min_tier_rows=1)
+        back = jnp.argsort(order)  # sorted rows -> original rows
+        return PartialSoftmax(*(x[back] for x in acc))

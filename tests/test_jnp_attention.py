@@ -11,9 +11,9 @@ from pagedjax.kernels.dense_oracle import dense_attention
 
 # (cached context length, new tokens this step) of each sequence in one step.
 STEPS = {
-    # Decodes, a fresh prefill and ONE continuing chunk: the per-sequence path.
+    # Decodes, a fresh prefill and ONE continuing chunk.
     "one_chunk": [(9, 1), (0, 6), (5, 3), (1, 1), (12, 1)],
-    # Two continuing chunks (5+3 and 12+2, mid-page): the per-token fallback path.
+    # Two continuing chunks (5+3 and 12+2, mid-page), each over its own pages.
     "two_chunks": [(9, 1), (0, 6), (5, 3), (1, 1), (12, 2)],
     "decodes_only": [(9, 1), (3, 1), (16, 1), (1, 1)],
     # Contexts over several loop chunks of CONTEXT_CHUNK_TOKENS keys, lengths apart.
@@ -21,15 +21,18 @@ STEPS = {
     # Enough rows for attend_rows' tiers (MIN_TIER_ROWS): decodes of contexts 0-90 in a
     # shuffled order, which the tiers sort longest first and must put back.
     "many_decodes": [(int(ctx), 1) for ctx in np.random.default_rng(7).integers(0, 90, 41)],
-    # The same rows next to two continuing chunks: the per-token path, tiers over tokens.
+    # The same rows next to two continuing chunks.
     "many_tokens": [(int(ctx), 1) for ctx in np.random.default_rng(8).integers(0, 90, 30)]
     + [(37, 3), (12, 2)],
     # Over IN_STEP_BLOCK tokens: in-step blocks that start mid-sequence, hold several
     # sequences, and a padded last block.
     "long_prefills": [(0, 150), (10, 100), (0, 20), (5, 1), (0, 40)],
-    # 384 tokens (three whole query blocks): the one continuing chunk, tokens 130-329,
-    # lies in blocks 1 and 2, the only ones attend_chunk computes.
+    # A continuing chunk (tokens 130-329) read in query blocks that start at its first
+    # token, the last one running past the chunk into other sequences' tokens.
     "chunk_over_blocks": [(0, 130), (70, 200), (3, 1), (0, 50)],
+    # Prompts after prefix-cache hits: many chunks with context in one step, of 2 to 40
+    # tokens (over CHUNK_QUERY_BLOCK), next to decodes and a fresh prompt.
+    "prefix_hits": [(40, 5), (33, 40), (0, 7), (64, 2), (8, 1), (17, 33), (4, 3)],
 }
 
 
