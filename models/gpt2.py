@@ -1,87 +1,72 @@
 """Learned-position decoders: GPT-2 (`GPT2LMHeadModel`) and OPT (`OPTForCausalLM`).
 
-Same step contract and layer scan as `llama.py`; what differs: an absolute position table
-added to the embeddings (OPT reads row position + 2), LayerNorm with bias, a plain
-(ungated) MLP with biases, no RoPE; OPT-350m's post-norm blocks (`config.pre_norm` False)
-and its project_in / project_out around the layers when the embedding is narrower. GPT-2's
-Conv1D weights are transposed to [out, in] by the HF loader, so the params contract is the
-shared one (models/params.py).
+Same contract (`hidden_states`, `output_logits`) and layer scan as `llama.py`; what
+differs: an absolute position table added to the embeddings (OPT reads row position + 2),
+LayerNorm with bias, a plain (ungated) MLP with biases, no RoPE; OPT-350m's post-norm
+blocks (`config.pre_norm` False) and its project_in / project_out around the layers when
+the embedding is narrower. GPT-2's Conv1D weights are transposed to [out, in] by the HF
+loader, so the params contract is the shared one (models/params.py).
 """
 
 from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pagedjax.step_input import KVCache, StepInput
-
 from .config import ModelConfig
-from .layers import attention, declare_params, linear, lm_logits, mlp, norm
-from .llama import StackedLayerParams, scan_layers
-from .params import expected_shapes
-
-_init = nn.initializers.normal(0.02)
+from .engine_step import CausalLM
+from .layers import AttentionCore, linear, lm_logits, mlp, norm, scan_layers, self_attention
 
 
-def decoder_layer(p: dict, carry, *, step: StepInput, config: ModelConfig,
-                  attention_backend: str):
+def decoder_layer(p: dict, carry, *, attend: AttentionCore, config: ModelConfig):
     """Attention + MLP block over one layer's params p (layer axis dropped), pre-norm
-    (GPT-2, most OPT) or post-norm (OPT-350m); carry is (x [T, W], k pool, v pool, layer
-    index), returned updated."""
+    (GPT-2, most OPT) or post-norm (OPT-350m); carry is (x [T, W], the attention core's
+    state, layer index), returned updated."""
     c = config
-    x, k_cache, v_cache, layer = carry
+    x, kv, layer = carry
     if c.pre_norm:
-        h, k_cache, v_cache = attention(norm(x, p, "attn_norm", c), p, c, step, k_cache,
-                                        v_cache, layer, attention_backend)
+        h, kv = self_attention(norm(x, p, "attn_norm", c), p, c, attend, kv, layer)
         x = x + h
         x = x + mlp(norm(x, p, "mlp_norm", c), p, c)
     else:
-        h, k_cache, v_cache = attention(x, p, c, step, k_cache, v_cache, layer,
-                                        attention_backend)
+        h, kv = self_attention(x, p, c, attend, kv, layer)
         x = norm(x + h, p, "attn_norm", c)
         x = norm(x + mlp(x, p, c), p, "mlp_norm", c)
-    return x, k_cache, v_cache, layer + 1
+    return x, kv, layer + 1
 
 
-class GPT2LMHeadModel(nn.Module):
+def hidden_states(params: dict, config: ModelConfig, input_ids: jax.Array,
+                  positions: jax.Array, attend: AttentionCore, kv):
+    """Token + learned position embeddings of input_ids [T] at positions [T] through every
+    layer, attending with `attend`; returns (hidden states [T, W], the core's kv)."""
+    c = config
+    x = jnp.take(params["embed"], input_ids, axis=0)  # [T, W]
+    if c.embed_dim is not None:
+        x = linear(x, params["proj_in"])
+    x = x + jnp.take(params["pos_embed"], positions + c.position_offset, axis=0)
+    layer_fn = functools.partial(decoder_layer, attend=attend, config=c)
+    x, kv, _ = scan_layers(layer_fn, params["layers"], (x, kv, jnp.int32(0)))
+    return x, kv
+
+
+def output_logits(params: dict, config: ModelConfig, h: jax.Array) -> jax.Array:
+    """float32 logits [N, V] of hidden states h [N, W]: final norm (when the config has
+    one), OPT's project_out, then the (tied) head."""
+    c = config
+    if c.final_norm:
+        h = norm(h, params, "final_norm", c)
+    if c.embed_dim is not None:
+        h = linear(h, params["proj_out"])
+    return lm_logits(h, params["embed"] if c.tie_word_embeddings else params["lm_head"], c)
+
+
+class GPT2LMHeadModel(CausalLM):
     """Token + position embeddings -> scanned layers -> final norm -> last-token logits."""
 
-    config: ModelConfig
-    attention_backend: str = "reference"
-
-    @nn.compact
-    def __call__(self, step: StepInput, kv_cache: KVCache, all_token_logits: bool = False):
-        """Same contract as `LlamaForCausalLM.__call__`."""
-        c = self.config
-        shapes = expected_shapes(c)
-        top = declare_params(self, {k: v for k, v in shapes.items() if k != "layers"}, _init)
-        x = jnp.take(top["embed"], step.input_ids, axis=0)  # [T, W]
-        if c.embed_dim is not None:
-            x = linear(x, top["proj_in"])
-        x = x + jnp.take(top["pos_embed"], step.positions + c.position_offset, axis=0)
-
-        stacked = StackedLayerParams(c, name="layers")()
-        layer_fn = functools.partial(decoder_layer, step=step, config=c,
-                                     attention_backend=self.attention_backend)
-        carry = (x, kv_cache.k, kv_cache.v, jnp.int32(0))
-        x, k_cache, v_cache, _ = scan_layers(layer_fn, stacked, carry)
-
-        lm_head = top["embed"] if c.tie_word_embeddings else top["lm_head"]
-
-        def head(h: jax.Array) -> jax.Array:
-            if c.final_norm:
-                h = norm(h, top, "final_norm", c)
-            if c.embed_dim is not None:
-                h = linear(h, top["proj_out"])
-            return lm_logits(h, lm_head, c)
-
-        logits = head(jnp.take(x, step.logits_indices, axis=0))  # [B, V]
-        if all_token_logits:
-            return (logits, head(x)), KVCache(k_cache, v_cache)
-        return logits, KVCache(k_cache, v_cache)
+    hidden_states = staticmethod(hidden_states)
+    output_logits = staticmethod(output_logits)
 
 
 class OPTForCausalLM(GPT2LMHeadModel):

@@ -1,17 +1,18 @@
 """Layers shared by every model family: norms (RMSNorm, Gemma's RMSNorm, LayerNorm), RoPE,
-MLPs, the paged self-attention block, [out, in] projections, logits."""
+MLPs, the self-attention block around a pluggable attention core (paged for the engine,
+models/engine_step.py; dense causal for training, models/dense_attention.py), [out, in]
+projections, the layer scan, logits."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from pagedjax.kernels import get_paged_attention, write_kv
 
 from .config import ModelConfig
 
@@ -150,17 +151,16 @@ def mlp(x: jax.Array, p: dict, config: ModelConfig) -> jax.Array:
     return linear(hidden, p["w_down"], p.get("b_down"))
 
 
-def attention(x: jax.Array, p: dict, config: ModelConfig, step, k_cache: jax.Array,
-              v_cache: jax.Array, layer: jax.Array, backend: str,
-              cos: jax.Array | None = None, sin: jax.Array | None = None,
-              window_flag: jax.Array | None = None):
-    """Self-attention of normed x [T, E] over the paged cache: fused qkv (+ bias), optional
-    per-head q/k RMSNorm, RoPE (when cos/sin are given), K/V written at the step's slots,
-    paged attention (sliding window, soft-cap, scale from the config), output projection.
+# An attention core: (q [T, H, D], k [T, K, D], v [T, K, D], kv, layer [] int32,
+# window_flag) -> (out [T, H, D], kv). `kv` is whatever state the core threads through the
+# layers (the engine's paged pool; nothing for the dense training forward).
+AttentionCore = Callable[..., tuple]
 
-    `window_flag` (a traced bool, for configs whose layers differ) picks per layer between
-    the sliding window and full attention; otherwise the window applies to every layer.
-    Returns (out [T, E], k_cache, v_cache)."""
+
+def attention_qkv(x: jax.Array, p: dict, config: ModelConfig, cos: jax.Array | None = None,
+                  sin: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries [T, H, D], keys and values [T, K, D] of normed x [T, E]: fused qkv (+ bias),
+    optional per-head q/k RMSNorm, then RoPE when cos/sin [T, D] are given."""
     c = config
     H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
     T = x.shape[0]
@@ -174,25 +174,49 @@ def attention(x: jax.Array, p: dict, config: ModelConfig, step, k_cache: jax.Arr
     if cos is not None:
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+    return q, k, v
 
-    k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, step.slot_mapping)
-    attend = get_paged_attention(backend)
 
-    def run(window):
-        return attend(
-            q, k, v, k_cache, v_cache, layer,
-            token_seq=step.token_seq, positions=step.positions,
-            context_lens=step.context_lens, block_tables=step.block_tables,
-            scale=c.attention_scale, slot_mapping=step.slot_mapping,
-            **({"sliding_window": window} if window is not None else {}),
-            **({"soft_cap": c.attn_logit_softcap} if c.attn_logit_softcap else {}),
-        )
+def self_attention(x: jax.Array, p: dict, config: ModelConfig, attend: AttentionCore, kv,
+                   layer: jax.Array, cos: jax.Array | None = None,
+                   sin: jax.Array | None = None, window_flag: jax.Array | None = None):
+    """Self-attention of normed x [T, E]: projections and RoPE (`attention_qkv`), the
+    core `attend` (paged for the engine, dense for the training forward), the output
+    projection (+ bias). Returns (out [T, E], kv as the core left it)."""
+    T = x.shape[0]
+    q, k, v = attention_qkv(x, p, config, cos, sin)
+    out, kv = attend(q, k, v, kv, layer, window_flag)
+    return linear(out.reshape(T, -1), p["wo"], p.get("bo")), kv
 
+
+def layer_window(run: Callable, config: ModelConfig, window_flag: jax.Array | None):
+    """run(window) with this layer's sliding window: the config's on every layer, or, for
+    configs whose layers differ, picked by the traced `window_flag` (None: full attention)."""
     if window_flag is not None:
-        out = jax.lax.cond(window_flag, lambda: run(c.sliding_window), lambda: run(None))
-    else:
-        out = run(c.sliding_window)
-    return linear(out.reshape(T, H * D), p["wo"], p.get("bo")), k_cache, v_cache
+        return jax.lax.cond(window_flag, lambda: run(config.sliding_window), lambda: run(None))
+    return run(config.sliding_window)
+
+
+def scan_layers(layer_fn, stacked: dict, carry, per_layer=None):
+    """The carry after `layer_fn(p, carry)` ran over each layer's params p in order; with
+    `per_layer` [L], `layer_fn(p, carry, x)` gets that layer's entry x too. A leaf of
+    `stacked` that is a tuple of per-layer matrices reaches layer_fn as a LayerMatrix.
+
+    A plain `lax.scan` over the stacked arrays rather than flax's `nn.scan`: the params are
+    already arrays when the body runs, and flax 0.12.10 with jax 0.11.2 (a GPU image's
+    versions) rejects the `nn.scan` form ("broadcasted variable has a data dependency on
+    the scan body") where flax 0.12.8 with jax 0.10.2 accepts it."""
+    per_layer_matrices = {k: v for k, v in stacked.items() if isinstance(v, tuple)}
+    scanned = {k: v for k, v in stacked.items() if k not in per_layer_matrices}
+    num_layers = jax.tree.leaves(scanned)[0].shape[0]  # norms are always stacked
+
+    def body(carry, xs):
+        p, x, index = xs
+        p = {**p, **{k: LayerMatrix(v, index) for k, v in per_layer_matrices.items()}}
+        return (layer_fn(p, carry) if per_layer is None else layer_fn(p, carry, x)), None
+
+    carry, _ = jax.lax.scan(body, carry, (scanned, per_layer, jnp.arange(num_layers)))
+    return carry
 
 
 def declare_params(module, shapes: dict, init) -> dict:

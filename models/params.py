@@ -115,7 +115,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, Any]:
 
 
 def check_params(params: Any, config: ModelConfig) -> None:
-    """Raise ValueError naming the first missing, extra or mis-shaped tensor."""
+    """Raise ValueError naming the first missing, extra or mis-shaped tensor (a layer
+    matrix may be in per-layer form, `split_layer_matrices`)."""
     _check_tree(params, expected_shapes(config), "params")
 
 
@@ -132,6 +133,10 @@ def _check_tree(tree: Any, shapes: Any, path: str) -> None:
         for key, sub in shapes.items():
             _check_tree(tree[key], sub, f"{path}[{key!r}]")
         return
-    shape = tuple(np.shape(tree))
+    if isinstance(tree, tuple):  # a layer matrix in per-layer form: L arrays [out, in]
+        layer_shapes = {tuple(np.shape(x)) for x in tree}
+        shape = (len(tree), *layer_shapes.pop()) if len(layer_shapes) == 1 else layer_shapes
+    else:
+        shape = tuple(np.shape(tree))
     if shape != tuple(shapes):
         raise ValueError(f"{path} has shape {shape}, expected {tuple(shapes)}")

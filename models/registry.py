@@ -25,12 +25,17 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 SUPPORTED_ARCHITECTURES = tuple(sorted(MODEL_CLASSES))
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """Instantiate the model class registered for `config.architecture`."""
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    """The model class registered for `config.architecture` (its `hidden_states` and
+    `output_logits` are the family's pure functions)."""
     try:
-        model_class = MODEL_CLASSES[config.architecture]
+        return MODEL_CLASSES[config.architecture]
     except KeyError:
         raise ValueError(
             f"architecture {config.architecture!r} is not supported; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}") from None
-    return model_class(config)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Instantiate the model class registered for `config.architecture`."""
+    return model_class(config)(config)

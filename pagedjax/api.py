@@ -69,12 +69,17 @@ def generate(model: Union[None, str, LLM, Any], prompts: Union[str, Sequence[Any
     if sampling_params is None:
         sampling_params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                          top_p=top_p, top_k=top_k, seed=seed)
-    llm = _resolve_llm(model, config, tokenizer, cache or _DEFAULT_CACHE, engine_kwargs)
+    llm = resolve_llm(model, config, tokenizer, cache, engine_kwargs)
     outputs = llm.generate(prompts, sampling_params, use_tqdm=use_tqdm)
     return [output.outputs[0].text for output in outputs]
 
 
-def _resolve_llm(model, config, tokenizer, cache: EngineCache, engine_kwargs) -> LLM:
+def resolve_llm(model: Union[None, str, LLM, Any], config: Optional[ModelConfig],
+                tokenizer: Any, cache: Optional[EngineCache], engine_kwargs: dict) -> LLM:
+    """The LLM that `generate` and `rollout` run `model` on: an LLM as it is, a path (or
+    None) loaded, a params pytree on an engine from `cache` (default: the module's) with
+    these weights swapped in, or built on a miss."""
+    cache = cache or _DEFAULT_CACHE
     if isinstance(model, LLM):
         if engine_kwargs:
             raise ValueError(f"engine options {sorted(engine_kwargs)} can't change an existing "

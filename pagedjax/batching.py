@@ -15,9 +15,15 @@ _UINT32_MASK = (1 << 32) - 1
 
 
 def build_step_input(scheduled: Sequence, buckets: Buckets, block_size: int,
-                     decode_steps: int = 0) -> tuple[BucketKey, StepInput]:
+                     decode_steps: int = 0,
+                     token_bitmask: Optional[np.ndarray] = None,  # [len(scheduled), W] int32
+                     ) -> tuple[BucketKey, StepInput]:
     """Pack scheduled chunks (objects with .request, .start_position, .num_new_tokens) into
     one StepInput padded to the smallest bucket that holds them, and pick its program.
+
+    `token_bitmask` [len(scheduled), W] int32 (grammar_bitmasks.py) holds the rows'
+    allowed-token bitmasks when some row is constrained; the step then runs the program
+    taking bitmasks, padded rows allowing every token.
 
     With `decode_steps` > 0 the step is a decode call of that many steps (multi_step.py):
     each row's block table then lists every page it holds, so step j reads what the
@@ -32,8 +38,9 @@ def build_step_input(scheduled: Sequence, buckets: Buckets, block_size: int,
     with_prompt_logprobs = any(needs_prompt_logprobs(s) for s in scheduled)
     sampler = (static_sampler(s.request.sampling_params for s in scheduled) if decode_steps
                else "any")
+    bitmask_words = 0 if token_bitmask is None else token_bitmask.shape[-1]
     key = buckets.key_for(num_tokens, len(scheduled), widest, with_logprobs,
-                          with_prompt_logprobs, decode_steps, sampler)
+                          with_prompt_logprobs, decode_steps, sampler, bitmask_words)
     T, B, M = key.num_tokens, key.num_seqs, buckets.pages_per_seq
 
     # Per-token and per-sequence values are gathered in Python lists and written into
@@ -140,7 +147,12 @@ def build_step_input(scheduled: Sequence, buckets: Buckets, block_size: int,
         penalty_flags[i, :n_ids] = flags
         bias[i, :n_ids] = values
 
-    sampling = SamplingTensors(temperature, top_p, top_k, min_p, seed_words, sample_index)
+    bitmask = None
+    if token_bitmask is not None:
+        bitmask = np.full((B, bitmask_words), -1, np.int32)
+        bitmask[:n_seqs] = token_bitmask
+    sampling = SamplingTensors(temperature, top_p, top_k, min_p, seed_words, sample_index,
+                               bitmask)
     return key, StepInput(input_ids, positions, slot_mapping, token_seq, block_tables,
                           context_lens, seq_lens, query_start_loc, logits_indices, sampling,
                           PenaltyTensors(repetition_penalty, presence_penalty,

@@ -39,7 +39,10 @@ class BucketKey:
     call and returns the next call's input (EngineConfig.num_scheduler_steps and
     async_scheduling, see multi_step.py). `sampler` is how the program samples: "any"
     decides at run time (sampler.sample); decode calls with Buckets.static_samplers
-    get the sampler their batch needs, decided on the host."""
+    get the sampler their batch needs, decided on the host. `bitmask_words` W > 0 marks a
+    program for batches with a constrained sequence (structured outputs): its input holds
+    an allowed-token bitmask [B, W] (token_bitmask.py), applied before sampling; every
+    other program takes none (0), as before (compiled on first use, not by warmup)."""
 
     num_tokens: int
     num_seqs: int
@@ -49,6 +52,7 @@ class BucketKey:
     num_steps: int = 1
     sampler: str = "any"
     decode_call: bool = False
+    bitmask_words: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,14 +86,21 @@ class Buckets:
 
     def key_for(self, num_tokens: int, num_seqs: int, penalty_entries: int = 0,
                 with_logprobs: bool = False, with_prompt_logprobs: bool = False,
-                decode_steps: int = 0, sampler: str = "any") -> BucketKey:
+                decode_steps: int = 0, sampler: str = "any",
+                bitmask_words: int = 0) -> BucketKey:
         """The one place a step's program is chosen: the smallest bucket holding a step of
         these sizes; with `decode_steps` > 0 the decode-call program running that many
-        steps, sampling with `sampler` (sampler.static_sampler) under static_samplers."""
+        steps, sampling with `sampler` (sampler.static_sampler) under static_samplers;
+        with `bitmask_words` > 0 (a constrained batch; never a decode call) the program
+        taking allowed-token bitmasks of that many int32 words per sequence."""
         key = BucketKey(_fit(self.tokens, num_tokens, "tokens"),
                         _fit(self.seqs, num_seqs, "sequences"),
                         penalty_width(penalty_entries), bool(with_logprobs),
                         bool(with_prompt_logprobs))
+        if bitmask_words > 0:
+            if decode_steps > 0:
+                raise ValueError("bitmask_words: a decode call takes no token bitmask")
+            return replace(key, bitmask_words=bitmask_words)
         if decode_steps <= 0:
             return key
         return replace(key, num_steps=decode_steps, decode_call=True,

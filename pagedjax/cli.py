@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from .sampler import LOGPROBS_MODES
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedjax",
@@ -46,6 +48,9 @@ def _build_parser() -> argparse.ArgumentParser:
                             "they are failed")
     serve.add_argument("--no-warmup", action="store_true",
                        help="compile step programs on first use instead of before serving")
+    serve.add_argument("--enable-control-endpoints", action="store_true",
+                       help="serve /pause, /resume, /sleep, /wake_up, /is_paused and "
+                            "/is_sleeping (for an RL controller)")
     _add_engine_arguments(serve)
     return parser
 
@@ -75,6 +80,11 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         default="builtin",
                         help="page keys: Python's hash, or sha256 where collisions must "
                              "be impossible to provoke")
+    parser.add_argument("--logprobs-mode", choices=list(LOGPROBS_MODES),
+                        default="raw_logprobs",
+                        help="what logprobs return: log_softmax of the model's logits (raw) "
+                             "or of the logits sampled from, after penalties, temperature, "
+                             "top-k/p, min-p (processed); or those logits themselves")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -85,7 +95,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 num_scheduler_steps=args.num_scheduler_steps,
                 async_scheduling=args.async_scheduling,
                 enable_prefix_caching=args.enable_prefix_caching,
-                prefix_caching_hash_algo=args.prefix_caching_hash_algo)
+                prefix_caching_hash_algo=args.prefix_caching_hash_algo,
+                logprobs_mode=args.logprobs_mode)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -96,7 +107,8 @@ def _serve(args: argparse.Namespace) -> int:
                           request_read_timeout_s=args.request_read_timeout,
                           keep_alive_timeout_s=args.keep_alive_timeout,
                           shutdown_timeout_s=args.shutdown_timeout,
-                          trust_request_chat_template=args.trust_request_chat_template)
+                          trust_request_chat_template=args.trust_request_chat_template,
+                          enable_control_endpoints=args.enable_control_endpoints)
     llm = LLM(args.model, revision=args.revision, **_engine_kwargs(args))
     return serve(llm, host=args.host, port=args.port, warmup=not args.no_warmup,
                  served_model_names=args.served_model_name or (), api_key=args.api_key,

@@ -8,6 +8,7 @@ from typing import Optional
 from pagedjax.kernels import ATTENTION_BACKENDS
 
 from .prefix_cache import HASH_ALGOS
+from .sampler import LOGPROBS_MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -34,6 +35,11 @@ class EngineConfig:
     `enable_prefix_caching` (on, as in vLLM V1) reuses the KV pages of prompt prefixes
     already computed (prefix_cache.py); `prefix_caching_hash_algo` "sha256" makes page
     keys collision-proof for multi-tenant servers ("builtin": Python's 64-bit hash).
+    `logprobs_mode` (vLLM's) says what `SamplingParams.logprobs` return: "raw_logprobs"
+    (log_softmax of the model's logits), "processed_logprobs" (of the logits the token
+    was drawn from: after penalties and bias, then temperature, top-k, top-p, min-p),
+    "raw_logits" or "processed_logits"; it is compiled into the step, not chosen per
+    request.
     """
 
     dtype: str = "auto"
@@ -51,6 +57,7 @@ class EngineConfig:
     async_scheduling: bool = False
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "builtin"
+    logprobs_mode: str = "raw_logprobs"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -83,6 +90,9 @@ class EngineConfig:
         if self.prefix_caching_hash_algo not in HASH_ALGOS:
             raise ValueError(f"prefix_caching_hash_algo must be one of {', '.join(HASH_ALGOS)}, "
                              f"got {self.prefix_caching_hash_algo!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, "
+                             f"got {self.logprobs_mode!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "

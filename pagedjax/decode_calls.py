@@ -55,9 +55,9 @@ class DecodeCallPipeline:
 
     def plan(self, output: SchedulerOutput) -> int:
         """How many decode steps this batch runs in one call: `num_steps` when calls are
-        on, every chunk is a plain decode (one known token, no penalties or logprobs, no
-        children to fork, room below max_model_len), every running request is in the
-        batch, nobody waits for admission and the pool holds pages for every step
+        on, every chunk is a plain decode (one known token, no penalties, logprobs or
+        grammar, no children to fork, room below max_model_len), every running request is
+        in the batch, nobody waits for admission and the pool holds pages for every step
         (reserved here; page copies go to output.copies); else 0: a plain step."""
         steps, scheduler = self.num_steps, self.scheduler
         if (not self.enabled or scheduler.num_waiting or output.preempted or output.finished
@@ -67,6 +67,7 @@ class DecodeCallPipeline:
             request, params = chunk.request, chunk.request.sampling_params
             if (chunk.num_new_tokens != 1 or not chunk.samples or request.pending_children
                     or params.logprobs is not None or params.uses_penalties
+                    or request.grammar is not None  # its mask needs the host every token
                     or chunk.start_position + steps > self.max_model_len):
                 return 0
         rows = [(chunk.request, chunk.start_position) for chunk in output.scheduled]

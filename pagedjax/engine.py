@@ -27,6 +27,7 @@ from .compile_cache import enable_compilation_cache
 from .config import EngineConfig
 from .decode_calls import DecodeCall, DecodeCallPipeline
 from .engine_stats import EngineStats, KVCacheStats, QueueStats
+from .grammar_bitmasks import GrammarBitmasks
 from .input_processor import InputProcessor
 from .kv_copy import copy_kv_blocks
 from .kv_pool import bytes_per_block, resolve_dtype, resolve_max_model_len, resolve_num_blocks
@@ -37,8 +38,12 @@ from .runner import ModelRunner, allocate_kv_cache
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
-__all__ = ["Engine", "EngineStats", "KVCacheStats", "QueueStats", "StepResult",
-           "resolve_dtype"]
+__all__ = ["Engine", "EngineNotReady", "EngineStats", "KVCacheStats", "QueueStats",
+           "StepResult", "resolve_dtype"]
+
+
+class EngineNotReady(RuntimeError):
+    """The engine cannot take requests now: it sleeps, or has no (live) weights."""
 
 
 @dataclass
@@ -83,6 +88,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.output_processor = OutputProcessor(tokenizer, self.max_model_len)
+        self.grammar_bitmasks = GrammarBitmasks(model_config.vocab_size)
         self.buckets = Buckets.for_limits(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq,
@@ -97,7 +103,8 @@ class Engine:
                                      num_blocks, config.block_size, model_config.head_dim,
                                      self.dtype)
         self.runner = ModelRunner(lambda p, s, kv, **kw: model.apply({"params": p}, s, kv, **kw),
-                                  self.cast_params(params), kv_cache, self.max_pages_per_seq)
+                                  self.cast_params(params), kv_cache, self.max_pages_per_seq,
+                                  logprobs_mode=config.logprobs_mode)
         self.decode_calls = DecodeCallPipeline(
             self.scheduler, self.runner, num_scheduler_steps=config.num_scheduler_steps,
             async_scheduling=config.async_scheduling, max_model_len=self.max_model_len,
@@ -128,6 +135,54 @@ class Engine:
         """Forget every cached KV page (pages in use stay with their requests)."""
         self.block_manager.reset_prefix_cache()
 
+    # ---- sleep (device memory back to a trainer) -----------------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        """Give device memory back with no request in flight: level 1 deletes the KV pool,
+        level 2 also lets go of the weights (`set_params` brings them back). Compiled
+        programs are kept, so `wake_up` recompiles nothing."""
+        if isinstance(level, bool) or level not in (1, 2):
+            raise ValueError(f"level must be 1 (KV pool) or 2 (KV pool and weights), "
+                             f"got {level!r}")
+        if self.has_unfinished_requests() or self.block_manager.num_used_blocks:
+            raise RuntimeError(
+                f"sleep: {self.scheduler.num_running + self.scheduler.num_waiting} requests "
+                f"in flight and {self.block_manager.num_used_blocks} KV pages held; abort or "
+                f"finish (and release) them first")
+        self.decode_calls.take()  # a finished chain's last call: every row in it has ended
+        self.block_manager.reset_prefix_cache()  # cached pages' contents go with the pool
+        self.runner.free_kv_cache()
+        if level == 2:
+            self.runner.drop_params()
+
+    def wake_up(self) -> None:
+        """Reallocate the KV pool after `sleep` (no-op when awake); weights dropped by
+        level 2 come back with `set_params`."""
+        self.runner.allocate_kv_cache()
+
+    @property
+    def is_sleeping(self) -> bool:
+        """True between `sleep` and `wake_up` (no KV pool)."""
+        return self.runner.kv_cache is None
+
+    @property
+    def has_weights(self) -> bool:
+        """False after `sleep(level=2)` until `set_params`."""
+        return self.runner.params is not None
+
+    def check_ready(self) -> None:
+        """Raise EngineNotReady, saying why, unless requests can run now."""
+        if self.is_sleeping:
+            raise EngineNotReady("the engine is asleep (its KV pool is freed): call "
+                                 "wake_up() first")
+        if not self.has_weights:
+            raise EngineNotReady("the engine has no weights: sleep(level=2) dropped them; "
+                                 "pass them with update_params(params)")
+        if any(isinstance(x, jax.Array) and x.is_deleted()
+               for x in jax.tree.leaves(self.runner.params)):
+            raise EngineNotReady("the engine's weights were deleted (donated to a training "
+                                 "step?): pass the live ones with update_params(params)")
+
     # ---- requests ------------------------------------------------------------------
 
     def make_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams,
@@ -138,7 +193,9 @@ class Engine:
                                                  prompt=prompt, request_id=request_id)
 
     def add_request(self, request: Request) -> None:
-        """Queue a request built by `make_request` (FCFS)."""
+        """Queue a request built by `make_request` (FCFS). Raises EngineNotReady while
+        the engine sleeps or has no weights."""
+        self.check_ready()
         self.scheduler.add_request(request)
 
     def fork_request(self, parent: Request, extra_token_ids: Sequence[int],
@@ -170,6 +227,7 @@ class Engine:
                 sampling_params.prompt_logprobs is not None):
             raise ValueError("prompt_logprobs: a forked request does not compute its "
                              "shared prefix, so it cannot return prompt logprobs")
+        self.check_ready()
         prompt = parent.all_token_ids[:num_parent_tokens] + list(extra_token_ids)
         request = self.make_request(prompt, sampling_params, request_id=request_id)
         request.retain_blocks = retain_blocks
@@ -211,8 +269,9 @@ class Engine:
         start = time.perf_counter()
         num_steps = self.decode_calls.plan(output)
         self._copy_pages(output.copies)
-        key, step_input = build_step_input(output.scheduled, self.buckets,
-                                           self.config.block_size, num_steps)
+        key, step_input = build_step_input(
+            output.scheduled, self.buckets, self.config.block_size, num_steps,
+            token_bitmask=None if num_steps else self.grammar_bitmasks.rows(output.scheduled))
         if num_steps:
             rows = [(chunk.request, chunk.start_position) for chunk in output.scheduled]
             return self._apply_decode_call(
@@ -228,6 +287,8 @@ class Engine:
         """Apply one step's sampled tokens: the scheduler appends them, the output
         processor decides what stops, the scheduler ends those."""
         finished = self.scheduler.update(output, tokens)
+        # Grammars take the new tokens and make the next masks while outputs are processed.
+        self.grammar_bitmasks.advance(output.scheduled)
         decisions = self.output_processor.process(output.scheduled, logprobs, prompt_logprobs)
         finished += self.scheduler.finish_requests(decisions)
         self.stats.record_step(output, time.perf_counter() - start, self.scheduler.kv_waste())

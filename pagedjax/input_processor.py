@@ -17,6 +17,7 @@ from .detokenizer import IncrementalDetokenizer
 from .parallel_sampling import child_seed
 from .request import Request
 from .sampling_params import SamplingParams
+from .structured_outputs import GrammarCompiler
 
 PromptType = Union[str, dict, Sequence[int]]
 
@@ -33,6 +34,7 @@ class InputProcessor:
         self.tokenizer = tokenizer  # None: no output text (and no stop strings)
         self.seed = seed
         self._request_counter = itertools.count()
+        self.grammars = GrammarCompiler(tokenizer, vocab_size, self.eos_token_ids)
 
     def make_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams,
                      prompt: Optional[str] = None,
@@ -57,6 +59,9 @@ class InputProcessor:
         if sampling_params.n > self.max_num_seqs:
             raise ValueError(f"n: {sampling_params.n} parallel sequences exceed max_num_seqs="
                              f"{self.max_num_seqs}")
+        grammar = None
+        if sampling_params.structured_outputs is not None:
+            grammar = self.grammars.state_for(sampling_params.structured_outputs)
         index = next(self._request_counter)
         seed = sampling_params.seed
         if seed is None:
@@ -67,6 +72,7 @@ class InputProcessor:
                           eos_token_ids=self.eos_token_ids, prompt=prompt)
         request.bad_words_token_ids = bad_words_ids
         request.detokenizer = self._detokenizer(request)
+        request.grammar = grammar
         if sampling_params.n > 1:
             self._add_parallel_children(request, seed)
         return request
@@ -120,7 +126,8 @@ class InputProcessor:
                 parent, request_id=f"{i}_{parent.request_id}", seed=child_seed(seed, i),
                 prompt_token_ids=list(parent.prompt_token_ids), output_token_ids=[],
                 block_ids=[], child_index=i, sequences=[], pending_children=[],
-                block_hashes=[])
+                block_hashes=[],
+                grammar=parent.grammar.fork() if parent.grammar is not None else None)
             child.detokenizer = self._detokenizer(child)
             parent.sequences.append(child)
             parent.pending_children.append(child)

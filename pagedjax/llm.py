@@ -40,7 +40,8 @@ class LLM:
                  kv_cache_memory_bytes: int = 1 << 30, kv_cache_memory_fraction: float = 0.9,
                  attention_backend: str = "auto", num_scheduler_steps: int = 1,
                  async_scheduling: bool = False, enable_prefix_caching: bool = True,
-                 prefix_caching_hash_algo: str = "builtin", tokenizer: Any = None,
+                 prefix_caching_hash_algo: str = "builtin",
+                 logprobs_mode: str = "raw_logprobs", tokenizer: Any = None,
                  _loaded: Optional[tuple] = None):
         engine_config = EngineConfig(
             dtype=dtype, max_model_len=max_model_len, block_size=block_size,
@@ -50,7 +51,7 @@ class LLM:
             kv_cache_memory_fraction=kv_cache_memory_fraction,
             attention_backend=attention_backend, num_scheduler_steps=num_scheduler_steps,
             async_scheduling=async_scheduling, enable_prefix_caching=enable_prefix_caching,
-            prefix_caching_hash_algo=prefix_caching_hash_algo)
+            prefix_caching_hash_algo=prefix_caching_hash_algo, logprobs_mode=logprobs_mode)
         if _loaded is None:
             from .loading import load_model  # pulls in gguf/safetensors only when loading
 
@@ -139,13 +140,16 @@ class LLM:
              sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
              use_tqdm: bool = True, chat_template: Optional[str] = None,
              add_generation_prompt: bool = True,
-             continue_final_message: bool = False) -> list[RequestOutput]:
+             continue_final_message: bool = False,
+             tools: Optional[list[dict]] = None) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, using the chat template.
 
         `chat_template` (template text, or the name of one of the model's named templates)
         overrides the model's; a model without one needs it (ValueError otherwise).
         `continue_final_message=True` leaves the last (e.g. assistant) message open so the
         model continues it (transformers' semantics); it needs add_generation_prompt=False.
+        `tools` (OpenAI tool definitions) are passed to the template, for models that know
+        tools; the replies are text (the server parses tool calls out of them).
         """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
@@ -153,7 +157,8 @@ class LLM:
         prompts = [
             {"prompt": self.tokenizer.apply_chat_template(
                 conversation, add_generation_prompt=add_generation_prompt,
-                chat_template=chat_template, continue_final_message=continue_final_message),
+                chat_template=chat_template, continue_final_message=continue_final_message,
+                tools=tools),
              "add_special_tokens": False}
             for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
@@ -197,9 +202,27 @@ class LLM:
         return time.perf_counter() - start
 
     def update_params(self, params: Any) -> None:
-        """Use new weights of the same shapes (e.g. the latest training step); no recompile.
-        Accepts the same containers as `from_params`."""
+        """Use new weights of the same shapes (e.g. the latest training step): no
+        recompile, the KV pool stays, device arrays already in the engine's dtype and form
+        are used as they are (no copy), and cached prefixes of the old weights are never
+        reused. Accepts the same containers as `from_params`; allowed while asleep."""
         self.engine.set_params(params_from_flax(params))
+
+    def sleep(self, level: int = 1) -> None:
+        """Give device memory back to a trainer between generate calls: level 1 frees the
+        KV pool, level 2 also lets go of the weights (the next `update_params` brings them
+        back). Compiled programs are kept: `wake_up` recompiles nothing. Generating while
+        asleep raises EngineNotReady (a RuntimeError)."""
+        self.engine.sleep(level)
+
+    def wake_up(self) -> None:
+        """Reallocate the KV pool freed by `sleep`."""
+        self.engine.wake_up()
+
+    @property
+    def is_sleeping(self) -> bool:
+        """True between `sleep` and `wake_up`."""
+        return self.engine.is_sleeping
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (vLLM's reset_prefix_cache)."""

@@ -8,8 +8,9 @@ from typing import Optional
 
 @dataclass
 class Logprob:
-    """One token's log probability (raw: log_softmax of the model's logits), its rank
-    among the vocabulary (1 = most likely) and its text (None without a tokenizer)."""
+    """One token's log probability (by default raw: log_softmax of the model's logits; see
+    EngineConfig.logprobs_mode), its rank among the vocabulary (1 = most likely) and its
+    text (None without a tokenizer)."""
 
     logprob: float
     rank: Optional[int] = None

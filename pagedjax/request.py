@@ -72,6 +72,9 @@ class Request:
     # Keep the KV pages when the request finishes (not when it is aborted), so that
     # Engine.fork_request can continue from them, until Engine.release_request frees them.
     retain_blocks: bool = False
+    # With SamplingParams.structured_outputs: this sequence's structured_outputs.GrammarState
+    # (its own, a parallel-sampling child's included), following output_token_ids.
+    grammar: Optional[Any] = None
 
     @property
     def num_tokens(self) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from .buckets import BucketKey
 from .input_transfer import to_device
 from .multi_step import decode_steps
-from .sampler import StepLogprobs, compute_logprobs, sample
+from .sampler import StepLogprobs, compute_logprobs, sample, sample_with_logprobs
 from .step_input import KVCache, PenaltyTensors, SamplingTensors, StepInput
 
 
@@ -42,7 +42,8 @@ def step_input_spec(key: BucketKey, pages_per_seq: int) -> StepInput:
     sampling = SamplingTensors(
         temperature=spec((B,), jnp.float32), top_p=spec((B,), jnp.float32),
         top_k=spec((B,)), min_p=spec((B,), jnp.float32),
-        seed_words=spec((B, 2), jnp.uint32), sample_index=spec((B,)))
+        seed_words=spec((B, 2), jnp.uint32), sample_index=spec((B,)),
+        token_bitmask=spec((B, key.bitmask_words)) if key.bitmask_words else None)
     return StepInput(
         input_ids=spec((T,)), positions=spec((T,)), slot_mapping=spec((T,)),
         token_seq=spec((T,)), block_tables=spec((B, M)), context_lens=spec((B,)),
@@ -58,10 +59,14 @@ def step_input_spec(key: BucketKey, pages_per_seq: int) -> StepInput:
 class ModelRunner:
     """Runs padded steps of one model over one KV pool; counts and times compiles."""
 
-    def __init__(self, apply_fn: Callable, params: Any, kv_cache: KVCache, pages_per_seq: int):
-        self.params = params
+    def __init__(self, apply_fn: Callable, params: Any, kv_cache: KVCache, pages_per_seq: int,
+                 logprobs_mode: str = "raw_logprobs"):
+        self.params = params  # None after drop_params (sleep level 2)
         self.pages_per_seq = pages_per_seq  # block-table width of every step
-        self.kv_cache = kv_cache
+        self.kv_cache = kv_cache  # None after free_kv_cache (sleep)
+        # Programs are compiled from these, so they outlive the arrays (sleep / wake up).
+        self.params_spec = _spec(params)
+        self.kv_spec = _spec(kv_cache)
         self._compiled: dict[BucketKey, Any] = {}
         self.compile_seconds = 0.0
         self.execute_seconds = 0.0
@@ -78,13 +83,21 @@ class ModelRunner:
                 # its prompt target (prompt_targets [T]) and the top MAX_LOGPROBS return.
                 (logits, token_logits), kv_cache = apply_fn(params, step_input, kv_cache,
                                                             all_token_logits=True)
-                prompt_logprobs = compute_logprobs(token_logits, prompt_targets)
+                # Prompt tokens are not sampled: their values are the model's (logits
+                # in the *_logits modes).
+                prompt_logprobs = compute_logprobs(token_logits, prompt_targets,
+                                                   normalize=logprobs_mode.endswith("logprobs"))
             else:
                 logits, kv_cache = apply_fn(params, step_input, kv_cache)
-            tokens = sample(logits, step_input.sampling, step_input.penalties, sampler)
             # Logprobs only in programs compiled for them: the default path does no extra
-            # work and transfers nothing extra.
-            logprobs = compute_logprobs(logits, tokens) if with_logprobs else None
+            # work and transfers nothing extra. Their mode is the engine's, not a key's.
+            if with_logprobs:
+                tokens, logprobs = sample_with_logprobs(logits, step_input.sampling,
+                                                        step_input.penalties, sampler,
+                                                        logprobs_mode)
+            else:
+                tokens = sample(logits, step_input.sampling, step_input.penalties, sampler)
+                logprobs = None
             return (tokens, logprobs, prompt_logprobs), kv_cache
 
         self._jitted = jax.jit(step, donate_argnums=(1,), static_argnums=(4, 5, 6))
@@ -106,8 +119,7 @@ class ModelRunner:
         if key in self._compiled:
             return
         start = time.perf_counter()
-        params_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.params)
-        kv_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.kv_cache)
+        params_spec, kv_spec = self.params_spec, self.kv_spec
         input_spec = step_input_spec(key, self.pages_per_seq)
         if key.decode_call:
             lowered = self._jitted_decode_steps.lower(params_spec, kv_spec, input_spec,
@@ -124,12 +136,28 @@ class ModelRunner:
         self.compile_seconds += time.perf_counter() - start
 
     def set_params(self, params: Any) -> None:
-        """Swap in new weights of identical shapes and dtypes (no recompile)."""
-        old = jax.tree.map(lambda x: (x.shape, x.dtype), self.params)
-        new = jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), params)
-        if old != new:
+        """Swap in new weights of identical shapes and dtypes (no recompile, no copy)."""
+        if _signature(params) != _signature(self.params_spec):
             raise ValueError("params: new weights must have the same tree, shapes and dtypes")
         self.params = params
+
+    def drop_params(self) -> None:
+        """Let go of the weights (their memory is freed unless the caller holds them);
+        `set_params` brings weights back."""
+        self.params = None
+
+    def free_kv_cache(self) -> None:
+        """Delete the KV pool now (its memory goes back to the device)."""
+        if self.kv_cache is not None:
+            jax.block_until_ready(self.kv_cache)  # no program still writes it
+            for pool in self.kv_cache:
+                pool.delete()
+            self.kv_cache = None
+
+    def allocate_kv_cache(self) -> None:
+        """A zero-filled KV pool of the shapes the programs were compiled for."""
+        if self.kv_cache is None:
+            self.kv_cache = KVCache(*(jnp.zeros(s.shape, s.dtype) for s in self.kv_spec))
 
     def execute(self, key: BucketKey, step_input: StepInput,
                 prompt_targets: Optional[np.ndarray] = None,
@@ -163,6 +191,8 @@ class ModelRunner:
               prompt_targets: Optional[np.ndarray] = None) -> tuple:
         """Dispatch `key`'s program (compiled first if needed) and keep its new KV pool;
         returns its other outputs, still on the device."""
+        if self.params is None or self.kv_cache is None:
+            raise RuntimeError("the runner has no weights or no KV pool (the engine sleeps)")
         self.compile(key)
         if self.call_log is not None:
             self.call_log.append((key, step_input, prompt_targets))
@@ -198,6 +228,17 @@ class ModelRunner:
         tokens = np.asarray(jax.device_get(tokens))
         self.execute_seconds += time.perf_counter() - start
         return tokens
+
+
+def _spec(tree: Any) -> Any:
+    """Abstract shapes and dtypes of every array in `tree`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _signature(tree: Any) -> Any:
+    """What must match for a compiled program to take `tree`: structure, shapes, dtypes."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, [(tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves]
 
 
 def _on_device(step_input: StepInput) -> StepInput:

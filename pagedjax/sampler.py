@@ -1,5 +1,6 @@
 """Token sampling inside the jitted step: penalties and logit bias, then greedy,
-temperature, top-k, top-p, min-p.
+temperature, top-k, top-p, min-p; and the logprobs of what was drawn, raw or processed
+(`LOGPROBS_MODES`).
 
 Each sequence draws with its own key, derived from (request seed, output-token index), so
 what a request samples never depends on which other requests share the batch.
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from .sampling_params import MAX_LOGPROBS
 from .step_input import (PENALTY_ALLOWED, PENALTY_BANNED, PENALTY_IN_CONTEXT, PenaltyTensors,
                          SamplingTensors)
+from .token_bitmask import apply_token_bitmask
 
 _NEG_INF = -jnp.inf
 
@@ -22,6 +24,12 @@ _NEG_INF = -jnp.inf
 # row greedy? some row with top-k / top-p?). These are chosen on the host and compiled
 # without a cond: "greedy" (argmax only), "random" (no top-k / top-p sort), "top_k_top_p".
 STATIC_SAMPLERS = ("greedy", "random", "top_k_top_p")
+
+# What a step's logprobs are (vLLM's `logprobs_mode`, an engine option): log_softmax of
+# the model's logits ("raw_logprobs", the default) or of the logits the token was drawn
+# from ("processed_logprobs": after penalties and logit bias, then, for sampled rows,
+# temperature, top-k, top-p and min-p), or those logits themselves, unnormalised.
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
 
 
 def static_sampler(params: Iterable) -> str:
@@ -46,28 +54,50 @@ def request_keys(sampling: SamplingTensors) -> jax.Array:
 
 
 def sample(logits: jax.Array, sampling: SamplingTensors,
-           penalties: Optional[PenaltyTensors] = None, sampler: str = "any") -> jax.Array:
-    """Sample one token per row of logits [B, V] (float32); returns int32 [B].
+           penalties: Optional[PenaltyTensors] = None, sampler: str = "any",
+           with_processed: bool = False):
+    """Sample one token per row of logits [B, V] (float32); returns int32 [B], and with
+    `with_processed` (static) also the processed logits [B, V] each row drew from.
 
-    Penalties, logit bias and allowed_token_ids apply first, to greedy rows too (as in
+    A constrained batch's allowed-token bitmask (sampling.token_bitmask) applies first,
+    then penalties, logit bias and allowed_token_ids, to greedy rows too (as in
     vLLM). Rows with temperature 0 take the argmax. With `sampler` "any", when every row
     is greedy the random path is skipped at run time (lax.cond), so greedy batches pay
     nothing for sampling support; a static `sampler` (STATIC_SAMPLERS, static_sampler)
     compiles only the path its batches take, with no cond.
     """
-    logits = apply_penalties(logits, penalties)
+    logits = apply_penalties(apply_token_bitmask(logits, sampling.token_bitmask), penalties)
     greedy_tokens = argmax_rows(logits)
 
-    def greedy_or_random(sort: Optional[bool]) -> jax.Array:
-        return jnp.where(sampling.temperature == 0.0, greedy_tokens,
-                         _sample_random(logits, sampling, sort))
+    def all_greedy():  # greedy rows draw from the penalized logits
+        return (greedy_tokens, logits) if with_processed else greedy_tokens
+
+    def greedy_or_random(sort: Optional[bool]):
+        greedy = sampling.temperature == 0.0
+        processed = _process_random(logits, sampling, sort)
+        tokens = jnp.where(greedy, greedy_tokens, _draw(processed, sampling))
+        if with_processed:
+            return tokens, jnp.where(greedy[:, None], logits, processed)
+        return tokens
 
     if sampler == "greedy":
-        return greedy_tokens
+        return all_greedy()
     if sampler != "any":
         return greedy_or_random(sort=sampler == "top_k_top_p")
-    return jax.lax.cond(jnp.all(sampling.temperature == 0.0), lambda: greedy_tokens,
+    return jax.lax.cond(jnp.all(sampling.temperature == 0.0), all_greedy,
                         lambda: greedy_or_random(sort=None))
+
+
+def sample_with_logprobs(logits: jax.Array, sampling: SamplingTensors,
+                         penalties: Optional[PenaltyTensors], sampler: str,
+                         mode: str) -> tuple[jax.Array, StepLogprobs]:
+    """`sample`, plus the StepLogprobs of the drawn tokens [B] in logprobs `mode`
+    (LOGPROBS_MODES): of the model's logits [B, V] or of the processed ones."""
+    if mode.startswith("processed"):
+        tokens, processed = sample(logits, sampling, penalties, sampler, with_processed=True)
+        return tokens, compute_logprobs(processed, tokens, mode == "processed_logprobs")
+    tokens = sample(logits, sampling, penalties, sampler)
+    return tokens, compute_logprobs(logits, tokens, mode == "raw_logprobs")
 
 
 ARGMAX_BLOCK = 512  # vocabulary entries per block of argmax_rows
@@ -99,21 +129,25 @@ class StepLogprobs(NamedTuple):
     top_logprobs: jax.Array
 
 
-def compute_logprobs(logits: jax.Array, tokens: jax.Array) -> StepLogprobs:
-    """RAW logprobs, as vLLM v1 returns by default: log_softmax of the model's logits
-    [B, V], before penalties, logit bias, allowed/bad words and temperature. The rank is
-    1 + the number of tokens with a strictly higher logprob."""
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+def compute_logprobs(logits: jax.Array, tokens: jax.Array,
+                     normalize: bool = True) -> StepLogprobs:
+    """log_softmax of logits [B, V] (the model's: RAW logprobs, vLLM v1's default, before
+    penalties, logit bias, allowed/bad words and temperature) at tokens [B] and the top
+    ones; with `normalize` False the logits themselves. The rank is 1 + the number of
+    tokens with a strictly higher value."""
+    logprobs = logits.astype(jnp.float32)
+    if normalize:
+        logprobs = jax.nn.log_softmax(logprobs, axis=-1)
     sampled = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)  # [B, 1]
     rank = 1 + jnp.sum(logprobs > sampled, axis=-1).astype(jnp.int32)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))
     return StepLogprobs(sampled[:, 0], rank, top_ids.astype(jnp.int32), top_logprobs)
 
 
-def _sample_random(logits: jax.Array, sampling: SamplingTensors,
-                   sort: Optional[bool] = None) -> jax.Array:
-    """Temperature, top-k / top-p (with `sort` None: only if some row asks, decided at run
-    time), min-p, then a Gumbel-max draw per row."""
+def _process_random(logits: jax.Array, sampling: SamplingTensors,
+                    sort: Optional[bool] = None) -> jax.Array:
+    """The logits [B, V] a sampled row draws from: temperature, top-k / top-p (with `sort`
+    None: only if some row asks, decided at run time), then min-p."""
     temperature = jnp.where(sampling.temperature > 0.0, sampling.temperature, 1.0)
     scaled = logits / temperature[:, None]
     if sort is None:
@@ -122,11 +156,15 @@ def _sample_random(logits: jax.Array, sampling: SamplingTensors,
                               sampling)
     elif sort:
         scaled = _apply_top_k_top_p(scaled, sampling)
-    scaled = _apply_min_p(scaled, sampling.min_p)
+    return _apply_min_p(scaled, sampling.min_p)
+
+
+def _draw(processed: jax.Array, sampling: SamplingTensors) -> jax.Array:
+    """One token per row of processed logits [B, V] from each row's own key."""
     # Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits).
     keys = request_keys(sampling)
-    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (logits.shape[-1],)))(keys)
-    return argmax_rows(scaled + gumbel)
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (processed.shape[-1],)))(keys)
+    return argmax_rows(processed + gumbel)
 
 
 def _apply_top_k_top_p(scaled: jax.Array, sampling: SamplingTensors) -> jax.Array:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from .structured_outputs import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # most top logprobs per token; the jitted step always computes this many
 # The device holds every integer option (and token id) in int32 arrays and every float one
 # in float32: values outside these ranges are rejected here, before a step could overflow.
@@ -38,7 +40,8 @@ class SamplingParams:
     space; a bad word's last token is banned whenever the output ends with its other tokens.
     `logprobs=k` (0..MAX_LOGPROBS=20) returns, for every generated token, the sampled
     token's logprob and rank plus the k most likely tokens. As in vLLM v1, these are RAW
-    logprobs: log_softmax of the model's logits, before penalties, bias and temperature.
+    logprobs: log_softmax of the model's logits, before penalties, bias and temperature
+    (unless the engine's `logprobs_mode` asks for processed ones, or logits).
     `prompt_logprobs=k` (0..20) returns, for each prompt token after the first, its raw
     logprob given the tokens before it (and its rank) plus the k most likely tokens there
     (RequestOutput.prompt_logprobs: a list aligned with the prompt, first entry None).
@@ -53,6 +56,9 @@ class SamplingParams:
     computed once and shared (copy-on-write); completion i draws with the seed
     `pagedjax.parallel_sampling.child_seed(seed, i)`, so it equals an n=1 request with that
     seed.
+    `structured_outputs` (a StructuredOutputsParams: JSON schema, regex, choice, grammar or
+    any JSON object) constrains what is generated: tokens the constraint refuses are
+    masked out before penalties and sampling (structured_outputs.py); logprobs stay raw.
     """
 
     n: int = 1
@@ -77,6 +83,7 @@ class SamplingParams:
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
     spaces_between_special_tokens: bool = True
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self):
         _check_int("n", self.n, minimum=1)
@@ -144,6 +151,10 @@ class SamplingParams:
         if not isinstance(self.spaces_between_special_tokens, bool):
             raise ValueError(f"spaces_between_special_tokens must be a bool, "
                              f"got {self.spaces_between_special_tokens!r}")
+        if self.structured_outputs is not None and not isinstance(
+                self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, "
+                             f"got {type(self.structured_outputs).__name__}")
 
     @property
     def uses_penalties(self) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 
@@ -16,6 +16,9 @@ class SamplingTensors(NamedTuple):
     min_p: jax.Array  # [B] float32; 0 = off
     seed_words: jax.Array  # [B, 2] uint32: the request's 64-bit seed
     sample_index: jax.Array  # [B] int32: index of the token being sampled in its output
+    # [B, W] int32 allowed-token bits (token_bitmask.py), only in programs for constrained
+    # batches (BucketKey.bitmask_words = W); None elsewhere, so other programs are as before.
+    token_bitmask: Optional[jax.Array] = None
 
 
 class PenaltyTensors(NamedTuple):

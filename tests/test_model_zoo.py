@@ -26,27 +26,8 @@ from tests.helpers.hf_reference import (
     hf_greedy,
     hf_logits,
 )
-from tests.helpers.tiny_zoo import make_tiny_model
+from tests.helpers.tiny_zoo import VARIANTS, make_tiny_model
 
-# name -> (architecture, HF config overrides). Base: 2 layers, hidden 64, 4 heads, 2 KV
-# heads, head_dim 16 (see tests/helpers/tiny_zoo.py).
-VARIANTS = {
-    "mistral_gqa_window": ("MistralForCausalLM", dict(sliding_window=8)),
-    "qwen2_bias_tied": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
-    # layer_types [full, sliding]: the window on the upper layer only.
-    "qwen2_window_upper_layer": ("Qwen2ForCausalLM", dict(
-        use_sliding_window=True, sliding_window=8, max_window_layers=1)),
-    "qwen3_qknorm_mha": ("Qwen3ForCausalLM", dict(num_key_value_heads=4, head_dim=32)),
-    "phi3_fused": ("Phi3ForCausalLM", dict()),
-    "gemma_mqa_tied": ("GemmaForCausalLM", dict(num_key_value_heads=1, head_dim=32)),
-    "gemma2_softcap_window": ("Gemma2ForCausalLM", dict(
-        num_hidden_layers=3, sliding_window=8, attn_logit_softcapping=5.0,
-        final_logit_softcapping=3.0, query_pre_attn_scalar=24)),
-    "gpt2_mha_tied": ("GPT2LMHeadModel", dict()),
-    "opt_project_in_out": ("OPTForCausalLM", dict(word_embed_proj_dim=32)),
-    "opt_postnorm_untied": ("OPTForCausalLM", dict(do_layer_norm_before=False,
-                                                   tie_word_embeddings=False)),
-}
 ATOL = 2e-4  # fp32; logits are O(1-10)
 ENGINE = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, num_blocks=40,
               block_size=8)

@@ -176,7 +176,8 @@ def test_advance_decode_input_feeds_sampled_tokens_one_position_on():
     zeros = {name: np.zeros(s.shape, s.dtype) for name, s in spec._asdict().items()
              if name not in ("sampling", "penalties")}
     step = spec._replace(**zeros, sampling=spec.sampling._replace(
-        **{n: np.zeros(s.shape, s.dtype) for n, s in spec.sampling._asdict().items()}),
+        **{n: np.zeros(s.shape, s.dtype) for n, s in spec.sampling._asdict().items()
+           if s is not None}),
         penalties=None)
     page = 4
     step = step._replace(

@@ -367,7 +367,8 @@ def test_draw_depends_only_on_seed_index_and_logits(row_params):
         logits[5] = row_logits
         own = _tensors(16, seed=seed, sample_index=index, **row_params)
         tensors = SamplingTensors(*[
-            field.at[5].set(own_field[5]) for field, own_field in zip(tensors, own)])
+            field if field is None else field.at[5].set(own_field[5])
+            for field, own_field in zip(tensors, own)])
         if trial % 2:  # half the time, no other row needs the top-k/top-p sort
             tensors = tensors._replace(top_k=jnp.where(jnp.arange(16) == 5, tensors.top_k, 0),
                                        top_p=jnp.where(jnp.arange(16) == 5, tensors.top_p, 1.0))

@@ -20,6 +20,7 @@ from .config import ServerConfig
 from .errors import APIError, error_response, install_error_handlers
 from .logprobs_format import chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
+from .control import CONTROL_PATHS, add_control_routes
 from .middleware import ApiKeyAuth, ErrorBoundary, RequestLimits
 from .prompts import completion_prompts, count_prompts, encode, reject_lone_surrogates
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -27,7 +28,9 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeReque
 from .serving import (check_n, collect, make_choices, new_id, resolve_max_tokens,
                       sampling_params_for, start_choices, usage)
 from .streaming import stream_response
+from .structured import check_constraint, requested_constraint
 from .templates import ChatRenderer
+from .tools import AssistantReplies, plan_tools
 
 
 @dataclass
@@ -61,9 +64,11 @@ def build_app(state: ServerState) -> FastAPI:
     # Outermost last: the error boundary, then auth, then the body limits.
     app.add_middleware(RequestLimits, max_bytes=state.config.max_request_bytes,
                        read_timeout_s=state.config.request_read_timeout_s)
-    app.add_middleware(ApiKeyAuth, api_key=state.api_key)
+    app.add_middleware(ApiKeyAuth, api_key=state.api_key, paths=CONTROL_PATHS)
     app.add_middleware(ErrorBoundary)
     install_error_handlers(app)
+    if state.config.enable_control_endpoints:
+        add_control_routes(app, state)
 
     @app.get("/health")
     async def health() -> Response:
@@ -95,8 +100,9 @@ def build_app(state: ServerState) -> FastAPI:
         reject_lone_surrogates(body.model_dump())
         _check_model(state, body.model)
         if body.messages is not None:
-            text = await state.chat.render(body.messages,
-                                           add_generation_prompt=body.add_generation_prompt)
+            text = await state.chat.render(
+                body.messages, add_generation_prompt=body.add_generation_prompt,
+                tools=[tool.model_dump(exclude_none=True) for tool in body.tools or []] or None)
             tokens = await encode(state.tokenizer, text, "messages", add_special_tokens=False)
         elif body.prompt is not None:
             tokens = await encode(state.tokenizer, body.prompt, "prompt",
@@ -127,8 +133,10 @@ def build_app(state: ServerState) -> FastAPI:
         check_n(body.n, count_prompts(body.prompt), state.config.max_sequences_per_request)
         prompts = await completion_prompts(state.tokenizer, body.prompt)
         max_len = state.engine.max_model_len
+        constraint, constraint_field = requested_constraint(body)
+        check_constraint(state.engine, constraint, constraint_field)
         params = [sampling_params_for(
-            body, logprobs=body.logprobs, seed=body.seed,
+            body, logprobs=body.logprobs, seed=body.seed, structured_outputs=constraint,
             max_tokens=resolve_max_tokens(body.max_tokens, len(ids), max_len, 16, "max_tokens"))
             for ids, _ in prompts]
         request_id = new_id("cmpl")
@@ -162,10 +170,19 @@ def build_app(state: ServerState) -> FastAPI:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         top_logprobs = body.top_logprobs or 0
+        tools = plan_tools(body)
+        constraint, constraint_field = requested_constraint(body)
+        if tools.constraint is not None:
+            if constraint is not None:
+                raise APIError(400, f"{constraint_field} cannot be combined with a "
+                                    f"{tools.mode} tool_choice", constraint_field)
+            constraint, constraint_field = tools.constraint, "tools"
+        check_constraint(state.engine, constraint, constraint_field)
         text = await state.chat.render(body.messages,
                                        add_generation_prompt=body.add_generation_prompt,
                                        continue_final_message=body.continue_final_message,
-                                       request_template=body.chat_template)
+                                       request_template=body.chat_template,
+                                       tools=tools.template_tools)
         token_ids = await encode(state.tokenizer, text, "messages", add_special_tokens=False)
         # max_completion_tokens wins over the deprecated max_tokens; 0 is a value (a 400).
         field_name = ("max_tokens" if body.max_completion_tokens is None
@@ -174,17 +191,22 @@ def build_app(state: ServerState) -> FastAPI:
         max_tokens = resolve_max_tokens(requested, len(token_ids), state.engine.max_model_len,
                                         None, field_name)
         params = sampling_params_for(body, max_tokens=max_tokens, seed=body.seed,
-                                     logprobs=top_logprobs if body.logprobs else None)
+                                     logprobs=top_logprobs if body.logprobs else None,
+                                     structured_outputs=constraint)
         request_id = new_id("chatcmpl")
         choices = make_choices(state.engine, [(token_ids, text)], body.n, [params],
                                request_id)
         base = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": model}
 
+        replies = AssistantReplies(tools)
+
         def choice_json(choice, content, token_ids, logprobs, finish_reason, stop_reason,
                         key="message"):
-            message = {"role": "assistant", "content": content} if key == "message" else (
-                {"content": content} if content else {})
+            message, called = (replies.message(content) if key == "message" else
+                               replies.delta(choice.index, content, finish_reason is not None))
+            if called and finish_reason == "stop":
+                finish_reason = "tool_calls"
             return {"index": choice.index, key: message,
                     "logprobs": chat_logprobs(logprobs, token_ids, state.tokenizer,
                                               top_logprobs),

@@ -1,11 +1,13 @@
 """AsyncEngine: one engine thread keeps stepping while asyncio handlers add requests.
 
 The engine itself is plain, single-threaded Python: only the engine thread touches it.
-Handlers talk to that thread through a command queue (add / abort / fail all) and get each
-request's progress back on an asyncio queue, so concurrent HTTP requests are continuously
-batched together, and a client that goes away aborts its request and frees its KV blocks.
-A step that raises fails the request that caused it (engine_failures.py), not the thread;
-only an engine failure stops it, and then the server exits for a supervisor to restart it.
+Handlers talk to that thread through a command queue (add / abort / fail all / call) and get
+each request's progress back on an asyncio queue, so concurrent HTTP requests are
+continuously batched together, and a client that goes away aborts its request and frees its
+KV blocks. A step that raises fails the request that caused it (engine_failures.py), not the
+thread; only an engine failure stops it, and then the server exits for a supervisor to
+restart it. An RL controller can pause generation, put the engine to sleep and swap its
+weights: all of it runs on the engine thread, between steps.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
-from pagedjax.engine import Engine
+from pagedjax.engine import Engine, EngineNotReady
+from pagedjax.flax_params import params_from_flax
 from pagedjax.output_stream import SequenceDelta, sequences
 from pagedjax.request import Request
 
@@ -27,6 +30,10 @@ from .metrics import LiveStats, ServerMetrics
 from .request_stream import ACCEPTED, EngineStream, RequestHandle
 
 logger = logging.getLogger("pagedjax.server")
+
+# vLLM's pause modes: what happens to requests in flight (new ones wait for resume in all).
+PAUSE_MODES = ("abort", "wait", "keep")
+
 
 class AsyncEngine:
     """Runs `engine` on a background thread; `add_request` queues a request on it."""
@@ -45,6 +52,9 @@ class AsyncEngine:
         self._failure_callbacks: list[Callable[[BaseException], None]] = []
         self._draining = False
         self._in_flight = 0  # requests handed out and not closed (event loop side)
+        self._paused = False  # new requests wait in _held (engine thread)
+        self._frozen = False  # requests in flight don't step either (pause mode "keep")
+        self._held: list[EngineStream] = []  # accepted while paused, in arrival order
         self._live = LiveStats()
         metrics.watch(self.live_stats)
 
@@ -145,6 +155,77 @@ class AsyncEngine:
         if abort:
             self._commands.put(("abort", request_id))
 
+    # ---- pause, sleep, weights (event-loop side; vLLM's names) ---------------------
+
+    async def pause_generation(self, mode: str = "abort", clear_cache: bool = True) -> None:
+        """Stop generating, e.g. for a weight update; new requests wait for
+        `resume_generation`. Requests in flight: "abort" ends them now (finish_reason
+        "abort"), "wait" lets them finish first (this returns then), "keep" freezes them
+        where they are, to continue on resume. `clear_cache` forgets cached prefixes
+        (not with "keep"). Raises ValueError for an unknown mode."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {PAUSE_MODES}, got {mode!r}")
+        await self._on_engine_thread(lambda: self._pause(mode))
+        if mode == "wait":
+            while await self._on_engine_thread(self.engine.has_unfinished_requests):
+                await asyncio.sleep(0.02)
+        if clear_cache and mode != "keep":
+            await self._on_engine_thread(self.engine.reset_prefix_cache)
+
+    async def resume_generation(self) -> None:
+        """Undo `pause_generation`: frozen requests continue, waiting ones start. Raises
+        EngineNotReady while the engine sleeps (wake it up instead)."""
+        await self._on_engine_thread(self._resume)
+
+    @property
+    def is_paused(self) -> bool:
+        """True between `pause_generation` (or `sleep`) and `resume_generation`."""
+        return self._paused
+
+    async def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """Pause (`mode` "abort" or "wait": a freed KV pool cannot keep requests), then
+        free the KV pool (level 1) and the weights too (level 2) on the engine thread.
+        New requests wait for `wake_up`. Raises ValueError for a bad level or mode."""
+        if isinstance(level, bool) or level not in (1, 2):
+            raise ValueError(f"level must be 1 or 2, got {level!r}")
+        if mode not in ("abort", "wait"):
+            raise ValueError(f"mode must be 'abort' or 'wait' (sleep frees the KV pool, so "
+                             f"no request can be kept), got {mode!r}")
+        await self.pause_generation(mode)
+        await self._on_engine_thread(lambda: self.engine.sleep(level))
+
+    async def wake_up(self) -> None:
+        """Reallocate the KV pool and resume generation (weights dropped by level 2 come
+        back with `update_params`)."""
+        await self._on_engine_thread(self.engine.wake_up)
+        await self.resume_generation()
+
+    @property
+    def is_sleeping(self) -> bool:
+        """True between `sleep` and `wake_up`."""
+        return self.engine.is_sleeping
+
+    async def update_params(self, params) -> None:
+        """Swap in new weights between steps (LLM.update_params' rules: no recompile, no
+        copy of device arrays in the engine's dtype, cached prefixes invalidated)."""
+        params = params_from_flax(params)
+        await self._on_engine_thread(lambda: self.engine.set_params(params))
+
+    async def _on_engine_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn()` on the engine thread between steps; its result, or its exception
+        raised here (APIError 503 when the engine thread is gone)."""
+        if not self._thread.is_alive():
+            raise APIError(503, "the engine is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("call", (fn, loop, future)))
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), 1.0)
+            except TimeoutError:
+                if not self._thread.is_alive() and not future.done():
+                    raise APIError(503, "the engine is not running") from None
+
     # ---- engine thread -------------------------------------------------------------
 
     def _run(self) -> None:
@@ -153,9 +234,9 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._admit_held()
-                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                self._drain_commands(block=not self._can_step())
                 self._admit_held()
-                if self.engine.has_unfinished_requests():
+                if self._can_step():
                     self._step()
                 self._publish()
                 if time.monotonic() - last_log >= self.log_interval_s:
@@ -185,9 +266,17 @@ class AsyncEngine:
                     break
                 if kind == "add":
                     payload.send(final_error)
+                elif kind == "call":
+                    _, loop, future = payload
+                    _settle(loop, future, error=final_error)
             self._publish_safely()
 
+    def _can_step(self) -> bool:
+        return not self._frozen and self.engine.has_unfinished_requests()
+
     def _admit_held(self) -> None:
+        if self._paused:  # suspects of a failed step wait for resume like new requests
+            return
         for stream in self._triage.admit():
             self._enter_engine(stream)
 
@@ -206,17 +295,57 @@ class AsyncEngine:
             elif kind == "fail_all":
                 for stream in list(self._streams.values()):
                     self._drop(stream, APIError(503, "the server is shutting down"))
+            elif kind == "call":
+                self._call(*payload)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _call(self, fn: Callable[[], Any], loop: asyncio.AbstractEventLoop,
+              future: asyncio.Future) -> None:
+        try:
+            result = fn()
+        except Exception as error:  # noqa: BLE001 - the caller's to handle
+            _settle(loop, future, error=error)
+        else:
+            _settle(loop, future, result=result)
+
+    def _pause(self, mode: str) -> None:
+        self._paused = True
+        self._frozen = mode == "keep"
+        if mode == "abort":
+            self._abort_in_flight()
+
+    def _resume(self) -> None:
+        if self.engine.is_sleeping:
+            raise EngineNotReady("the engine is asleep: wake_up resumes it")
+        self._paused = self._frozen = False
+        held, self._held = self._held, []
+        for stream in held:
+            self._enter_engine(stream)
+
+    def _abort_in_flight(self) -> None:
+        """End every request in the engine now; their handlers get a last delta with
+        finish_reason "abort" (streams: a final chunk; others: a normal response)."""
+        now = time.monotonic()
+        for stream in [s for s in self._streams.values() if s.in_engine]:
+            live = [seq for seq in sequences(stream.request) if not seq.is_finished]
+            for seq in live:
+                self.engine.abort_request(seq.request_id)
+            for seq in live:
+                self._deliver(stream, seq, now)
+            self.metrics.aborted.inc()
 
     def _add(self, stream: EngineStream) -> None:
         if stream.request_id in self._streams:
             stream.send(APIError(400, f"request id {stream.request_id} is in use"))
             return
         self._streams[stream.request_id] = stream
-        if self._triage.active:  # suspects of a failed step go first, alone
+        if self._paused:
+            self._held.append(stream)
+            stream.send(ACCEPTED)
+        elif self._triage.active:  # suspects of a failed step go first, alone
             self._triage.hold(stream)
             stream.send(ACCEPTED)
         elif self._enter_engine(stream):
@@ -226,6 +355,9 @@ class AsyncEngine:
         """Add the stream's request to the engine; on refusal fail it (False)."""
         try:
             self.engine.add_request(stream.request)
+        except EngineNotReady as error:  # e.g. woken from sleep level 2 without weights
+            self._drop(stream, APIError(503, str(error)))
+            return False
         except ValueError as error:
             self._drop(stream, APIError(400, str(error)))
             return False
@@ -243,6 +375,8 @@ class AsyncEngine:
         `error` (None: the handler left)."""
         self._streams.pop(stream.request_id, None)
         self._triage.cleared(stream)
+        if stream in self._held:
+            self._held.remove(stream)
         try:
             for seq in sequences(stream.request):
                 self._streams_by_seq.pop(seq.request_id, None)
@@ -264,23 +398,27 @@ class AsyncEngine:
         changed = {r.request_id: r for r in result.updated + result.finished}
         for request_id, seq in changed.items():
             stream = self._streams_by_seq.get(request_id)
-            if stream is None:
-                continue
-            delta = stream.deltas.delta(seq)
-            if delta is None:
-                continue
-            stream.observe_timing(delta, seq, now, self.metrics)
-            if not stream.delivered:
-                stream.delivered = True
-                self._triage.cleared(stream)
-            if delta.finished:
-                self._streams_by_seq.pop(request_id, None)
-                self.metrics.observe_finished(seq, now)
-                stream.unfinished -= 1
-                if not stream.unfinished:
-                    self._streams.pop(stream.request_id, None)
-                    stream.in_engine = False
-            stream.send(delta)
+            if stream is not None:
+                self._deliver(stream, seq, now)
+
+    def _deliver(self, stream: EngineStream, seq: Request, now: float) -> None:
+        """Send the stream's handler what is new in its sequence `seq`; forget the stream
+        once its last sequence finished."""
+        delta = stream.deltas.delta(seq)
+        if delta is None:
+            return
+        stream.observe_timing(delta, seq, now, self.metrics)
+        if not stream.delivered:
+            stream.delivered = True
+            self._triage.cleared(stream)
+        if delta.finished:
+            self._streams_by_seq.pop(seq.request_id, None)
+            self.metrics.observe_finished(seq, now)
+            stream.unfinished -= 1
+            if not stream.unfinished:
+                self._streams.pop(stream.request_id, None)
+                stream.in_engine = False
+        stream.send(delta)
 
     def _step_failed(self, error: Exception) -> None:
         """Fail the request that broke the step, or hold the suspects back; re-raise when
@@ -341,3 +479,20 @@ class AsyncEngine:
             "%.1f tok/s, generation throughput: %.1f tok/s, preemptions: %d",
             live.num_running, live.num_waiting, 100 * live.kv_usage, throughput[0],
             throughput[1], self.engine.queue_stats().num_preemptions)
+
+
+def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, *,
+            result: Any = None, error: Optional[BaseException] = None) -> None:
+    """Complete an engine-thread call's future on its event loop (if still open)."""
+    def complete() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(complete)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass

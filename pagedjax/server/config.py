@@ -19,6 +19,8 @@ class ServerConfig:
     accept a request's own `chat_template` (vLLM's flag; off: 400); such templates render
     in a worker process within `template_timeout_s` and `template_max_chars` characters of
     output, the worker keeping at most `template_cache_size` compiled templates.
+    `enable_control_endpoints`: serve /pause, /resume, /sleep, /wake_up, /is_paused and
+    /is_sleeping for an RL controller (vLLM's; off: 404), behind the API key when set.
     """
 
     max_request_bytes: int = 1 << 20
@@ -30,6 +32,7 @@ class ServerConfig:
     template_timeout_s: float = 5.0
     template_max_chars: int = 1 << 20
     template_cache_size: int = 8
+    enable_control_endpoints: bool = False
 
     def __post_init__(self):
         for name in ("max_request_bytes", "max_sequences_per_request", "template_max_chars",
@@ -44,6 +47,6 @@ class ServerConfig:
                     or not 0 < value < float("inf")):
                 raise ValueError(f"{name} must be a positive number of seconds, "
                                  f"got {value!r}")
-        if not isinstance(self.trust_request_chat_template, bool):
-            raise ValueError(f"trust_request_chat_template must be a bool, "
-                             f"got {self.trust_request_chat_template!r}")
+        for name in ("trust_request_chat_template", "enable_control_endpoints"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

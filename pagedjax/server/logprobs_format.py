@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
+
+# A logprob JSON can hold: processed logprobs are -inf for tokens the sampler masked out
+# (top-k, top-p, min-p, banned), which JSON has no number for (vLLM's clamp).
+MIN_JSON_LOGPROB = -9999.0
 
 
 def completion_logprobs(entries: Optional[list], token_ids: list[int], tokenizer,
@@ -15,8 +20,8 @@ def completion_logprobs(entries: Optional[list], token_ids: list[int], tokenizer
     for token_id, entry in zip(token_ids, entries):
         text = _token_text(token_id, entry, tokenizer)
         tokens.append(text)
-        token_logprobs.append(entry[token_id].logprob)
-        top_logprobs.append({_token_text(t, entry, tokenizer): lp.logprob
+        token_logprobs.append(json_logprob(entry[token_id].logprob))
+        top_logprobs.append({_token_text(t, entry, tokenizer): json_logprob(lp.logprob)
                              for t, lp in entry.items()})
         offsets.append(offset)
         offset += len(text)
@@ -41,7 +46,13 @@ def chat_logprobs(entries: Optional[list], token_ids: list[int], tokenizer,
 
 def _chat_token(token_id: int, logprob: float, entry: dict, tokenizer) -> dict:
     text = _token_text(token_id, entry, tokenizer)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": json_logprob(logprob),
+            "bytes": list(text.encode("utf-8"))}
+
+
+def json_logprob(logprob: float) -> float:
+    """`logprob` as a JSON number: -inf (a masked token's) becomes MIN_JSON_LOGPROB."""
+    return logprob if math.isfinite(logprob) else MIN_JSON_LOGPROB
 
 
 def _token_text(token_id: int, entry: dict, tokenizer) -> str:

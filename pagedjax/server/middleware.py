@@ -64,15 +64,18 @@ class RequestLimits:
 
 
 class ApiKeyAuth:
-    """Requests to /v1 need `Authorization: Bearer <api_key>` (401 otherwise)."""
+    """Requests to /v1 and to `paths` need `Authorization: Bearer <api_key>` (401
+    otherwise)."""
 
-    def __init__(self, app, api_key: Optional[str]):
+    def __init__(self, app, api_key: Optional[str], paths: tuple[str, ...] = ()):
         self.app = app
         self.api_key = api_key
+        self.paths = paths
 
     async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
         if (scope["type"] == "http" and self.api_key
-                and scope.get("path", "").startswith("/v1")):
+                and (path.startswith("/v1") or path in self.paths)):
             given = dict(scope.get("headers") or ()).get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 response = error_response(401, "Unauthorized: a valid API key is required")

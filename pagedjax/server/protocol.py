@@ -6,7 +6,7 @@ Unknown fields are ignored, as OpenAI and vLLM do; a known field of the wrong ty
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -15,6 +15,26 @@ class StreamOptions(BaseModel):
     """`stream_options`: whether the last chunk carries `usage`."""
 
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema the output must follow."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = "response"
+    description: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: "text", "json_object" (any JSON object) or "json_schema"."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class _SamplingFields(BaseModel):
@@ -44,6 +64,10 @@ class _SamplingFields(BaseModel):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrained output: OpenAI's response_format, or vLLM's structured_outputs object
+    # (json, regex, choice, grammar, json_object; see server/structured.py).
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -82,10 +106,34 @@ class ChatMessage(BaseModel):
         return self.content
 
 
+class FunctionDefinition(BaseModel):
+    """A tool's function: its name and the JSON schema of its arguments."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(BaseModel):
+    """One entry of `tools`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[ChatTool]] = None
+    # "none", "auto", "required", or {"type": "function", "function": {"name": ...}}
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool = True
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
@@ -102,6 +150,7 @@ class TokenizeRequest(BaseModel):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[ChatTool]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -12,6 +12,7 @@ from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
 from pagedjax.output_stream import SequenceDelta
 from pagedjax.request import Request
 from pagedjax.sampling_params import SamplingParams
+from pagedjax.structured_outputs import StructuredOutputsParams
 
 from .async_engine import AsyncEngine
 from .errors import APIError, param_of
@@ -54,8 +55,11 @@ def new_id(prefix: str) -> str:
 
 
 def sampling_params_for(body, *, max_tokens: Optional[int], logprobs: Optional[int],
-                        seed: Optional[int]) -> SamplingParams:
-    """SamplingParams from an OpenAI body; invalid values raise APIError(400) naming them."""
+                        seed: Optional[int],
+                        structured_outputs: Optional[StructuredOutputsParams] = None,
+                        ) -> SamplingParams:
+    """SamplingParams from an OpenAI body (its output constraint already made:
+    server/structured.py); invalid values raise APIError(400) naming them."""
     logit_bias = None
     if body.logit_bias:
         try:
@@ -72,6 +76,7 @@ def sampling_params_for(body, *, max_tokens: Optional[int], logprobs: Optional[i
             stop_token_ids=body.stop_token_ids or (), logprobs=logprobs,
             skip_special_tokens=body.skip_special_tokens,
             include_stop_str_in_output=body.include_stop_str_in_output,
+            structured_outputs=structured_outputs,
             **{k: v for k, v in optional.items() if v is not None})
     except ValueError as error:
         raise APIError(400, str(error), param_of(str(error), _SAMPLING_FIELDS)) from None

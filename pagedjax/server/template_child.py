@@ -31,12 +31,14 @@ def _load_chat_template_module():
 def _render(chat, compile_template, job: dict) -> str:
     template = compile_template(job["template"])
     messages = job["messages"]
+    tools = job.get("tools")
     if not job["continue_final_message"]:
         return chat.render_chat_template(template, messages,
                                          add_generation_prompt=job["add_generation_prompt"],
-                                         special_tokens=job["special_tokens"])
+                                         special_tokens=job["special_tokens"], tools=tools)
     return chat.render_continuing_final_message(template, messages,
-                                                special_tokens=job["special_tokens"])
+                                                special_tokens=job["special_tokens"],
+                                                tools=tools)
 
 
 def main() -> None:

@@ -39,13 +39,15 @@ class TemplateWorker:
 
     async def render(self, template: str, messages: list[dict[str, Any]], *,
                      add_generation_prompt: bool, continue_final_message: bool,
-                     special_tokens: dict[str, Optional[str]]) -> str:
+                     special_tokens: dict[str, Optional[str]],
+                     tools: Optional[list[dict]] = None) -> str:
         """The rendered chat; APIError(400) when the template fails, runs longer than
         `timeout_s`, needs too much memory, or renders more than `max_chars`."""
         job = json.dumps({"template": template, "messages": messages,
                           "add_generation_prompt": add_generation_prompt,
                           "continue_final_message": continue_final_message,
-                          "special_tokens": special_tokens, "max_chars": self.max_chars})
+                          "special_tokens": special_tokens, "max_chars": self.max_chars,
+                          "tools": tools})
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:

@@ -16,6 +16,7 @@ from .config import ServerConfig
 from .errors import APIError
 from .protocol import ChatMessage
 from .template_worker import TemplateWorker
+from .tools import template_messages
 
 
 class ChatRenderer:
@@ -30,12 +31,15 @@ class ChatRenderer:
 
     async def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool,
                      continue_final_message: bool = False,
-                     request_template: Optional[str] = None) -> str:
-        """The prompt text of `messages`; APIError(400) when it cannot be rendered."""
+                     request_template: Optional[str] = None,
+                     tools: Optional[list[dict]] = None) -> str:
+        """The prompt text of `messages` (the template also gets `tools`, OpenAI's tool
+        definitions, when given); APIError(400) when it cannot be rendered."""
         conversation = [m.model_dump(exclude_none=True) for m in messages]
         for message, original in zip(conversation, messages):
             if isinstance(original.content, list):
                 message["content"] = original.text_content()
+        conversation = template_messages(conversation)
         if continue_final_message and add_generation_prompt:
             raise APIError(400, "continue_final_message and add_generation_prompt are not "
                                 "compatible: pass add_generation_prompt=false",
@@ -49,13 +53,13 @@ class ChatRenderer:
             return await self.worker.render(
                 request_template, conversation, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
-                special_tokens=self._special_tokens())
+                special_tokens=self._special_tokens(), tools=tools)
         try:
             return await asyncio.to_thread(
                 self.tokenizer.apply_chat_template, conversation,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
-                chat_template=request_template or self.chat_template)
+                chat_template=request_template or self.chat_template, tools=tools)
         except Exception as error:  # noqa: BLE001 - a template failing on these messages
             raise APIError(400, f"messages: the chat template failed to render them: "
                                 f"{type(error).__name__}: {error}", "messages") from None

@@ -22,6 +22,29 @@ _CLASSES = {
 }
 
 
+# The zoo every family test runs over (tests/test_model_zoo.py, tests/test_forward.py):
+# name -> (architecture, HF config overrides). Base: 2 layers, hidden 64, 4 heads, 2 KV
+# heads, head_dim 16 (`_base_settings`). Sliding windows are 8 tokens, shorter than the
+# tests' prompts, so they change the result.
+VARIANTS = {
+    "mistral_gqa_window": ("MistralForCausalLM", dict(sliding_window=8)),
+    "qwen2_bias_tied": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    # layer_types [full, sliding]: the window on the upper layer only.
+    "qwen2_window_upper_layer": ("Qwen2ForCausalLM", dict(
+        use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    "qwen3_qknorm_mha": ("Qwen3ForCausalLM", dict(num_key_value_heads=4, head_dim=32)),
+    "phi3_fused": ("Phi3ForCausalLM", dict()),
+    "gemma_mqa_tied": ("GemmaForCausalLM", dict(num_key_value_heads=1, head_dim=32)),
+    "gemma2_softcap_window": ("Gemma2ForCausalLM", dict(
+        num_hidden_layers=3, sliding_window=8, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, query_pre_attn_scalar=24)),
+    "gpt2_mha_tied": ("GPT2LMHeadModel", dict()),
+    "opt_project_in_out": ("OPTForCausalLM", dict(word_embed_proj_dim=32)),
+    "opt_postnorm_untied": ("OPTForCausalLM", dict(do_layer_norm_before=False,
+                                                   tie_word_embeddings=False)),
+}
+
+
 def _base_settings(arch: str, vocab_size: int) -> dict[str, Any]:
     ids = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     if arch == "GPT2LMHeadModel":
