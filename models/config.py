@@ -82,6 +82,10 @@ class ModelConfig:
     pre_norm: bool = True  # False: OPT-350m's post-norm blocks (and no final norm)
     final_norm: bool = True
     embed_dim: Optional[int] = None  # OPT word_embed_proj_dim != hidden: project_in/out
+    # Set by the engine only (pagedjax/param_layout.py): the rows of the fused matrices
+    # (wqkv, w_gate_up and their biases) come in this many shard-major blocks, one per
+    # tensor-parallel device ([q_s, k_s, v_s], [gate_s, up_s]); 1 is the natural layout.
+    fused_shards: int = 1
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -126,6 +130,12 @@ class ModelConfig:
                                            or self.embed_dim <= 0):
             raise ValueError(f"ModelConfig.embed_dim must be a positive int or None, "
                              f"got {self.embed_dim!r}")
+        if not isinstance(self.fused_shards, int) or self.fused_shards <= 0 or any(
+                value % self.fused_shards for value in (
+                    self.num_heads, self.num_kv_heads, self.intermediate_size)):
+            raise ValueError(f"ModelConfig.fused_shards must be a positive int dividing "
+                             f"num_heads, num_kv_heads and intermediate_size, got "
+                             f"{self.fused_shards!r}")
 
     @property
     def o_bias(self) -> bool:

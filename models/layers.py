@@ -144,8 +144,12 @@ def norm(x: jax.Array, p: dict, name: str, config: ModelConfig) -> jax.Array:
 def mlp(x: jax.Array, p: dict, config: ModelConfig) -> jax.Array:
     """Gated (down(act(gate) * up)) or plain (down(act(up))) MLP, biases when configured."""
     if config.gated_mlp:
-        gate, up = jnp.split(linear(x, p["w_gate_up"], p.get("b_gate_up")), 2, axis=-1)
+        gate_up = linear(x, p["w_gate_up"], p.get("b_gate_up"))  # [..., 2F]
+        # rows [gate_s, up_s] per shard s (config.fused_shards; one shard: [gate, up])
+        gate_up = gate_up.reshape(*gate_up.shape[:-1], config.fused_shards, -1)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
         hidden = activation(gate, config.hidden_act) * up
+        hidden = hidden.reshape(*hidden.shape[:-2], -1)  # [..., F]
     else:
         hidden = activation(linear(x, p["w_up"], p.get("b_up")), config.hidden_act)
     return linear(hidden, p["w_down"], p.get("b_down"))
@@ -160,14 +164,16 @@ AttentionCore = Callable[..., tuple]
 def attention_qkv(x: jax.Array, p: dict, config: ModelConfig, cos: jax.Array | None = None,
                   sin: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Queries [T, H, D], keys and values [T, K, D] of normed x [T, E]: fused qkv (+ bias),
-    optional per-head q/k RMSNorm, then RoPE when cos/sin [T, D] are given."""
+    optional per-head q/k RMSNorm, then RoPE when cos/sin [T, D] are given. The fused
+    rows are [q_s, k_s, v_s] for each of config.fused_shards shards s (one: [q, k, v])."""
     c = config
+    n = c.fused_shards
     H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
     T = x.shape[0]
-    qkv = linear(x, p["wqkv"], p.get("bqkv"))
-    q = qkv[:, : H * D].reshape(T, H, D)
-    k = qkv[:, H * D: (H + K) * D].reshape(T, K, D)
-    v = qkv[:, (H + K) * D:].reshape(T, K, D)
+    qkv = linear(x, p["wqkv"], p.get("bqkv")).reshape(T, n, -1)  # [T, n, (H + 2K) / n * D]
+    q = qkv[..., : H // n * D].reshape(T, H, D)
+    k = qkv[..., H // n * D: (H + K) // n * D].reshape(T, K, D)
+    v = qkv[..., (H + K) // n * D:].reshape(T, K, D)
     if c.qk_norm:
         q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], c.rms_norm_eps)

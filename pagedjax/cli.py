@@ -85,6 +85,10 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what logprobs return: log_softmax of the model's logits (raw) "
                              "or of the logits sampled from, after penalties, temperature, "
                              "top-k/p, min-p (processed); or those logits themselves")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="split the model over this many devices (heads, MLP, vocabulary)")
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                        help="engine replicas (only 1 for now)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -96,7 +100,9 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 async_scheduling=args.async_scheduling,
                 enable_prefix_caching=args.enable_prefix_caching,
                 prefix_caching_hash_algo=args.prefix_caching_hash_algo,
-                logprobs_mode=args.logprobs_mode)
+                logprobs_mode=args.logprobs_mode,
+                tensor_parallel_size=args.tensor_parallel_size,
+                data_parallel_size=args.data_parallel_size)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from pagedjax.kernels import ATTENTION_BACKENDS
 
@@ -40,6 +40,11 @@ class EngineConfig:
     was drawn from: after penalties and bias, then temperature, top-k, top-p, min-p),
     "raw_logits" or "processed_logits"; it is compiled into the step, not chosen per
     request.
+    `tensor_parallel_size` > 1 splits the model over that many devices (Megatron's
+    layout, pagedjax/param_layout.py); `mesh` gives a `jax.sharding.Mesh` to run on
+    instead, its "tp" axis the tensor-parallel one. `data_parallel_size` (vLLM's name)
+    must be 1 for now. Whether the devices exist is checked when the engine starts
+    (pagedjax/mesh.py).
     """
 
     dtype: str = "auto"
@@ -58,6 +63,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "builtin"
     logprobs_mode: str = "raw_logprobs"
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    mesh: Optional[Any] = None  # a jax.sharding.Mesh with a "tp" axis
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -93,6 +101,8 @@ class EngineConfig:
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, "
                              f"got {self.logprobs_mode!r}")
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("data_parallel_size", self.data_parallel_size)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "

@@ -31,7 +31,9 @@ from .grammar_bitmasks import GrammarBitmasks
 from .input_processor import InputProcessor
 from .kv_copy import copy_kv_blocks
 from .kv_pool import bytes_per_block, resolve_dtype, resolve_max_model_len, resolve_num_blocks
+from .mesh import engine_mesh
 from .output_processor import OutputProcessor
+from .param_layout import TensorParallelLayout
 from .prefix_cache import PrefixCache
 from .request import Request
 from .runner import ModelRunner, allocate_kv_cache
@@ -68,15 +70,24 @@ class Engine:
         self.config = config
         platform = jax.default_backend()
         self.dtype = resolve_dtype(config.dtype, platform)
+        # Tensor parallel: a mesh and where each param and the KV pool lie on it; the
+        # programs then run `step_config`, the model with KV heads copied when tp > K.
+        self.mesh = engine_mesh(config.tensor_parallel_size, config.data_parallel_size,
+                                config.mesh)
+        self.layout = None if self.mesh is None else TensorParallelLayout(model_config,
+                                                                          self.mesh)
+        self.step_config = model_config if self.layout is None else (
+            self.layout.engine_model_config)
         self.attention_backend = resolve_attention_backend(
             config.attention_backend, platform, head_dim=model_config.head_dim,
             block_size=config.block_size, dtype=self.dtype,
-            group=model_config.num_heads // model_config.num_kv_heads)
+            group=model_config.num_heads // self.step_config.num_kv_heads)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = resolve_max_model_len(config, model_config)
         self.max_pages_per_seq = math.ceil(self.max_model_len / config.block_size)
-        num_blocks = resolve_num_blocks(config, model_config, self.max_model_len, self.dtype,
-                                        platform)
+        num_blocks = resolve_num_blocks(config, self.step_config, self.max_model_len,
+                                        self.dtype, platform,
+                                        kv_shards=1 if self.layout is None else self.layout.tp)
 
         self.input_processor = InputProcessor(
             vocab_size=model_config.vocab_size, max_model_len=self.max_model_len,
@@ -95,16 +106,19 @@ class Engine:
             min_token_bucket=config.min_token_bucket, static_samplers=platform != "cpu")
         # Weights handed in as host arrays are copied to the device anyway: on CPU, copy each
         # layer's matrices to their own arrays then, so no step copies them out of the stack.
-        # Device arrays stay as they are (no copy of a caller's params).
-        self.per_layer_matrices = platform == "cpu" and not any(
+        # Device arrays stay as they are (no copy of a caller's params). A sharded engine
+        # keeps stacked matrices.
+        self.per_layer_matrices = platform == "cpu" and self.layout is None and not any(
             isinstance(x, jax.Array) for x in jax.tree.leaves(params["layers"]))
-        model = build_model(model_config).clone(attention_backend=self.attention_backend)
-        kv_cache = allocate_kv_cache(model_config.num_layers, model_config.num_kv_heads,
-                                     num_blocks, config.block_size, model_config.head_dim,
-                                     self.dtype)
+        model = build_model(self.step_config).clone(attention_backend=self.attention_backend,
+                                                    mesh=self.mesh)
+        kv_cache = allocate_kv_cache(
+            self.step_config.num_layers, self.step_config.num_kv_heads, num_blocks,
+            config.block_size, self.step_config.head_dim, self.dtype,
+            None if self.layout is None else self.layout.kv_shardings())
         self.runner = ModelRunner(lambda p, s, kv, **kw: model.apply({"params": p}, s, kv, **kw),
                                   self.cast_params(params), kv_cache, self.max_pages_per_seq,
-                                  logprobs_mode=config.logprobs_mode)
+                                  logprobs_mode=config.logprobs_mode, mesh=self.mesh)
         self.decode_calls = DecodeCallPipeline(
             self.scheduler, self.runner, num_scheduler_steps=config.num_scheduler_steps,
             async_scheduling=config.async_scheduling, max_model_len=self.max_model_len,
@@ -116,7 +130,11 @@ class Engine:
     def cast_params(self, params: Any) -> Any:
         """Params as device arrays of the engine dtype (no copy when already so), in the
         engine's form: with `per_layer_matrices`, each layer matrix one array per layer
-        (then a caller's stacked device arrays are copied)."""
+        (then a caller's stacked device arrays are copied); on a mesh, in the layout's
+        shardings (param_layout.py: leaves already so are kept as they are)."""
+        if self.layout is not None:
+            return self.layout.to_engine_layout(params, self.dtype)
+
         def to_device(x):
             return jnp.asarray(x, dtype=self.dtype)
         if self.per_layer_matrices:
@@ -354,7 +372,7 @@ class Engine:
                             used_blocks=bm.num_used_blocks, usage=bm.usage,
                             waste=self.scheduler.kv_waste(),
                             bytes=bm.num_blocks * bytes_per_block(
-                                self.model_config, self.config.block_size, self.dtype),
+                                self.step_config, self.config.block_size, self.dtype),
                             cached_blocks=cache.num_cached_blocks if cache else 0,
                             prefix_cache_queries=cache.num_queried_tokens if cache else 0,
                             prefix_cache_hits=cache.num_hit_tokens if cache else 0)

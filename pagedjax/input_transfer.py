@@ -61,7 +61,8 @@ def unpack(ints: jax.Array, floats: jax.Array, layout: Layout) -> Any:
     return jax.tree.unflatten(layout.treedef, leaves)
 
 
-def to_device(tree: Any) -> Any:
-    """`tree` (all leaves host arrays) on the default device, in two transfers."""
+def to_device(tree: Any, sharding: Any = None) -> Any:
+    """`tree` (all leaves host arrays) on the default device (or whole on every device
+    of a replicated `sharding`), in two transfers."""
     ints, floats, layout = pack(tree)
-    return unpack(jax.device_put(ints), jax.device_put(floats), layout)
+    return unpack(jax.device_put(ints, sharding), jax.device_put(floats, sharding), layout)

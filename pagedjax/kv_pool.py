@@ -38,9 +38,11 @@ def bytes_per_block(model_config: ModelConfig, block_size: int, dtype: jnp.dtype
 
 
 def resolve_num_blocks(config: EngineConfig, model_config: ModelConfig, max_model_len: int,
-                       dtype: jnp.dtype, platform: str) -> int:
+                       dtype: jnp.dtype, platform: str, kv_shards: int = 1) -> int:
     """Pages in the pool: `config.num_blocks`, else what the memory budget holds (free
-    accelerator memory off CPU), never more than every sequence at full length uses."""
+    accelerator memory off CPU), never more than every sequence at full length uses.
+    The budget is one device's; a pool split over `kv_shards` devices holds that many
+    times more pages."""
     max_pages_per_seq = math.ceil(max_model_len / config.block_size)
     needed_for_one = max_pages_per_seq + 1  # + the null page
     if config.num_blocks is not None:
@@ -52,7 +54,8 @@ def resolve_num_blocks(config: EngineConfig, model_config: ModelConfig, max_mode
             free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
             if free > 0:
                 budget = int(free * config.kv_cache_memory_fraction)
-        num_blocks = budget // bytes_per_block(model_config, config.block_size, dtype)
+        num_blocks = budget * kv_shards // bytes_per_block(model_config, config.block_size,
+                                                           dtype)
         num_blocks = min(num_blocks, config.max_num_seqs * max_pages_per_seq + 1)
     if num_blocks < needed_for_one:
         raise ValueError(

@@ -29,7 +29,8 @@ class LLM:
     a hub id found in the local HF cache (or downloaded unless HF_HUB_OFFLINE is set), or
     None for the default SmolLM2-135M-Instruct GGUF. `revision` picks a hub id's branch,
     tag or commit (default: main). Use `LLM.from_params` to serve weights that already
-    live in memory.
+    live in memory. `tensor_parallel_size` / `mesh` split the model over devices
+    (EngineConfig).
     """
 
     def __init__(self, model: Optional[str] = None, *, revision: Optional[str] = None,
@@ -41,7 +42,8 @@ class LLM:
                  attention_backend: str = "auto", num_scheduler_steps: int = 1,
                  async_scheduling: bool = False, enable_prefix_caching: bool = True,
                  prefix_caching_hash_algo: str = "builtin",
-                 logprobs_mode: str = "raw_logprobs", tokenizer: Any = None,
+                 logprobs_mode: str = "raw_logprobs", tensor_parallel_size: int = 1,
+                 data_parallel_size: int = 1, mesh: Any = None, tokenizer: Any = None,
                  _loaded: Optional[tuple] = None):
         engine_config = EngineConfig(
             dtype=dtype, max_model_len=max_model_len, block_size=block_size,
@@ -51,7 +53,9 @@ class LLM:
             kv_cache_memory_fraction=kv_cache_memory_fraction,
             attention_backend=attention_backend, num_scheduler_steps=num_scheduler_steps,
             async_scheduling=async_scheduling, enable_prefix_caching=enable_prefix_caching,
-            prefix_caching_hash_algo=prefix_caching_hash_algo, logprobs_mode=logprobs_mode)
+            prefix_caching_hash_algo=prefix_caching_hash_algo, logprobs_mode=logprobs_mode,
+            tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
+            mesh=mesh)
         if _loaded is None:
             from .loading import load_model  # pulls in gguf/safetensors only when loading
 

@@ -3,7 +3,9 @@
 One compiled program per bucket shape, built ahead of time (`jit(...).lower(...).compile()`)
 so compiles are counted exactly and `warmup()` can build them all up front. Params are an
 argument, not a constant, so swapping in new weights of the same shapes never recompiles.
-The KV pool is donated to every step and updated in place.
+The KV pool is donated to every step and updated in place. On a mesh (tensor parallel),
+programs are compiled for the shardings the params and the pool have, and each step's
+input is put whole on every device.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .buckets import BucketKey
 from .input_transfer import to_device
@@ -24,11 +27,14 @@ from .step_input import KVCache, PenaltyTensors, SamplingTensors, StepInput
 
 
 def allocate_kv_cache(num_layers: int, num_kv_heads: int, num_blocks: int, block_size: int,
-                      head_dim: int, dtype) -> KVCache:
-    """Zero-filled K pool [L, P, K, D, S] and V pool [L, P, S, K, D] on the default device."""
+                      head_dim: int, dtype, shardings: Optional[KVCache] = None) -> KVCache:
+    """Zero-filled K pool [L, P, K, D, S] and V pool [L, P, S, K, D] on the default device,
+    or made in place on their `shardings` (each device allocating only its own part)."""
     k_shape = (num_layers, num_blocks, num_kv_heads, head_dim, block_size)
     v_shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-    return KVCache(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype))
+    shardings = shardings or KVCache(None, None)
+    return KVCache(*(_zeros(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
+                     for shape, sharding in zip((k_shape, v_shape), shardings)))
 
 
 def step_input_spec(key: BucketKey, pages_per_seq: int) -> StepInput:
@@ -60,13 +66,16 @@ class ModelRunner:
     """Runs padded steps of one model over one KV pool; counts and times compiles."""
 
     def __init__(self, apply_fn: Callable, params: Any, kv_cache: KVCache, pages_per_seq: int,
-                 logprobs_mode: str = "raw_logprobs"):
+                 logprobs_mode: str = "raw_logprobs", mesh: Optional[Mesh] = None):
         self.params = params  # None after drop_params (sleep level 2)
         self.pages_per_seq = pages_per_seq  # block-table width of every step
         self.kv_cache = kv_cache  # None after free_kv_cache (sleep)
+        # On a mesh, programs are compiled for the shardings of the params and the pool,
+        # and every step input is whole on each device; None: the default device.
+        self.input_sharding = None if mesh is None else NamedSharding(mesh, P())
         # Programs are compiled from these, so they outlive the arrays (sleep / wake up).
-        self.params_spec = _spec(params)
-        self.kv_spec = _spec(kv_cache)
+        self.params_spec = _spec(params, with_sharding=mesh is not None)
+        self.kv_spec = _spec(kv_cache, with_sharding=mesh is not None)
         self._compiled: dict[BucketKey, Any] = {}
         self.compile_seconds = 0.0
         self.execute_seconds = 0.0
@@ -120,20 +129,33 @@ class ModelRunner:
             return
         start = time.perf_counter()
         params_spec, kv_spec = self.params_spec, self.kv_spec
-        input_spec = step_input_spec(key, self.pages_per_seq)
+        input_spec = self._placed(step_input_spec(key, self.pages_per_seq))
         if key.decode_call:
             lowered = self._jitted_decode_steps.lower(params_spec, kv_spec, input_spec,
                                                       key.num_steps, key.sampler)
         else:
-            targets_spec = (jax.ShapeDtypeStruct((key.num_tokens,), jnp.int32)
+            targets_spec = (self._placed(jax.ShapeDtypeStruct((key.num_tokens,), jnp.int32))
                             if key.with_prompt_logprobs else None)
             lowered = self._jitted.lower(params_spec, kv_spec, input_spec, targets_spec,
                                          key.with_logprobs, key.with_prompt_logprobs,
                                          key.sampler)
         self._compiled[key] = lowered.compile()
         # and the small program that unpacks this shape's host input on the device
-        to_device(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), input_spec))
+        to_device(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), input_spec),
+                  self.input_sharding)
         self.compile_seconds += time.perf_counter() - start
+
+    def program_text(self, key: BucketKey) -> str:
+        """The compiled HLO of `key`'s program (compiled first if needed)."""
+        self.compile(key)
+        return self._compiled[key].as_text()
+
+    def _placed(self, spec: Any) -> Any:
+        """Abstract step inputs placed as `_call` places them."""
+        if self.input_sharding is None:
+            return spec
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                           sharding=self.input_sharding), spec)
 
     def set_params(self, params: Any) -> None:
         """Swap in new weights of identical shapes and dtypes (no recompile, no copy)."""
@@ -157,7 +179,7 @@ class ModelRunner:
     def allocate_kv_cache(self) -> None:
         """A zero-filled KV pool of the shapes the programs were compiled for."""
         if self.kv_cache is None:
-            self.kv_cache = KVCache(*(jnp.zeros(s.shape, s.dtype) for s in self.kv_spec))
+            self.kv_cache = KVCache(*(_zeros(s) for s in self.kv_spec))
 
     def execute(self, key: BucketKey, step_input: StepInput,
                 prompt_targets: Optional[np.ndarray] = None,
@@ -196,12 +218,13 @@ class ModelRunner:
         self.compile(key)
         if self.call_log is not None:
             self.call_log.append((key, step_input, prompt_targets))
-        step_input = _on_device(step_input)
+        step_input = _on_device(step_input, self.input_sharding)
         if key.decode_call:
             tokens, self.kv_cache, next_input = self._compiled[key](
                 self.params, self.kv_cache, step_input)
             return tokens, next_input
-        targets = jax.device_put(prompt_targets) if key.with_prompt_logprobs else None
+        targets = (jax.device_put(prompt_targets, self.input_sharding)
+                   if key.with_prompt_logprobs else None)
         outputs, self.kv_cache = self._compiled[key](self.params, self.kv_cache, step_input,
                                                      targets)
         return outputs
@@ -213,7 +236,7 @@ class ModelRunner:
         (each waits on the last one's KV pool) and timed together, as the device runs them
         in a pass. The calls write the KV slots the input names, so replay only while no
         request holds pages (a finished benchmark pass)."""
-        step_input = _on_device(step_input)
+        step_input = _on_device(step_input, self.input_sharding)
         jax.block_until_ready(self._call(key, step_input, prompt_targets))
         start = time.perf_counter()
         for _ in range(repeats):
@@ -230,9 +253,18 @@ class ModelRunner:
         return tokens
 
 
-def _spec(tree: Any) -> Any:
-    """Abstract shapes and dtypes of every array in `tree`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+def _spec(tree: Any, with_sharding: bool = False) -> Any:
+    """Abstract shapes and dtypes (and shardings) of every array in `tree`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=x.sharding if with_sharding else None), tree)
+
+
+def _zeros(spec: jax.ShapeDtypeStruct) -> jax.Array:
+    """A zero array of `spec`: on the default device, or made on its sharding."""
+    if spec.sharding is None:
+        return jnp.zeros(spec.shape, spec.dtype)
+    return jax.jit(functools.partial(jnp.zeros, spec.shape, spec.dtype),
+                   out_shardings=spec.sharding)()
 
 
 def _signature(tree: Any) -> Any:
@@ -241,9 +273,10 @@ def _signature(tree: Any) -> Any:
     return treedef, [(tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves]
 
 
-def _on_device(step_input: StepInput) -> StepInput:
+def _on_device(step_input: StepInput, sharding: Optional[NamedSharding]) -> StepInput:
     """A host StepInput in one packed transfer (input_transfer.py); a chained call's
-    input, already on the device but for its new block tables, as it is."""
+    input, already on the device but for its new block tables, as it is. `sharding`:
+    where the arrays go (None: the default device)."""
     if all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(step_input)):
-        return to_device(step_input)
-    return jax.device_put(step_input)
+        return to_device(step_input, sharding)
+    return jax.device_put(step_input, sharding)

@@ -1,0 +1,146 @@
+"""Tensor-parallel engine checks on 8 forced CPU devices, run by tests/test_tensor_parallel.py
+in a subprocess (XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before JAX
+starts). Usage: python -m tests.helpers.tensor_parallel_check WORK_DIR. Exits non-zero
+with the failed assertion; prints one line per check that passed."""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pagedjax import LLM, SamplingParams
+from pagedjax.loading import load_model
+from tests.helpers.engines import TINY_ENGINE_SETTINGS, TINY_PROMPTS, one_step_shape, token_ids
+from tests.helpers.tiny_models import make_tiny_llama
+from tests.helpers.tiny_zoo import VARIANTS, make_tiny_model
+
+# 8 query heads over 4 KV heads (head dim 8); a vocabulary tp=8 divides, so the embedding
+# and the LM head are split too.
+GQA = dict(num_attention_heads=8, num_kv_heads=4, vocab_size=512)
+# Families whose layers differ most from Llama's: q/k/v biases with a tied head; soft-caps,
+# sandwich norms and a per-layer window; learned positions, LayerNorm, a plain MLP and
+# OPT's projections around the layers.
+ZOO_FAMILIES = ("qwen2_bias_tied", "gemma2_softcap_window", "opt_project_in_out")
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+SEEDED = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, seed=7)
+
+
+def engine(model, tp=1, **kwargs) -> LLM:
+    """A tiny engine with one step shape (one program), on `tp` devices."""
+    if isinstance(model, str):
+        llm = LLM(model, tensor_parallel_size=tp, **TINY_ENGINE_SETTINGS, **kwargs)
+    else:
+        config, params, tokenizer = model
+        llm = LLM.from_params(params, config, tokenizer, tensor_parallel_size=tp,
+                              **TINY_ENGINE_SETTINGS, **kwargs)
+    return one_step_shape(llm, 32, 4)
+
+
+def run(llm: LLM, params: SamplingParams) -> list:
+    return token_ids(llm.generate(TINY_PROMPTS, params, use_tqdm=False))
+
+
+def per_device_shapes(array: jax.Array) -> set:
+    return {shard.data.shape for shard in array.addressable_shards}
+
+
+def check_same_tokens_and_sharded_state(model_dir: str):
+    reference = engine(model_dir)
+    greedy, seeded = run(reference, GREEDY), run(reference, SEEDED)
+    for tp in (2, 4, 8):
+        llm = engine(model_dir, tp)
+        assert run(llm, GREEDY) == greedy, f"greedy tokens differ at tp={tp}"
+        k_pool = llm.engine.runner.kv_cache.k  # [L, P, K, D, S]
+        layers, pages, heads, dim, size = reference.engine.runner.kv_cache.k.shape
+        kv_per_device = max(heads // tp, 1)  # tp=8 > 4 KV heads: one copied head each
+        assert per_device_shapes(k_pool) == {(layers, pages, kv_per_device, dim, size)}, (
+            tp, per_device_shapes(k_pool))
+        assert len(k_pool.addressable_shards) == tp
+        wo = llm.engine.runner.params["layers"]["wo"]  # [L, E, H * D], split by heads
+        assert per_device_shapes(wo) == {(wo.shape[0], wo.shape[1], wo.shape[2] // tp)}
+        embed = llm.engine.runner.params["embed"]  # [V, E], split by vocabulary
+        assert per_device_shapes(embed) == {(embed.shape[0] // tp, embed.shape[1])}
+        if tp == 2:
+            assert run(llm, SEEDED) == seeded, "seeded sampling differs at tp=2"
+        print(f"tp={tp}: same greedy tokens, 1/{tp} of the KV pool and weights per device "
+              f"({llm.engine.attention_backend} attention)")
+    return reference
+
+
+def trainer_layout(params: dict, mesh: Mesh) -> dict:
+    """params as a trainer on a (fsdp, tp) mesh might hold them: matrices split over both
+    axes where they divide, everything else replicated; `wo` in the engine's own layout."""
+    def place(name, x):
+        if name == "wo":
+            spec = P(None, None, ("fsdp", "tp"))  # = the engine's split over these devices
+        elif x.ndim >= 2 and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0:
+            spec = P(*([None] * (x.ndim - 2)), "fsdp", "tp")
+        else:
+            spec = P()
+        return jax.device_put(np.asarray(x), NamedSharding(mesh, spec))
+
+    layers = {k: place(k, v) for k, v in params["layers"].items()}
+    return {**{k: place(k, v) for k, v in params.items() if k != "layers"}, "layers": layers}
+
+
+def check_trainer_sharded_params(model_dir: str, other_dir: str, reference: LLM):
+    config, params, tokenizer = load_model(model_dir)
+    _, other_params, _ = load_model(other_dir)
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("fsdp", "tp"))
+    trained = trainer_layout(params, mesh)
+    llm = engine((config, trained, tokenizer), tp=4)
+    assert run(llm, GREEDY) == run(reference, GREEDY), "trainer-sharded params differ"
+    held = llm.engine.runner.params["layers"]
+    assert held["wo"] is trained["layers"]["wo"], "params in the engine's layout were copied"
+    assert held["wqkv"].sharding.is_equivalent_to(
+        NamedSharding(llm.engine.mesh, P(None, "tp", None)), 3)
+
+    reference.update_params(other_params)
+    expected = run(reference, GREEDY)
+    compiles = llm.num_compiles
+    updated = trainer_layout(other_params, mesh)
+    llm.update_params(updated)
+    assert run(llm, GREEDY) == expected, "update_params on trainer-sharded params differs"
+    assert llm.num_compiles == compiles, "update_params recompiled"
+    assert llm.engine.runner.params["layers"]["wo"] is updated["layers"]["wo"]
+    print("trainer-sharded params on a 2x2 (fsdp, tp) mesh: same tokens, update_params "
+          "without a recompile, engine-layout leaves kept in place")
+
+
+def check_zoo_families(work_dir: str):
+    for name in ZOO_FAMILIES:
+        architecture, overrides = VARIANTS[name]
+        model_dir = make_tiny_model(f"{work_dir}/{name}", architecture, **overrides)
+        assert run(engine(model_dir, 2), GREEDY) == run(engine(model_dir), GREEDY), name
+    print(f"tp=2 gives tp=1's greedy tokens on {', '.join(ZOO_FAMILIES)}")
+
+
+def check_validation(model_dir: str):
+    for kwargs, field in ((dict(tensor_parallel_size=3), "tensor_parallel_size"),
+                          (dict(tensor_parallel_size=16), "tensor_parallel_size"),
+                          (dict(mesh=Mesh(np.array(jax.devices()[:4]).reshape(2, 2),
+                                          ("dp", "tp"))), "mesh")):
+        try:
+            LLM(model_dir, **TINY_ENGINE_SETTINGS, **kwargs)
+        except ValueError as error:
+            assert field in str(error), error
+        else:
+            raise AssertionError(f"{kwargs} was accepted")
+    print("bad meshes rejected: heads not divisible, too many devices, a dp axis > 1")
+
+
+def main(work_dir: str) -> None:
+    assert len(jax.devices()) == 8, "run with --xla_force_host_platform_device_count=8"
+    model_dir = make_tiny_llama(f"{work_dir}/gqa", **GQA)
+    other_dir = make_tiny_llama(f"{work_dir}/gqa_other", seed=1, **GQA)
+    check_validation(model_dir)
+    reference = check_same_tokens_and_sharded_state(model_dir)
+    check_trainer_sharded_params(model_dir, other_dir, reference)
+    check_zoo_families(work_dir)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
