@@ -14,7 +14,7 @@
 // side merges with the step's own tokens; a row that sees no key gets max -1e30, total 0.
 //
 // GROUP (G), HEAD_DIM (D) and PAGE_SIZE (S) are compile-time constants (-D flags, one
-// build per model shape) so that a page's scores and a row's outputs live in registers.
+// build per model shape) so that the loops over a page tile exactly into registers.
 
 #include <algorithm>
 #include <atomic>
@@ -42,20 +42,55 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// The machine's SIMD registers (the build is -march=native): their width in floats and
+// how many there are. The inner loops keep G x (a few) accumulators in registers; more
+// than the machine has spills them to the stack on every multiply-add, which is what
+// made 16-float vectors (two registers each) run at a third of the read bandwidth on
+// AVX2.
+#if defined(__AVX512F__)
+constexpr int kVectorFloats = 16, kRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kVectorFloats = 8, kRegisters = 16;
+#elif defined(__aarch64__)
+constexpr int kVectorFloats = 4, kRegisters = 32;
+#else
+constexpr int kVectorFloats = 4, kRegisters = 16;
+#endif
+
 constexpr int G = GROUP, D = HEAD_DIM, S = PAGE_SIZE;
-// Floats per vector: 16 (an AVX-512 register, or two AVX2 ones) unless the head dim or
-// the page size needs narrower vectors to tile exactly.
-constexpr int W = std::gcd(std::gcd(16, D), S);
+// Floats per vector: a register's width unless the head dim or the page size needs
+// narrower vectors to tile exactly.
+constexpr int W = std::gcd(std::gcd(kVectorFloats, D), S);
 constexpr int DT = D / W, ST = S / W;
+
+// The largest divisor of `tiles` whose G x chunk accumulators fit the registers next to
+// `others` live ones (at least 1).
+constexpr int chunk_tiles(int tiles, int others) {
+  int best = 1;
+  for (int c = 1; c <= tiles; ++c)
+    if (tiles % c == 0 && G * c + others <= kRegisters) best = c;
+  return best;
+}
+// Keys: per head dim, G broadcast queries and one key vector at a time.
+constexpr int KC = chunk_tiles(ST, G + 1);
+// Values: one value vector at a time, G broadcast weights.
+constexpr int VC = chunk_tiles(DT, G + 1);
 constexpr float kNegInf = -1e30f;  // the jnp backend's NEG_INF
 
-// W floats in a GCC / Clang vector, mapped to the machine's SIMD registers.
-// aligned(4): loads from any float address.
-typedef float vec __attribute__((vector_size(4 * W), aligned(4)));
-typedef int32_t ivec __attribute__((vector_size(4 * W), aligned(4)));
+// Loops over registers' worth of accumulators are unrolled by force: a rolled loop
+// keeps its accumulator array on the stack, one store and reload per multiply-add.
+#define UNROLL _Pragma("GCC unroll 64")
 
-inline vec load(const float* p) { vec x; std::memcpy(&x, p, sizeof(x)); return x; }
-inline void store(float* p, vec x) { std::memcpy(p, &x, sizeof(x)); }
+// W floats in a GCC / Clang vector, mapped to the machine's SIMD registers, and its
+// unaligned twin through which pages are read and written (a plain dereference: the
+// memcpy idiom made GCC bounce each AVX2 load through a stack slot, stalling on store
+// forwarding).
+typedef float vec __attribute__((vector_size(4 * W)));
+typedef int32_t ivec __attribute__((vector_size(4 * W)));
+typedef float unaligned_vec __attribute__((vector_size(4 * W), aligned(4)));
+
+inline vec load(const float* p) { return *reinterpret_cast<const unaligned_vec*>(p); }
+inline void store(float* p, vec x) { *reinterpret_cast<unaligned_vec*>(p) = x; }
 inline vec splat(float x) { return vec{} + x; }
 inline ivec lane_index() {
   ivec index;
@@ -149,18 +184,26 @@ bool attend_row(const Pools& pools, const Row& row, int max_pages, int32_t windo
     for (int k = 0; k < K; ++k) {
       const float* keys = page_keys + int64_t{k} * D * S;  // [D, S]
       const float* q = row.q + k * G * D;                  // [G, D]
-      vec scores[G][ST];
-      for (int g = 0; g < G; ++g)
-        for (int i = tile_lo; i < tile_hi; ++i) scores[g][i] = vec{};
-      for (int d = 0; d < D; ++d) {
-        const float* key_row = keys + d * S;
-        if (prefetch)
-          for (int i = tile_lo; i < tile_hi; ++i)
-            __builtin_prefetch(next_keys + int64_t{k} * D * S + d * S + i * W);
-        for (int i = tile_lo; i < tile_hi; ++i) {
-          const vec key = load(key_row + i * W);
-          for (int g = 0; g < G; ++g) scores[g][i] += q[g * D + d] * key;
+      alignas(64) float scores[G][S];
+      // Chunks of KC tiles: scores[g][chunk] stay in registers over the head dim.
+      for (int c = tile_lo / KC * KC; c < tile_hi; c += KC) {
+        vec acc[G][KC];
+        UNROLL for (int g = 0; g < G; ++g)
+          UNROLL for (int i = 0; i < KC; ++i) acc[g][i] = vec{};
+        for (int d = 0; d < D; ++d) {
+          const float* key_row = keys + d * S + c * W;
+          if (prefetch)
+            for (int f = 0; f < KC * W; f += 16)
+              __builtin_prefetch(next_keys + int64_t{k} * D * S + d * S + c * W + f);
+          vec query[G];
+          UNROLL for (int g = 0; g < G; ++g) query[g] = splat(q[g * D + d]);
+          UNROLL for (int i = 0; i < KC; ++i) {
+            const vec key = load(key_row + i * W);
+            UNROLL for (int g = 0; g < G; ++g) acc[g][i] += query[g] * key;
+          }
         }
+        UNROLL for (int g = 0; g < G; ++g)
+          UNROLL for (int i = 0; i < KC; ++i) store(&scores[g][(c + i) * W], acc[g][i]);
       }
 
       alignas(64) float weights[G][S];
@@ -171,9 +214,10 @@ bool attend_row(const Pools& pools, const Row& row, int max_pages, int32_t windo
         float page_max = kNegInf;
         for (int i = tile_lo; i < tile_hi; ++i) {
           const ivec key = lane_index() + i * W;
-          vec s = soft_cap > 0.f ? soft_cap_vec(scores[g][i], soft_cap) : scores[g][i];
+          vec s = load(&scores[g][i * W]);
+          s = soft_cap > 0.f ? soft_cap_vec(s, soft_cap) : s;
           s = (key >= lo && key < hi) ? s : splat(kNegInf);
-          scores[g][i] = s;
+          store(&scores[g][i * W], s);
           page_max = std::max(page_max, reduce_max(s));
         }
         const float old_max = row.max[h];
@@ -184,7 +228,7 @@ bool attend_row(const Pools& pools, const Row& row, int max_pages, int32_t windo
         vec sum{};
         for (int i = tile_lo; i < tile_hi; ++i) {
           const ivec key = lane_index() + i * W;
-          vec e = exp_vec(scores[g][i] - splat(new_max));
+          vec e = exp_vec(load(&scores[g][i * W]) - splat(new_max));
           e = (key >= lo && key < hi) ? e : vec{};
           store(&weights[g][i * W], e);
           sum += e;
@@ -194,24 +238,30 @@ bool attend_row(const Pools& pools, const Row& row, int max_pages, int32_t windo
       }
 
       float* out = row.out + k * G * D;  // [G, D]
-      vec acc[G][DT];
-      for (int g = 0; g < G; ++g)
-        for (int i = 0; i < DT; ++i)
-          acc[g][i] = any_visible[g] ? load(out + g * D + i * W) * rescale[g] : vec{};
-      for (int t = lo; t < hi; ++t) {
-        const float* value = page_values + (int64_t{t} * K + k) * D;
-        if (prefetch)
-          for (int i = 0; i < DT; ++i)
-            __builtin_prefetch(next_values + (int64_t{t} * K + k) * D + i * W);
-        vec v[DT];
-        for (int i = 0; i < DT; ++i) v[i] = load(value + i * W);
-        for (int g = 0; g < G; ++g) {
-          const float w = any_visible[g] ? weights[g][t] : 0.f;
-          for (int i = 0; i < DT; ++i) acc[g][i] += w * v[i];
+      // Chunks of VC tiles of the head dim: out[g][chunk] stays in registers over the
+      // page's keys.
+      for (int c = 0; c < DT; c += VC) {
+        vec acc[G][VC];
+        UNROLL for (int g = 0; g < G; ++g)
+          UNROLL for (int i = 0; i < VC; ++i)
+            acc[g][i] = any_visible[g] ? load(out + g * D + (c + i) * W) * rescale[g]
+                                       : vec{};
+        for (int t = lo; t < hi; ++t) {
+          const float* value = page_values + (int64_t{t} * K + k) * D + c * W;
+          if (prefetch)
+            for (int f = 0; f < VC * W; f += 16)
+              __builtin_prefetch(next_values + (int64_t{t} * K + k) * D + c * W + f);
+          vec weight[G];
+          UNROLL for (int g = 0; g < G; ++g)
+            weight[g] = splat(any_visible[g] ? weights[g][t] : 0.f);
+          UNROLL for (int i = 0; i < VC; ++i) {
+            const vec v = load(value + i * W);
+            UNROLL for (int g = 0; g < G; ++g) acc[g][i] += weight[g] * v;
+          }
         }
+        UNROLL for (int g = 0; g < G; ++g)
+          UNROLL for (int i = 0; i < VC; ++i) store(out + g * D + (c + i) * W, acc[g][i]);
       }
-      for (int g = 0; g < G; ++g)
-        for (int i = 0; i < DT; ++i) store(out + g * D + i * W, acc[g][i]);
     }
   }
   return true;
