@@ -5,6 +5,7 @@ on its second pass, alternating which engine goes first, vLLM with prefix cachin
     python benchmarks/vs_vllm.py                     # both workloads + latency, 2 rounds
     python benchmarks/vs_vllm.py --scale 0.25 --rounds 1
     python benchmarks/vs_vllm.py --workload decode-heavy --skip-latency
+    python benchmarks/vs_vllm.py --workload latency      # the single stream only
     python benchmarks/vs_vllm.py --cpu-lock /tmp/cpu.lock   # queue with other jobs
 
 Workloads (prompts from throughput.py's corpus, token ids): decode-heavy = 128 prompts of
@@ -183,7 +184,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     """Prepare vLLM and the HF model, run the rounds, print and save the results."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all", "latency"], default="all",
+                        help="a throughput workload, all of them, or only the latency job")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the prompts")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds of every workload; engine order alternates per round")
@@ -202,6 +204,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parser.parse_args(argv)
     if not 0 < args.scale <= 1 or args.rounds < 1:
         parser.error("--scale must be in (0, 1] and --rounds >= 1")
+    if args.workload == "latency" and args.skip_latency:
+        parser.error("--workload latency runs only the latency job: drop --skip-latency")
 
     flags = cpu_flags()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
@@ -221,7 +225,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from pagedjax.loading import Tokenizer
 
     tokenizer = Tokenizer.from_hf_dir(model_dir)
-    workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    workloads = (list(WORKLOADS) if args.workload == "all" else
+                 [] if args.workload == "latency" else [args.workload])
     jobs = make_jobs(tokenizer, workloads, args.scale, not args.skip_latency, args.max_num_seqs,
                      kv_bytes_per_token(model_dir))
     engines = {"pagedjax": sys.executable}

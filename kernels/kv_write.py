@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 
 def write_kv(
@@ -17,6 +18,14 @@ def write_kv(
     page_size = v_cache.shape[2]
     pages = slot_mapping // page_size
     offsets = slot_mapping % page_size
+    if slot_mapping.shape[0] == 1:
+        # One token: XLA CPU turns a one-index scatter into a dynamic-update-slice under a
+        # select over the whole pool, copying the pool at every layer (seconds a step).
+        # A second write, to the null page's first slot (where padding writes), keeps it
+        # a scatter, done in place.
+        k, v = (jnp.concatenate([x, x]) for x in (k, v))
+        pages = jnp.concatenate([pages, jnp.zeros_like(pages)])
+        offsets = jnp.concatenate([offsets, jnp.zeros_like(offsets)])
     # Both index one [K, D] slot per token (the update is [T, K, D]); a key's slot is
     # strided across its page because keys are stored transposed.
     k_cache = k_cache.at[layer, pages, :, :, offsets].set(k.astype(k_cache.dtype),

@@ -24,6 +24,10 @@ class EngineConfig:
     decode row reads its context one page per loop step, so larger pages read it faster
     on CPU, for up to block_size - 1 unfilled slots per sequence; the Pallas GPU kernel
     takes one page per inner step.
+    `min_token_bucket` is the smallest step shape in tokens (None: the platform's, 1 on CPU,
+    16 elsewhere). On CPU a step's matmuls cost in proportion to its padded rows, so a
+    decode step of one sequence padded to 16 tokens took 2.6x as long as one of 1 token; an
+    accelerator reads the weights once for either, and fewer shapes compile fewer programs.
     `num_scheduler_steps` > 1 runs that many decode steps per device call when every
     scheduled sequence is decoding and needs no host work between tokens (multi_step.py):
     it pays where the host's per-step work is comparable to the device's, as on a GPU.
@@ -55,7 +59,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 512
-    min_token_bucket: int = 16
+    min_token_bucket: Optional[int] = None
     seed: int = 0
     attention_backend: str = "auto"
     num_scheduler_steps: int = 1
@@ -85,7 +89,8 @@ class EngineConfig:
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
-        _positive("min_token_bucket", self.min_token_bucket)
+        if self.min_token_bucket is not None:
+            _positive("min_token_bucket", self.min_token_bucket)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         _positive("num_scheduler_steps", self.num_scheduler_steps)

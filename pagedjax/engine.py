@@ -103,7 +103,8 @@ class Engine:
         self.buckets = Buckets.for_limits(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq,
-            min_token_bucket=config.min_token_bucket, static_samplers=platform != "cpu")
+            min_token_bucket=config.min_token_bucket or (1 if platform == "cpu" else 16),
+            static_samplers=platform != "cpu")
         # Weights handed in as host arrays are copied to the device anyway: on CPU, copy each
         # layer's matrices to their own arrays then, so no step copies them out of the stack.
         # Device arrays stay as they are (no copy of a caller's params). A sharded engine

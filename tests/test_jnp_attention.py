@@ -1,6 +1,7 @@
 """The jnp backend (kernels.jnp_attention) and the cache write against the dense oracle
 (kernels.dense_oracle); the native backend's tests run the same STEPS through check_step."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -132,3 +133,40 @@ def check_step(seqs, num_heads, num_kv_heads, window=None, soft_cap=None,
     for after, before in ((k_after, k_cache), (v_after, v_cache)):
         np.testing.assert_array_equal(after[0], before[0])
         np.testing.assert_array_equal(after[layer][untouched], before[layer][untouched])
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_write_kv_in_a_layer_loop_updates_the_pool_in_place(tokens):
+    """A one-token step (a decode of one sequence in the 1-token bucket) writes its slot
+    and copies no pool-sized array: XLA CPU once turned its one-index scatter into a
+    select over the whole pool, a copy at every layer."""
+    L, P, K, D, S = 3, 40, 2, 8, 4
+    k_cache = jnp.zeros((L, P, K, D, S))
+    v_cache = jnp.zeros((L, P, S, K, D))
+    k = jnp.arange(tokens * K * D, dtype=jnp.float32).reshape(tokens, K, D) + 1
+    slots = jnp.asarray([9 * S + 2, 0][:tokens], jnp.int32)  # page 9, offset 2; padding
+
+    def layers(k_cache, v_cache, k, slots):
+        def body(carry, layer):  # each layer reads its pages after the write, as attention
+            k_cache, v_cache, total = carry
+            k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, -k, slots)
+            total = total + k_cache[layer, 9].sum() + v_cache[layer, 9].sum()
+            return (k_cache, v_cache, total), None
+        return jax.lax.scan(body, (k_cache, v_cache, 0.0), jnp.arange(L))[0][:2]
+    program = jax.jit(layers, donate_argnums=(0, 1))
+    hlo = program.lower(k_cache, v_cache, k, slots).compile().as_text()
+    # Every pool-shaped result of the program is a scatter fusion: no copy, and no loop
+    # over the whole pool (XLA names a fusion after the ops it holds).
+    pools = (f"[{L},{P},{K},{D},{S}]", f"[{L},{P},{S},{K},{D}]")
+    pool_ops = [name.strip() for name, _, op in (line.partition(" = ") for line in
+                                                 hlo.splitlines())
+                if any(op.startswith(f"f32{pool}") for pool in pools)
+                and any(f" {kind}(" in op for kind in ("copy", "fusion"))]
+    assert pool_ops and all("scatter" in name for name in pool_ops), pool_ops
+    k_after, v_after = (np.array(x) for x in program(k_cache, v_cache, k, slots))
+    for layer in range(L):
+        np.testing.assert_array_equal(k_after[layer, 9, :, :, 2], np.asarray(k[0]))
+        np.testing.assert_array_equal(v_after[layer, 9, 2], -np.asarray(k[0]))
+    k_after[:, 9, :, :, 2] = 0
+    k_after[:, 0] = 0  # the null page takes padding's (and the one-token path's) write
+    assert not k_after.any()

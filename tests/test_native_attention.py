@@ -193,3 +193,17 @@ def test_engine_matches_reference_greedy_tokens(tiny_llama_dir, num_scheduler_st
     assert all(len(tokens) == 12 for tokens in results["reference"])
     assert results["native"] == results["reference"]
     assert calls  # the engine really ran the kernel
+
+
+@needs_compiler
+def test_one_token_steps_match_the_reference(tiny_llama_dir):
+    """CPU's default 1-token buckets: a sequence decoding alone runs 1-token steps (the
+    native kernel, the in-place 1-token KV write) and gives the reference backend's
+    tokens from its 16-token steps."""
+    reference = make_llm(tiny_llama_dir, attention_backend="reference")
+    want = reference.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    llm = make_llm(tiny_llama_dir, min_token_bucket=None)  # the platform's default
+    assert llm.engine.buckets.tokens[0] == 1
+    got = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    assert list(got[0].outputs[0].token_ids) == list(want[0].outputs[0].token_ids)
+    assert any(key.num_tokens == 1 for key in llm.engine.runner.compiled_keys)

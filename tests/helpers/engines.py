@@ -4,8 +4,10 @@ import dataclasses
 
 from pagedjax import LLM
 
+# 16-token smallest steps (the default on CPU is 1): fewer programs to compile per test;
+# tests of the 1-token shapes ask for them.
 TINY_ENGINE_SETTINGS = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64,
-                            block_size=4, num_blocks=128)
+                            block_size=4, num_blocks=128, min_token_bucket=16)
 
 
 # Structured-output tests (offline and served): one step shape, room for tool prompts.
