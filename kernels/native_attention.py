@@ -8,8 +8,9 @@ into a copy first (XLA CPU cannot feed a gather into a dot).
 
 The kernel is compiled per (query heads per KV head, head dim, page size) by
 `native_build`, so registers hold a page's scores and a row's outputs; `native_build`
-caches the library on disk. Float32 pools only; any head dim and page size (vectors of 16
-floats when both are multiples of 16, narrower ones otherwise).
+caches the library on disk. Float32 pools only; any head dim and page size (vectors of the
+machine's register width, 16 floats with AVX-512 and 8 with AVX2, when both are multiples
+of it; narrower ones otherwise).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def make_rows(group, head_dim, page_size, lens, *, num_kv_heads=3, layer=1, seed
             jnp.asarray(k_cache), jnp.asarray(v_cache))
 
 
-# SmolLM2's shapes (16-float vectors), Llama 3's, and odd ones (scalar lanes).
+# SmolLM2's shapes (register-wide vectors), Llama 3's, and odd ones (scalar lanes).
 @needs_compiler
 @pytest.mark.parametrize("group,head_dim,page_size", [(3, 64, 64), (4, 128, 16), (2, 5, 3)])
 @pytest.mark.parametrize("window,soft_cap", [(None, None), (70, None), (None, 30.0)])
