@@ -63,6 +63,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: the model's max_position_embeddings")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--min-token-bucket", type=int, default=None,
+                        help="smallest step shape in tokens (default: 1 on CPU, 16 elsewhere)")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--num-blocks", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0,
@@ -95,7 +97,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, block_size=args.block_size,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                num_blocks=args.num_blocks, seed=args.seed,
+                min_token_bucket=args.min_token_bucket, num_blocks=args.num_blocks, seed=args.seed,
                 num_scheduler_steps=args.num_scheduler_steps,
                 async_scheduling=args.async_scheduling,
                 enable_prefix_caching=args.enable_prefix_caching,

@@ -34,10 +34,12 @@ def test_engine_flags_reach_the_engine_config():
     from pagedjax.cli import _build_parser, _engine_kwargs
 
     args = _build_parser().parse_args(["serve", "--num-scheduler-steps", "8",
-                                       "--async-scheduling"])
+                                       "--async-scheduling", "--min-token-bucket", "16"])
     kwargs = _engine_kwargs(args)
     assert kwargs["num_scheduler_steps"] == 8 and kwargs["async_scheduling"] is True
-    assert _engine_kwargs(_build_parser().parse_args(["serve"]))["async_scheduling"] is False
+    assert kwargs["min_token_bucket"] == 16
+    defaults = _engine_kwargs(_build_parser().parse_args(["serve"]))
+    assert defaults["async_scheduling"] is False and defaults["min_token_bucket"] is None
 
 
 def test_prefix_caching_flags_on_both_commands():
