@@ -23,18 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pagedjax.kernels import native_attention
-from pagedjax.kernels.native_build import build_library
-
-
-def load_target(source: str, index: int, defines: dict[str, int]) -> str:
-    """Build `source` with `defines` and register it under a target name of its own."""
-    import ctypes
-
-    library = build_library(source, defines)
-    handler = getattr(ctypes.cdll.LoadLibrary(library), "PagedjaxDecodeAttention")
-    target = f"pagedjax_bench_decode_{index}"
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
-    return target
 
 
 def make_step(rows: int, num_kv_heads: int, group: int, head_dim: int, page_size: int,
@@ -78,7 +66,8 @@ def main():
 
     defines = {"GROUP": args.group, "HEAD_DIM": args.head_dim, "PAGE_SIZE": args.page_size}
     sources = [native_attention.SOURCE] + args.source
-    targets = [load_target(source, i, defines) for i, source in enumerate(sources)]
+    targets = [native_attention.register_kernel(source, defines, f"pagedjax_bench_decode_{i}")
+               for i, source in enumerate(sources)]
     q, tables, lens, k_cache, v_cache, nbytes = make_step(
         args.rows, args.kv_heads, args.group, args.head_dim, args.page_size, *args.context)
     partial = jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)

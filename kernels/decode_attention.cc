@@ -76,6 +76,7 @@ constexpr int KC = chunk_tiles(ST, G + 1);
 // Values: one value vector at a time, G broadcast weights.
 constexpr int VC = chunk_tiles(DT, G + 1);
 constexpr float kNegInf = -1e30f;  // the jnp backend's NEG_INF
+constexpr int kCacheLineFloats = 16;  // one prefetch per 64-byte line
 
 // Loops over registers' worth of accumulators are unrolled by force: a rolled loop
 // keeps its accumulator array on the stack, one store and reload per multiply-add.
@@ -193,7 +194,7 @@ bool attend_row(const Pools& pools, const Row& row, int max_pages, int32_t windo
         for (int d = 0; d < D; ++d) {
           const float* key_row = keys + d * S + c * W;
           if (prefetch)
-            for (int f = 0; f < KC * W; f += 16)
+            for (int f = 0; f < KC * W; f += kCacheLineFloats)
               __builtin_prefetch(next_keys + int64_t{k} * D * S + d * S + c * W + f);
           vec query[G];
           UNROLL for (int g = 0; g < G; ++g) query[g] = splat(q[g * D + d]);
@@ -249,7 +250,7 @@ bool attend_row(const Pools& pools, const Row& row, int max_pages, int32_t windo
         for (int t = lo; t < hi; ++t) {
           const float* value = page_values + (int64_t{t} * K + k) * D + c * W;
           if (prefetch)
-            for (int f = 0; f < VC * W; f += 16)
+            for (int f = 0; f < VC * W; f += kCacheLineFloats)
               __builtin_prefetch(next_values + (int64_t{t} * K + k) * D + c * W + f);
           vec weight[G];
           UNROLL for (int g = 0; g < G; ++g)

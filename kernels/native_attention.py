@@ -45,10 +45,15 @@ def unsupported_reason(group: int, head_dim: int, block_size: int, dtype) -> str
 def load_decode_attention(group: int, head_dim: int, page_size: int) -> str:
     """Build (or find cached), load and register the kernel for these shapes; returns its
     XLA FFI target name. Raises NativeBuildError when it cannot be built here."""
-    library = build_library(SOURCE, {"GROUP": group, "HEAD_DIM": head_dim,
-                                     "PAGE_SIZE": page_size})
-    handler = getattr(ctypes.cdll.LoadLibrary(library), _SYMBOL)
-    target = f"pagedjax_decode_attention_g{group}_d{head_dim}_s{page_size}"
+    return register_kernel(SOURCE, {"GROUP": group, "HEAD_DIM": head_dim,
+                                    "PAGE_SIZE": page_size},
+                           f"pagedjax_decode_attention_g{group}_d{head_dim}_s{page_size}")
+
+
+def register_kernel(source: str, defines: dict[str, int], target: str) -> str:
+    """Build `source` (a decode_attention.cc) with `defines`, load it and register its
+    handler as the XLA FFI target `target` (returned). Raises NativeBuildError."""
+    handler = getattr(ctypes.cdll.LoadLibrary(build_library(source, defines)), _SYMBOL)
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return target
 
