@@ -2,6 +2,7 @@
 
 from pagedjax.models.forward import forward
 
+from . import distributed
 from .api import EngineCache, clear_engine_cache, generate
 from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from .checkpoint import load_params, save_params
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = ["LLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence",
            "CompletionOutput", "EngineCache", "EngineConfig", "Logprob", "RequestMetrics",
            "RequestOutput", "Rollout", "SamplingParams", "StructuredOutputsParams",
-           "clear_engine_cache", "completion_logprobs", "forward", "generate", "load_params", "params_from_flax",
-           "rollout", "save_params"]
+           "clear_engine_cache", "completion_logprobs", "distributed", "forward", "generate",
+           "load_params", "params_from_flax", "rollout", "save_params"]

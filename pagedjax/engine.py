@@ -26,10 +26,10 @@ from .buckets import Buckets
 from .compile_cache import enable_compilation_cache
 from .config import EngineConfig
 from .decode_calls import DecodeCall, DecodeCallPipeline
+from .distributed import is_leader, plan_channel
 from .engine_stats import EngineStats, KVCacheStats, QueueStats
 from .grammar_bitmasks import GrammarBitmasks
 from .input_processor import InputProcessor
-from .kv_copy import copy_kv_blocks
 from .kv_pool import bytes_per_block, resolve_dtype, resolve_max_model_len, resolve_num_blocks
 from .mesh import engine_mesh
 from .output_processor import OutputProcessor
@@ -76,6 +76,11 @@ class Engine:
                                 config.mesh)
         self.layout = None if self.mesh is None else TensorParallelLayout(model_config,
                                                                           self.mesh)
+        # Several processes (distributed.py): process 0 schedules and sends each device
+        # operation to the others, which replay it.
+        self.plan_channel = plan_channel()
+        if self.plan_channel is not None:
+            _check_multi_process(config, self.mesh)
         self.step_config = model_config if self.layout is None else (
             self.layout.engine_model_config)
         self.attention_backend = resolve_attention_backend(
@@ -119,7 +124,8 @@ class Engine:
             None if self.layout is None else self.layout.kv_shardings())
         self.runner = ModelRunner(lambda p, s, kv, **kw: model.apply({"params": p}, s, kv, **kw),
                                   self.cast_params(params), kv_cache, self.max_pages_per_seq,
-                                  logprobs_mode=config.logprobs_mode, mesh=self.mesh)
+                                  logprobs_mode=config.logprobs_mode, mesh=self.mesh,
+                                  plan_channel=self.plan_channel)
         self.decode_calls = DecodeCallPipeline(
             self.scheduler, self.runner, num_scheduler_steps=config.num_scheduler_steps,
             async_scheduling=config.async_scheduling, max_model_len=self.max_model_len,
@@ -145,6 +151,7 @@ class Engine:
     def set_params(self, params: Any) -> None:
         """Swap in new weights (same shapes) without recompiling; no KV page computed with
         the old weights is found by the prefix cache again."""
+        self._check_single_process("update_params")
         check_params(params, self.model_config)
         self.runner.set_params(self.cast_params(params))
         if self.prefix_cache is not None:
@@ -153,6 +160,12 @@ class Engine:
     def reset_prefix_cache(self) -> None:
         """Forget every cached KV page (pages in use stay with their requests)."""
         self.block_manager.reset_prefix_cache()
+
+    def _check_single_process(self, what: str) -> None:
+        """Weights live in every process's own program, so process 0 cannot send them."""
+        if self.plan_channel is not None:
+            raise RuntimeError(f"{what}: not supported across processes yet (each process "
+                               f"would have to pass its weights together)")
 
     # ---- sleep (device memory back to a trainer) -----------------------------------
 
@@ -172,6 +185,7 @@ class Engine:
         self.block_manager.reset_prefix_cache()  # cached pages' contents go with the pool
         self.runner.free_kv_cache()
         if level == 2:
+            self._check_single_process("sleep(level=2)")
             self.runner.drop_params()
 
     def wake_up(self) -> None:
@@ -215,6 +229,9 @@ class Engine:
         """Queue a request built by `make_request` (FCFS). Raises EngineNotReady while
         the engine sleeps or has no weights."""
         self.check_ready()
+        if self.plan_channel is not None and not is_leader():
+            raise RuntimeError(f"process {jax.process_index()} follows process 0, which "
+                               f"takes every request: call pagedjax.distributed.follow(llm)")
         self.scheduler.add_request(request)
 
     def fork_request(self, parent: Request, extra_token_ids: Sequence[int],
@@ -338,7 +355,7 @@ class Engine:
     def _copy_pages(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write of shared pages (src, dst), before any step writes them."""
         if copies:
-            self.runner.kv_cache = copy_kv_blocks(self.runner.kv_cache, copies)
+            self.runner.copy_pages(copies)
             self.stats.num_block_copies += len(copies)
 
     # ---- compiling -----------------------------------------------------------------
@@ -383,3 +400,17 @@ class Engine:
         s = self.scheduler
         return QueueStats(num_running=s.num_running, num_waiting=s.num_waiting,
                           num_preemptions=s.num_preemptions)
+
+
+def _check_multi_process(config: EngineConfig, mesh: Any) -> None:
+    """What a run over several processes needs: a mesh over every process's devices (each
+    process runs every program) and plain steps (a chained decode call's input stays on
+    the devices, where process 0 cannot send it)."""
+    if mesh is None or mesh.devices.size != jax.device_count():
+        raise ValueError(f"tensor_parallel_size: a run over {jax.process_count()} processes "
+                         f"needs a mesh over all {jax.device_count()} devices, got "
+                         f"{1 if mesh is None else mesh.devices.size}")
+    if config.num_scheduler_steps != 1 or config.async_scheduling:
+        raise ValueError("num_scheduler_steps / async_scheduling: a run over several "
+                         "processes takes one step per program (num_scheduler_steps=1, "
+                         "async_scheduling=False)")

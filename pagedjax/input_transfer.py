@@ -65,4 +65,14 @@ def to_device(tree: Any, sharding: Any = None) -> Any:
     """`tree` (all leaves host arrays) on the default device (or whole on every device
     of a replicated `sharding`), in two transfers."""
     ints, floats, layout = pack(tree)
-    return unpack(jax.device_put(ints, sharding), jax.device_put(floats, sharding), layout)
+    return unpack(put(ints, sharding), put(floats, sharding), layout)
+
+
+def put(x: np.ndarray, sharding: Any = None) -> jax.Array:
+    """Host array `x` on the default device, or laid out on `sharding`. A sharding over
+    several processes' devices is filled by each process from its own copy: `device_put`
+    would first check that every process holds the same value, a collective of its own
+    that the other processes do not join."""
+    if sharding is None or sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])

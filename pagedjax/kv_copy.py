@@ -8,10 +8,12 @@ log2(max pairs) shapes.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
+
+from .input_transfer import put
 
 PAGE_AXIS = 1  # KV pools are [layers, pages, slots, kv_heads, head_dim]
 
@@ -39,10 +41,11 @@ def padded_pairs(pairs: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarr
     return src, dst
 
 
-def copy_kv_blocks(kv_cache, pairs: Sequence[tuple[int, int]]):
+def copy_kv_blocks(kv_cache, pairs: Sequence[tuple[int, int]], sharding: Any = None):
     """Return `kv_cache` with page `dst` := page `src` for every pair (the input cache is
-    donated). Destinations must be distinct and no destination may be a source."""
+    donated). Destinations must be distinct and no destination may be a source. `sharding`:
+    where the page numbers go (replicated over the pool's mesh; None: default device)."""
     if not pairs:
         return kv_cache
-    src, dst = padded_pairs(pairs)
+    src, dst = (put(pages, sharding) for pages in padded_pairs(pairs))
     return _copy_pages_donated(kv_cache, src, dst)

@@ -35,6 +35,7 @@ from pagedjax.models.params import expected_shapes
 from pagedjax.models.sharded_step import (K_POOL_SPEC, TP_AXIS, V_POOL_SPEC, is_vocab_parallel,
                                           tensor_parallel_size)
 
+from .input_transfer import put
 from .step_input import KVCache
 
 # leaf name -> the axis split over TP_AXIS (the leading layer axis L counted)
@@ -134,7 +135,7 @@ class TensorParallelLayout:
             x = np.asarray(x)
             if parts is not None:
                 x = shard_major_rows(x, parts, self.tp, np)
-            return jax.device_put(x.astype(dtype), target)
+            return put(x.astype(dtype), target)
         if parts is None:
             if x.dtype != dtype:
                 x = x.astype(dtype)

@@ -5,7 +5,9 @@ so compiles are counted exactly and `warmup()` can build them all up front. Para
 argument, not a constant, so swapping in new weights of the same shapes never recompiles.
 The KV pool is donated to every step and updated in place. On a mesh (tensor parallel),
 programs are compiled for the shardings the params and the pool have, and each step's
-input is put whole on every device.
+input is put whole on every device. Across processes (pagedjax/distributed.py), process
+0's runner sends each device operation through its `plan_channel` before running it, and the
+other processes' runners replay them (`replay_next`) in the same order.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .buckets import BucketKey
-from .input_transfer import to_device
+from .distributed import PlanChannel, is_leader
+from .input_transfer import put, to_device
+from .kv_copy import copy_kv_blocks
 from .multi_step import decode_steps
 from .sampler import StepLogprobs, compute_logprobs, sample, sample_with_logprobs
 from .step_input import KVCache, PenaltyTensors, SamplingTensors, StepInput
@@ -66,7 +70,8 @@ class ModelRunner:
     """Runs padded steps of one model over one KV pool; counts and times compiles."""
 
     def __init__(self, apply_fn: Callable, params: Any, kv_cache: KVCache, pages_per_seq: int,
-                 logprobs_mode: str = "raw_logprobs", mesh: Optional[Mesh] = None):
+                 logprobs_mode: str = "raw_logprobs", mesh: Optional[Mesh] = None,
+                 plan_channel: Optional[PlanChannel] = None):
         self.params = params  # None after drop_params (sleep level 2)
         self.pages_per_seq = pages_per_seq  # block-table width of every step
         self.kv_cache = kv_cache  # None after free_kv_cache (sleep)
@@ -83,6 +88,9 @@ class ModelRunner:
         # When a list, every program call appends its (key, input, prompt targets): a
         # benchmark replays a sample of them to learn how long the device was busy.
         self.call_log: Optional[list] = None
+        # Several processes: process 0 broadcasts each device operation through it before
+        # running it, the others receive and replay (None: one process).
+        self.plan_channel = plan_channel
 
         def step(params, kv_cache: KVCache, step_input: StepInput, prompt_targets,
                  with_logprobs: bool, with_prompt_logprobs: bool, sampler: str):
@@ -170,6 +178,7 @@ class ModelRunner:
 
     def free_kv_cache(self) -> None:
         """Delete the KV pool now (its memory goes back to the device)."""
+        self._mirror("free_kv_cache")
         if self.kv_cache is not None:
             jax.block_until_ready(self.kv_cache)  # no program still writes it
             for pool in self.kv_cache:
@@ -178,8 +187,36 @@ class ModelRunner:
 
     def allocate_kv_cache(self) -> None:
         """A zero-filled KV pool of the shapes the programs were compiled for."""
+        self._mirror("allocate_kv_cache")
         if self.kv_cache is None:
             self.kv_cache = KVCache(*(_zeros(s) for s in self.kv_spec))
+
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        """Copy KV pages (src, dst) in every layer, in place (copy-on-write)."""
+        self._mirror("copy_pages", copies)
+        self.kv_cache = copy_kv_blocks(self.kv_cache, copies, self.input_sharding)
+
+    def replay_next(self) -> bool:
+        """A process other than 0: run the next device operation process 0 sent; False
+        when it sent the end (distributed.shutdown)."""
+        message = self.plan_channel.receive()
+        if message is None:
+            return False
+        name, args = message
+        if name == "call":
+            self._call(*args)
+        elif name == "copy_pages":
+            self.copy_pages(*args)
+        elif name in ("free_kv_cache", "allocate_kv_cache"):
+            getattr(self, name)()
+        else:
+            raise RuntimeError(f"process 0 sent an unknown operation {name!r}")
+        return True
+
+    def _mirror(self, name: str, *args) -> None:
+        """Process 0 of several: send operation `name` to the others before running it."""
+        if self.plan_channel is not None and is_leader():
+            self.plan_channel.send((name, args))
 
     def execute(self, key: BucketKey, step_input: StepInput,
                 prompt_targets: Optional[np.ndarray] = None,
@@ -216,6 +253,7 @@ class ModelRunner:
         if self.params is None or self.kv_cache is None:
             raise RuntimeError("the runner has no weights or no KV pool (the engine sleeps)")
         self.compile(key)
+        self._mirror("call", key, step_input, prompt_targets)
         if self.call_log is not None:
             self.call_log.append((key, step_input, prompt_targets))
         step_input = _on_device(step_input, self.input_sharding)
@@ -223,7 +261,7 @@ class ModelRunner:
             tokens, self.kv_cache, next_input = self._compiled[key](
                 self.params, self.kv_cache, step_input)
             return tokens, next_input
-        targets = (jax.device_put(prompt_targets, self.input_sharding)
+        targets = (put(prompt_targets, self.input_sharding)
                    if key.with_prompt_logprobs else None)
         outputs, self.kv_cache = self._compiled[key](self.params, self.kv_cache, step_input,
                                                      targets)
