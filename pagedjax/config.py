@@ -47,8 +47,9 @@ class EngineConfig:
     `tensor_parallel_size` > 1 splits the model over that many devices (Megatron's
     layout, pagedjax/param_layout.py); `mesh` gives a `jax.sharding.Mesh` to run on
     instead, its "tp" axis the tensor-parallel one. `data_parallel_size` (vLLM's name)
-    must be 1 for now. Whether the devices exist is checked when the engine starts
-    (pagedjax/mesh.py).
+    runs that many replicas, each with its own KV pool and scheduler, on dp x tp devices
+    (or along a mesh's "dp" axis; pagedjax/data_parallel.py). Whether the devices exist
+    is checked when the engine starts (pagedjax/mesh.py).
     """
 
     dtype: str = "auto"

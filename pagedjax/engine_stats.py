@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -18,6 +19,20 @@ class KVCacheStats:
     cached_blocks: int = 0  # pages holding a prefix-cache key (free or in use)
     prefix_cache_queries: int = 0  # prompt tokens looked up, since the engine started
     prefix_cache_hits: int = 0  # of those, tokens found in the cache
+
+    @classmethod
+    def combined(cls, parts: list["KVCacheStats"]) -> "KVCacheStats":
+        """Several pools (data-parallel replicas) as one: sizes and counters added, usage
+        and waste over all of them (waste weighted by each pool's pages in use)."""
+        used = sum(p.used_blocks for p in parts)
+        usable = sum(p.num_blocks - 1 for p in parts)  # each pool keeps its null page
+        return cls(num_blocks=sum(p.num_blocks for p in parts), block_size=parts[0].block_size,
+                   used_blocks=used, usage=used / usable if usable else 0.0,
+                   waste=sum(p.waste * p.used_blocks for p in parts) / used if used else 0.0,
+                   bytes=sum(p.bytes for p in parts),
+                   cached_blocks=sum(p.cached_blocks for p in parts),
+                   prefix_cache_queries=sum(p.prefix_cache_queries for p in parts),
+                   prefix_cache_hits=sum(p.prefix_cache_hits for p in parts))
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -49,6 +64,14 @@ class EngineStats:
     max_seqs_in_step: int = 0
     peak_used_blocks: int = 0  # most KV pages in use at once (after a step's scheduling)
     num_block_copies: int = 0  # copy-on-write page copies (parallel sampling)
+
+    @classmethod
+    def combined(cls, parts: list["EngineStats"]) -> "EngineStats":
+        """Several engines' counters (data-parallel replicas) as one: counts added,
+        maxima the largest. A step of every replica counts once per replica."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: (max if name.startswith(("max_", "peak_")) else sum)(
+            getattr(p, name) for p in parts) for name in fields})
 
     @property
     def mean_waste(self) -> float:

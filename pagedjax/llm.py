@@ -9,7 +9,8 @@ from pagedjax.models import SUPPORTED_ARCHITECTURES, ModelConfig
 
 from .beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from .config import EngineConfig
-from .engine import Engine, KVCacheStats
+from .data_parallel import make_engine
+from .engine import KVCacheStats
 from .flax_params import params_from_flax
 from .input_processor import PromptType, as_prompt_list
 from .output_stream import OUTPUT_KINDS, OutputStream
@@ -29,8 +30,8 @@ class LLM:
     a hub id found in the local HF cache (or downloaded unless HF_HUB_OFFLINE is set), or
     None for the default SmolLM2-135M-Instruct GGUF. `revision` picks a hub id's branch,
     tag or commit (default: main). Use `LLM.from_params` to serve weights that already
-    live in memory. `tensor_parallel_size` / `mesh` split the model over devices
-    (EngineConfig).
+    live in memory. `tensor_parallel_size` / `mesh` split the model over devices and
+    `data_parallel_size` runs that many replicas side by side (EngineConfig).
     """
 
     def __init__(self, model: Optional[str] = None, *, revision: Optional[str] = None,
@@ -70,8 +71,8 @@ class LLM:
         self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         if self.tokenizer is None:
             raise ValueError("tokenizer: none was given and the model has none")
-        self.engine = Engine(model_config, params, self.tokenizer.eos_token_ids, engine_config,
-                             tokenizer=self.tokenizer)
+        self.engine = make_engine(model_config, params, self.tokenizer.eos_token_ids,
+                                  engine_config, tokenizer=self.tokenizer)
 
     @classmethod
     def from_params(cls, params: Any, config: ModelConfig, tokenizer: Any,

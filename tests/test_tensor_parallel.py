@@ -32,6 +32,8 @@ def test_tensor_parallel_on_eight_devices(tmp_path):
     assert "trainer-sharded params" in result.stdout
     assert "tp=2 gives tp=1's greedy tokens on" in result.stdout
     assert "bad meshes rejected" in result.stdout
+    assert "tp=3 gives tp=1's greedy tokens on the default model" in result.stdout
+    assert "dp=2 x tp=2 (sizes, and a (dp, tp) mesh): same greedy and seeded" in result.stdout
 
 
 @pytest.mark.parametrize("field, value", [("tensor_parallel_size", 0),

@@ -30,6 +30,6 @@ def token_ids(outputs):
 def one_step_shape(llm, tokens, seqs):
     """`llm` with every step padded to one bucket (`tokens` tokens, `seqs` sequences), so
     a test module compiles one plain program (and one with token bitmasks) in all."""
-    llm.engine.buckets = dataclasses.replace(llm.engine.buckets, tokens=(tokens,),
-                                             seqs=(seqs,))
+    for engine in getattr(llm.engine, "replicas", [llm.engine]):  # data parallel: each
+        engine.buckets = dataclasses.replace(engine.buckets, tokens=(tokens,), seqs=(seqs,))
     return llm

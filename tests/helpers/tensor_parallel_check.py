@@ -122,14 +122,54 @@ def check_validation(model_dir: str):
     for kwargs, field in ((dict(tensor_parallel_size=3), "tensor_parallel_size"),
                           (dict(tensor_parallel_size=16), "tensor_parallel_size"),
                           (dict(mesh=Mesh(np.array(jax.devices()[:4]).reshape(2, 2),
-                                          ("dp", "tp"))), "mesh")):
+                                          ("x", "tp"))), "mesh"),
+                          (dict(data_parallel_size=4, tensor_parallel_size=4),
+                           "data_parallel_size"),
+                          (dict(data_parallel_size=4, mesh=Mesh(
+                              np.array(jax.devices()[:4]).reshape(2, 2), ("dp", "tp"))),
+                           "data_parallel_size")):
         try:
             LLM(model_dir, **TINY_ENGINE_SETTINGS, **kwargs)
         except ValueError as error:
             assert field in str(error), error
         else:
             raise AssertionError(f"{kwargs} was accepted")
-    print("bad meshes rejected: heads not divisible, too many devices, a dp axis > 1")
+    print("bad meshes rejected: heads not divisible, too many devices, an unknown axis > 1, "
+          "dp x tp over the devices, dp unlike the mesh's")
+
+
+def check_data_parallel(model_dir: str, reference: LLM):
+    """dp=2 x tp=2 from the sizes, then from a user's (dp, tp) mesh on the other 4 devices:
+    tp=1's tokens, each replica on its own devices with its own pool."""
+    greedy, seeded = run(reference, GREEDY), run(reference, SEEDED)
+    by_sizes = engine(model_dir, 2, data_parallel_size=2)
+    mesh = Mesh(np.array(jax.devices()[4:]).reshape(2, 2), ("dp", "tp"))
+    by_mesh = engine(model_dir, mesh=mesh)
+    for llm, devices in ((by_sizes, jax.devices()[:4]), (by_mesh, jax.devices()[4:])):
+        replicas = llm.engine.replicas
+        assert len(replicas) == 2
+        assert run(llm, GREEDY) == greedy, "data-parallel greedy tokens differ"
+        assert run(llm, SEEDED) == seeded, "data-parallel seeded tokens differ"
+        pools = [replica.runner.kv_cache.k for replica in replicas]
+        assert [set(pool.devices()) for pool in pools] == [set(devices[:2]),
+                                                          set(devices[2:])]
+        # the router gave each replica one of the two prompts of each generate call
+        assert all(replica.stats.num_generated_tokens == 2 * 8 for replica in replicas)
+        stats = llm.kv_cache_stats()
+        assert stats.num_blocks == 2 * reference.kv_cache_stats().num_blocks
+    print("dp=2 x tp=2 (sizes, and a (dp, tp) mesh): same greedy and seeded tokens, a KV "
+          "pool and requests per replica")
+
+
+def check_default_model_tp3():
+    """SmolLM2-135M: 9 query / 3 KV heads and a vocabulary of 49,152 split over 3 devices."""
+    settings = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
+                    block_size=16, num_blocks=32, min_token_bucket=32)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    tokens = [token_ids(one_step_shape(LLM(None, tensor_parallel_size=tp, **settings), 32, 2)
+                        .generate(prompts, GREEDY, use_tqdm=False)) for tp in (1, 3)]
+    assert tokens[0] == tokens[1], tokens
+    print("tp=3 gives tp=1's greedy tokens on the default model (9 / 3 heads)")
 
 
 def main(work_dir: str) -> None:
@@ -138,8 +178,10 @@ def main(work_dir: str) -> None:
     other_dir = make_tiny_llama(f"{work_dir}/gqa_other", seed=1, **GQA)
     check_validation(model_dir)
     reference = check_same_tokens_and_sharded_state(model_dir)
+    check_data_parallel(model_dir, reference)
     check_trainer_sharded_params(model_dir, other_dir, reference)
     check_zoo_families(work_dir)
+    check_default_model_tp3()
 
 
 if __name__ == "__main__":
