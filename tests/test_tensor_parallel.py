@@ -1,4 +1,4 @@
-"""Tensor parallelism: the engine over a mesh of 8 forced CPU devices gives tp=1's tokens,
+"""Tensor and data parallelism: the engine over a mesh of 8 forced CPU devices gives tp=1's tokens,
 holds 1/tp of the KV pool and weights per device, and takes a trainer's sharded params
 without recompiling (tests/helpers/tensor_parallel_check.py, in a subprocess: the device
 count must be set before JAX starts); bad parallel options are ValueErrors naming the
@@ -30,7 +30,9 @@ def test_tensor_parallel_on_eight_devices(tmp_path):
     for tp in (2, 4, 8):
         assert f"tp={tp}: same greedy tokens" in result.stdout
     assert "trainer-sharded params" in result.stdout
-    assert "tp=2 gives tp=1's greedy tokens on" in result.stdout
+    assert "all-gather of the logits, nothing else" in result.stdout
+    assert "reference and pallas backends per shard" in result.stdout
+    assert "tp=2 gives tp=1's greedy tokens on every zoo family" in result.stdout
     assert "bad meshes rejected" in result.stdout
     assert "tp=3 gives tp=1's greedy tokens on the default model" in result.stdout
     assert "dp=2 x tp=2 (sizes, and a (dp, tp) mesh): same greedy and seeded" in result.stdout

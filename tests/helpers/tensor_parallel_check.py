@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pagedjax import LLM, SamplingParams
+from pagedjax.hlo_collectives import collectives
 from pagedjax.loading import load_model
 from tests.helpers.engines import TINY_ENGINE_SETTINGS, TINY_PROMPTS, one_step_shape, token_ids
 from tests.helpers.tiny_models import make_tiny_llama
@@ -20,10 +21,9 @@ from tests.helpers.tiny_zoo import VARIANTS, make_tiny_model
 # 8 query heads over 4 KV heads (head dim 8); a vocabulary tp=8 divides, so the embedding
 # and the LM head are split too.
 GQA = dict(num_attention_heads=8, num_kv_heads=4, vocab_size=512)
-# Families whose layers differ most from Llama's: q/k/v biases with a tied head; soft-caps,
-# sandwich norms and a per-layer window; learned positions, LayerNorm, a plain MLP and
-# OPT's projections around the layers.
-ZOO_FAMILIES = ("qwen2_bias_tied", "gemma2_softcap_window", "opt_project_in_out")
+# Every variant of the model zoo: biases, tied heads, q/k norms, soft-caps and windows,
+# fused projections, MQA (its one KV head copied), learned positions, OPT's projections.
+ZOO_FAMILIES = tuple(VARIANTS)
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 SEEDED = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, seed=7)
 
@@ -65,9 +65,25 @@ def check_same_tokens_and_sharded_state(model_dir: str):
         assert per_device_shapes(embed) == {(embed.shape[0] // tp, embed.shape[1])}
         if tp == 2:
             assert run(llm, SEEDED) == seeded, "seeded sampling differs at tp=2"
+            check_step_collectives(llm)
         print(f"tp={tp}: same greedy tokens, 1/{tp} of the KV pool and weights per device "
               f"({llm.engine.attention_backend} attention)")
     return reference
+
+
+def check_step_collectives(llm: LLM):
+    """The step program moves what the Megatron layout says and nothing else: per layer one
+    all-reduce of [T, E] after attention and one after the MLP, one for the embedding
+    lookup, one all-gather of the [B, V] logits (no weight, no KV pool gathered)."""
+    runner, config = llm.engine.runner, llm.engine.model_config
+    key = runner.compiled_keys[0]
+    found = collectives(runner.program_text(key))
+    assert found.pop("all-reduce") == [key.num_tokens * config.hidden_size * 4] * (
+        2 * config.num_layers + 1), "all-reduces"
+    assert found.pop("all-gather") == [key.num_seqs * config.vocab_size * 4], "all-gathers"
+    assert not found, f"unexpected collectives {found}"
+    print(f"tp=2 step: {2 * config.num_layers + 1} all-reduces of T x E and one all-gather "
+          f"of the logits, nothing else")
 
 
 def trainer_layout(params: dict, mesh: Mesh) -> dict:
@@ -110,12 +126,22 @@ def check_trainer_sharded_params(model_dir: str, other_dir: str, reference: LLM)
           "without a recompile, engine-layout leaves kept in place")
 
 
+def check_backends_per_shard(model_dir: str, reference: LLM):
+    """Every attention backend runs under shard_map on each device's own heads."""
+    greedy = run(reference, GREEDY)
+    for backend in ("reference", "pallas"):  # pallas: interpreted on CPU
+        llm = engine(model_dir, 2, attention_backend=backend)
+        assert llm.engine.attention_backend == backend
+        assert run(llm, GREEDY) == greedy, backend
+    print("tp=2 with the reference and pallas backends per shard: tp=1's greedy tokens")
+
+
 def check_zoo_families(work_dir: str):
     for name in ZOO_FAMILIES:
         architecture, overrides = VARIANTS[name]
         model_dir = make_tiny_model(f"{work_dir}/{name}", architecture, **overrides)
         assert run(engine(model_dir, 2), GREEDY) == run(engine(model_dir), GREEDY), name
-    print(f"tp=2 gives tp=1's greedy tokens on {', '.join(ZOO_FAMILIES)}")
+    print(f"tp=2 gives tp=1's greedy tokens on every zoo family: {', '.join(ZOO_FAMILIES)}")
 
 
 def check_validation(model_dir: str):
@@ -179,6 +205,7 @@ def main(work_dir: str) -> None:
     check_validation(model_dir)
     reference = check_same_tokens_and_sharded_state(model_dir)
     check_data_parallel(model_dir, reference)
+    check_backends_per_shard(model_dir, reference)
     check_trainer_sharded_params(model_dir, other_dir, reference)
     check_zoo_families(work_dir)
     check_default_model_tp3()
