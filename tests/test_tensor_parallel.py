@@ -1,6 +1,6 @@
-"""Tensor and data parallelism: the engine over a mesh of 8 forced CPU devices gives tp=1's tokens,
-holds 1/tp of the KV pool and weights per device, and takes a trainer's sharded params
-without recompiling (tests/helpers/tensor_parallel_check.py, in a subprocess: the device
+"""Tensor and data parallelism: the engine over a mesh of 8 forced CPU devices gives tp=1's
+tokens, holds 1/tp of the KV pool and weights per device, moves only the expected
+collectives, and takes a trainer's sharded params without recompiling (tests/helpers/tensor_parallel_check.py, in a subprocess: the device
 count must be set before JAX starts); bad parallel options are ValueErrors naming the
 option."""
 
