@@ -50,10 +50,12 @@ def load_decode_attention(group: int, head_dim: int, page_size: int) -> str:
                            f"pagedjax_decode_attention_g{group}_d{head_dim}_s{page_size}")
 
 
-def register_kernel(source: str, defines: dict[str, int], target: str) -> str:
-    """Build `source` (a decode_attention.cc) with `defines`, load it and register its
-    handler as the XLA FFI target `target` (returned). Raises NativeBuildError."""
-    handler = getattr(ctypes.cdll.LoadLibrary(build_library(source, defines)), _SYMBOL)
+def register_kernel(source: str, defines: dict[str, int], target: str,
+                    symbol: str = _SYMBOL) -> str:
+    """Build `source` (a decode_attention.cc, or another kernel exporting `symbol`) with
+    `defines`, load it and register its handler as the XLA FFI target `target`
+    (returned). Raises NativeBuildError."""
+    handler = getattr(ctypes.cdll.LoadLibrary(build_library(source, defines)), symbol)
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return target
 

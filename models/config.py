@@ -86,6 +86,9 @@ class ModelConfig:
     # (wqkv, w_gate_up and their biases) come in this many shard-major blocks, one per
     # tensor-parallel device ([q_s, k_s, v_s], [gate_s, up_s]); 1 is the natural layout.
     fused_shards: int = 1
+    # Set by the engine only (CPU, one device, float32): float32 products of 2 to this many
+    # rows run in the small-matmul kernel (kernels/small_matmul.py); 0 never.
+    small_matmul_rows: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -136,6 +139,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.fused_shards must be a positive int dividing "
                              f"num_heads, num_kv_heads and intermediate_size, got "
                              f"{self.fused_shards!r}")
+        rows = self.small_matmul_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"ModelConfig.small_matmul_rows must be an int >= 0, got "
+                             f"{self.small_matmul_rows!r}")
 
     @property
     def o_bias(self) -> bool:

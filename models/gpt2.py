@@ -44,7 +44,7 @@ def hidden_states(params: dict, config: ModelConfig, input_ids: jax.Array,
     c = config
     x = jnp.take(params["embed"], input_ids, axis=0)  # [T, W]
     if c.embed_dim is not None:
-        x = linear(x, params["proj_in"])
+        x = linear(x, params["proj_in"], small_rows=c.small_matmul_rows)
     x = x + jnp.take(params["pos_embed"], positions + c.position_offset, axis=0)
     layer_fn = functools.partial(decoder_layer, attend=attend, config=c)
     x, kv, _ = scan_layers(layer_fn, params["layers"], (x, kv, jnp.int32(0)))
@@ -58,7 +58,7 @@ def output_logits(params: dict, config: ModelConfig, h: jax.Array) -> jax.Array:
     if c.final_norm:
         h = norm(h, params, "final_norm", c)
     if c.embed_dim is not None:
-        h = linear(h, params["proj_out"])
+        h = linear(h, params["proj_out"], small_rows=c.small_matmul_rows)
     return lm_logits(h, params["embed"] if c.tie_word_embeddings else params["lm_head"], c)
 
 

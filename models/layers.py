@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pagedjax.kernels import small_matmul
+
 from .config import ModelConfig
 
 
@@ -30,17 +32,26 @@ class LayerMatrix:
     index: jax.Array  # [] int32, the layer
 
 
-def linear(x: jax.Array, w: jax.Array | LayerMatrix, b: jax.Array | None = None) -> jax.Array:
-    """x @ w.T (+ b) for weights stored [out, in].  x: [..., in], w: [out, in]."""
+def linear(x: jax.Array, w: jax.Array | LayerMatrix, b: jax.Array | None = None,
+           small_rows: int = 0) -> jax.Array:
+    """x @ w.T (+ b) for weights stored [out, in].  x: [..., in], w: [out, in]. Float32
+    products of MIN_ROWS..`small_rows` rows run in the CPU small-matmul kernel
+    (ModelConfig.small_matmul_rows; 0: never)."""
+    matmul = functools.partial(_matmul_transposed, small_rows=small_rows)
     if isinstance(w, LayerMatrix):
-        y = jax.lax.switch(w.index, [functools.partial(_matmul_transposed, w=m)
-                                     for m in w.matrices], x)
+        y = jax.lax.switch(w.index, [functools.partial(matmul, w=m) for m in w.matrices], x)
     else:
-        y = _matmul_transposed(x, w)
+        y = matmul(x, w)
     return y if b is None else y + b
 
 
-def _matmul_transposed(x: jax.Array, w: jax.Array) -> jax.Array:  # x [..., in], w [out, in]
+def _matmul_transposed(x: jax.Array, w: jax.Array,  # x [..., in], w [out, in]
+                       small_rows: int = 0) -> jax.Array:
+    rows = math.prod(x.shape[:-1])
+    if (small_matmul.MIN_ROWS <= rows <= small_rows and x.dtype == jnp.float32
+            and w.dtype == jnp.float32):
+        y = small_matmul.small_matmul(x.reshape(rows, x.shape[-1]), w)
+        return y.reshape(*x.shape[:-1], w.shape[0])
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
 
 
@@ -144,15 +155,17 @@ def norm(x: jax.Array, p: dict, name: str, config: ModelConfig) -> jax.Array:
 def mlp(x: jax.Array, p: dict, config: ModelConfig) -> jax.Array:
     """Gated (down(act(gate) * up)) or plain (down(act(up))) MLP, biases when configured."""
     if config.gated_mlp:
-        gate_up = linear(x, p["w_gate_up"], p.get("b_gate_up"))  # [..., 2F]
+        gate_up = linear(x, p["w_gate_up"], p.get("b_gate_up"),
+                         config.small_matmul_rows)  # [..., 2F]
         # rows [gate_s, up_s] per shard s (config.fused_shards; one shard: [gate, up])
         gate_up = gate_up.reshape(*gate_up.shape[:-1], config.fused_shards, -1)
         gate, up = jnp.split(gate_up, 2, axis=-1)
         hidden = activation(gate, config.hidden_act) * up
         hidden = hidden.reshape(*hidden.shape[:-2], -1)  # [..., F]
     else:
-        hidden = activation(linear(x, p["w_up"], p.get("b_up")), config.hidden_act)
-    return linear(hidden, p["w_down"], p.get("b_down"))
+        hidden = activation(linear(x, p["w_up"], p.get("b_up"), config.small_matmul_rows),
+                            config.hidden_act)
+    return linear(hidden, p["w_down"], p.get("b_down"), config.small_matmul_rows)
 
 
 # An attention core: (q [T, H, D], k [T, K, D], v [T, K, D], kv, layer [] int32,
@@ -170,7 +183,8 @@ def attention_qkv(x: jax.Array, p: dict, config: ModelConfig, cos: jax.Array | N
     n = c.fused_shards
     H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
     T = x.shape[0]
-    qkv = linear(x, p["wqkv"], p.get("bqkv")).reshape(T, n, -1)  # [T, n, (H + 2K) / n * D]
+    qkv = linear(x, p["wqkv"], p.get("bqkv"), c.small_matmul_rows)
+    qkv = qkv.reshape(T, n, -1)  # [T, n, (H + 2K) / n * D]
     q = qkv[..., : H // n * D].reshape(T, H, D)
     k = qkv[..., H // n * D: (H + K) // n * D].reshape(T, K, D)
     v = qkv[..., (H + K) // n * D:].reshape(T, K, D)
@@ -192,7 +206,7 @@ def self_attention(x: jax.Array, p: dict, config: ModelConfig, attend: Attention
     T = x.shape[0]
     q, k, v = attention_qkv(x, p, config, cos, sin)
     out, kv = attend(q, k, v, kv, layer, window_flag)
-    return linear(out.reshape(T, -1), p["wo"], p.get("bo")), kv
+    return linear(out.reshape(T, -1), p["wo"], p.get("bo"), config.small_matmul_rows), kv
 
 
 def layer_window(run: Callable, config: ModelConfig, window_flag: jax.Array | None):
@@ -251,7 +265,7 @@ def window_flags(config: ModelConfig) -> jax.Array | None:
 
 def lm_logits(x: jax.Array, lm_head: jax.Array, config: ModelConfig) -> jax.Array:
     """float32 logits [N, V] of final hidden states x [N, W] (final soft-cap applied)."""
-    logits = linear(x, lm_head).astype(jnp.float32)
+    logits = linear(x, lm_head, small_rows=config.small_matmul_rows).astype(jnp.float32)
     cap = config.final_logit_softcap
     if cap:
         logits = cap * jnp.tanh(logits / cap)

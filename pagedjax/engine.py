@@ -9,6 +9,7 @@ output_processor; decode calls that chain several steps are decode_calls'.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from pagedjax.kernels import resolve_attention_backend
+from pagedjax.kernels import resolve_attention_backend, small_matmul
 from pagedjax.models import ModelConfig, build_model, check_params, split_layer_matrices
 
 from .batching import build_prompt_targets, build_step_input
@@ -87,6 +88,12 @@ class Engine:
             config.attention_backend, platform, head_dim=model_config.head_dim,
             block_size=config.block_size, dtype=self.dtype,
             group=model_config.num_heads // self.step_config.num_kv_heads)
+        if (self.attention_backend == "native" and self.layout is None
+                and small_matmul.unsupported_reason(platform, self.dtype) is None):
+            # Products of a few rows (decode steps of a few sequences) in the CPU kernel
+            # that reads each weight once; "reference" stays pure XLA.
+            self.step_config = dataclasses.replace(self.step_config,
+                                                   small_matmul_rows=small_matmul.MAX_ROWS)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = resolve_max_model_len(config, model_config)
         self.max_pages_per_seq = math.ceil(self.max_model_len / config.block_size)

@@ -1,0 +1,79 @@
+"""The small-row CPU matmul kernel: products against numpy (row and column tails), its
+gradient, where `linear` calls it, and the engine turning it on with the native backend."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pagedjax.kernels import native_build, small_matmul as small_matmul_module
+from pagedjax.kernels.small_matmul import small_matmul
+from pagedjax.models.layers import LayerMatrix, linear
+
+needs_compiler = pytest.mark.skipif(native_build.find_compiler() is None,
+                                    reason="no C++ compiler on this machine")
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+@pytest.mark.parametrize("out_features,in_features", [(130, 13), (64, 576), (5, 8)])
+def test_products_match_numpy(rows, out_features, in_features):
+    """Odd output counts (not a multiple of the 4 rows read together nor of the 64-row
+    blocks), input lengths with a scalar tail, and an odd number of x rows."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, in_features)).astype(np.float32)
+    w = rng.standard_normal((out_features, in_features)).astype(np.float32)
+    got = np.asarray(jax.jit(small_matmul)(x, w))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w.T.astype(np.float64),
+                               rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
+def test_gradient_is_the_dots_gradient():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((40, 24)), jnp.float32)
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(jnp.sin(fn(x, w)))
+    got = jax.grad(loss(small_matmul), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(lambda x, w: x @ w.T), argnums=(0, 1))(x, w)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_linear_calls_the_kernel_up_to_small_rows():
+    """Inputs of 2 to `small_rows` rows (leading dims flattened) go to the kernel, others
+    (and small_rows=0) to XLA's dot; per-layer matrices too, with the bias added."""
+    w = jnp.ones((16, 8), jnp.float32)
+    b = jnp.arange(16, dtype=jnp.float32)
+
+    def uses_kernel(x, weight, small_rows):
+        hlo = jax.jit(lambda x: linear(x, weight, b, small_rows)).lower(x).as_text()
+        return "pagedjax_small_matmul" in hlo
+    assert uses_kernel(jnp.ones((2, 2, 8)), w, 4)
+    assert not uses_kernel(jnp.ones((5, 8)), w, 4)
+    assert not uses_kernel(jnp.ones((1, 8)), w, 4)  # one row: XLA's own dot is as fast
+    assert not uses_kernel(jnp.ones((2, 8)), w, 0)
+    per_layer = LayerMatrix((w, 2 * w), jnp.int32(1))
+    assert uses_kernel(jnp.ones((3, 8)), per_layer, 8)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 8)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(linear(x, per_layer, b, 8)),
+                               np.asarray(x @ (2 * w).T + b), rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_engine_turns_it_on_with_the_native_backend(tiny_llama_dir):
+    from pagedjax import SamplingParams
+    from tests.helpers.engines import make_llm, token_ids
+
+    native = make_llm(tiny_llama_dir, attention_backend="native")
+    reference = make_llm(tiny_llama_dir, attention_backend="reference")
+    assert native.engine.step_config.small_matmul_rows == small_matmul_module.MAX_ROWS
+    assert reference.engine.step_config.small_matmul_rows == 0
+    assert native.engine.model_config.small_matmul_rows == 0  # the user's config untouched
+    prompts = [[5, 17, 42, 99, 7, 3, 250], [8, 9, 10, 11, 12], [3, 4]]  # 3 rows: the kernel
+    greedy = SamplingParams(max_tokens=6, temperature=0.0)
+    assert token_ids(native.generate(prompts, greedy, use_tqdm=False)) == token_ids(
+        reference.generate(prompts, greedy, use_tqdm=False))
