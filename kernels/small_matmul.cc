@@ -29,6 +29,7 @@ constexpr int W = 4;
 constexpr int kOutputs = 4;      // weight rows read side by side
 constexpr int kRowsAtOnce = 2;   // x rows per pass over those weight rows (registers)
 constexpr int kBlock = 64;       // output rows a thread claims at a time
+constexpr int64_t kMinParallelWork = int64_t{1} << 20;  // multiply-adds
 
 typedef float vec __attribute__((vector_size(4 * W)));
 typedef float unaligned_vec __attribute__((vector_size(4 * W), aligned(4)));
@@ -108,7 +109,12 @@ static ffi::Error SmallMatmul(ffi::ThreadPool thread_pool,
       shared.finished.fetch_add(1);
     }
   };
-  const int64_t helpers = std::min<int64_t>(thread_pool.num_threads(), blocks) - 1;
+  // Small products run on the calling thread alone: handing blocks to the pool costs
+  // more than they take, and waiting on a helper the OS has descheduled (cores shared
+  // with other processes) costs a time slice.
+  const int64_t helpers = R * I * O < kMinParallelWork
+                              ? 0
+                              : std::min<int64_t>(thread_pool.num_threads(), blocks) - 1;
   for (int64_t i = 0; i < helpers; ++i)
     thread_pool.Schedule([work, run_blocks]() { run_blocks(*work); });
   run_blocks(*work);

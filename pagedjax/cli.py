@@ -90,7 +90,14 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="split the model over this many devices (heads, MLP, vocabulary)")
     parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
-                        help="engine replicas (only 1 for now)")
+                        help="engine replicas, each on its own tensor-parallel devices")
+    parser.add_argument("--coordinator-address", default=None,
+                        help="multi-host: HOST:PORT of process 0, where every process meets "
+                             "(jax.distributed); process 0 schedules, the others follow")
+    parser.add_argument("--num-processes", type=int, default=None,
+                        help="multi-host: how many processes (hosts) run this command")
+    parser.add_argument("--process-id", type=int, default=None,
+                        help="multi-host: this process's rank, 0 to num-processes - 1")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -107,9 +114,39 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 data_parallel_size=args.data_parallel_size)
 
 
+def _start_distributed(args: argparse.Namespace) -> bool:
+    """Join the other processes when the multi-host options are given; True then."""
+    if args.coordinator_address is None and args.num_processes is None:
+        return False
+    from pagedjax import distributed
+
+    distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
+                           process_id=args.process_id)
+    return True
+
+
+def _lead_or_follow(llm, lead, warmup: bool = False) -> int:
+    """Process 0 (or a single process): run `lead()`, then release the others; the others
+    replay process 0's device operations until then (compiling every program first with
+    `warmup`, as process 0's server does, so no step waits on a follower's compile)."""
+    from pagedjax import distributed
+
+    if not distributed.is_leader():
+        if warmup:
+            llm.warmup()
+        distributed.follow(llm)
+        return 0
+    try:
+        return lead()
+    finally:
+        distributed.shutdown(llm)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pagedjax import LLM
     from pagedjax.server import ServerConfig, serve
+
+    _start_distributed(args)
 
     config = ServerConfig(max_sequences_per_request=args.max_sequences_per_request,
                           request_read_timeout_s=args.request_read_timeout,
@@ -118,19 +155,27 @@ def _serve(args: argparse.Namespace) -> int:
                           trust_request_chat_template=args.trust_request_chat_template,
                           enable_control_endpoints=args.enable_control_endpoints)
     llm = LLM(args.model, revision=args.revision, **_engine_kwargs(args))
-    return serve(llm, host=args.host, port=args.port, warmup=not args.no_warmup,
-                 served_model_names=args.served_model_name or (), api_key=args.api_key,
-                 chat_template=args.chat_template, config=config)
+    return _lead_or_follow(llm, lambda: serve(
+        llm, host=args.host, port=args.port, warmup=not args.no_warmup,
+        served_model_names=args.served_model_name or (), api_key=args.api_key,
+        chat_template=args.chat_template, config=config), warmup=not args.no_warmup)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pagedjax import LLM, SamplingParams
+    from pagedjax import LLM
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k)
+    _start_distributed(args)
     load_start = time.perf_counter()
     llm = LLM(args.model, revision=args.revision, **_engine_kwargs(args))
     load_seconds = time.perf_counter() - load_start
+    return _lead_or_follow(llm, lambda: _generate_and_print(args, llm, load_seconds))
+
+
+def _generate_and_print(args: argparse.Namespace, llm, load_seconds: float) -> int:
+    from pagedjax import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k)
     start = time.perf_counter()
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
