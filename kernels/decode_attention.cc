@@ -280,6 +280,10 @@ struct SharedWork {
 
 }  // namespace
 
+// Multiply-adds (context tokens x query heads x head dim) below which a call stays on
+// the calling thread.
+constexpr int64_t kMinParallelWork = int64_t{1} << 20;
+
 static ffi::Error DecodeAttention(ffi::ThreadPool thread_pool,
                                   ffi::Buffer<ffi::F32> q,             // [R, K, G, D]
                                   ffi::Buffer<ffi::F32> key_cache,     // [L, P, K, D, S]
@@ -341,7 +345,14 @@ static ffi::Error DecodeAttention(ffi::ThreadPool thread_pool,
       shared.finished.fetch_add(1);
     }
   };
-  const int64_t helpers = std::min<int64_t>(thread_pool.num_threads(), R) - 1;
+  // A small step runs on the calling thread alone: handing rows to the pool costs more
+  // than they take, and waiting on a helper the OS has descheduled (cores shared with
+  // other processes) costs a time slice.
+  int64_t context_tokens = 0;
+  for (int64_t r = 0; r < R; ++r) context_tokens += len_data[r];
+  const int64_t helpers = context_tokens * heads * D < kMinParallelWork
+                              ? 0
+                              : std::min<int64_t>(thread_pool.num_threads(), R) - 1;
   for (int64_t i = 0; i < helpers; ++i)
     thread_pool.Schedule([work, run_rows]() { run_rows(*work); });
   run_rows(*work);
