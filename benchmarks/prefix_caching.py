@@ -2,6 +2,7 @@
 
     python benchmarks/prefix_caching.py                 # every workload, 2 rounds
     python benchmarks/prefix_caching.py --workload system-prompt --rounds 1
+    python benchmarks/prefix_caching.py --workload multi-turn --block-size 16
 
 Workloads (greedy, EOS ignored): system-prompt = 64 requests sharing a ~600-token system
 prompt with distinct ~30-token questions, 32 new tokens each; multi-turn = 8 conversations
@@ -107,12 +108,16 @@ def main() -> None:
                                  "no-sharing"])
     parser.add_argument("--rounds", type=int, default=2, help="alternated on/off pairs")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the requests")
+    parser.add_argument("--block-size", type=int, default=64,
+                        help="KV page size: the cache's granularity (a prompt's partial last "
+                             "page is always recomputed)")
     args = parser.parse_args()
 
     from pagedjax import LLM
 
     engines = {flag: LLM(max_model_len=2048, max_num_seqs=128, enable_prefix_caching=flag,
-                         kv_cache_memory_bytes=2 << 30) for flag in (False, True)}
+                         kv_cache_memory_bytes=2 << 30, block_size=args.block_size)
+               for flag in (False, True)}
     workloads = (["system-prompt", "multi-turn", "parallel", "no-sharing"]
                  if args.workload == "all" else [args.workload])
     for workload in workloads:
