@@ -183,6 +183,8 @@ class Engine:
         if isinstance(level, bool) or level not in (1, 2):
             raise ValueError(f"level must be 1 (KV pool) or 2 (KV pool and weights), "
                              f"got {level!r}")
+        if level == 2:
+            self._check_single_process("sleep(level=2)")
         if self.has_unfinished_requests() or self.block_manager.num_used_blocks:
             raise RuntimeError(
                 f"sleep: {self.scheduler.num_running + self.scheduler.num_waiting} requests "
@@ -192,7 +194,6 @@ class Engine:
         self.block_manager.reset_prefix_cache()  # cached pages' contents go with the pool
         self.runner.free_kv_cache()
         if level == 2:
-            self._check_single_process("sleep(level=2)")
             self.runner.drop_params()
 
     def wake_up(self) -> None:

@@ -35,6 +35,12 @@ def main(rank: int, port: int, model_dir: str, out_path: str) -> None:
     if rank == 0:
         results = {name: completions(llm.generate(TINY_PROMPTS, params, use_tqdm=False))
                    for name, params in MULTIHOST_SAMPLING.items()}
+        try:  # each process holds its own weights: a swap is refused, not half done
+            llm.engine.set_params(None)
+        except RuntimeError as error:
+            assert "not supported across processes" in str(error), error
+        else:
+            raise AssertionError("a weight swap across processes was accepted")
         pagedjax.distributed.shutdown(llm)
         shards = llm.engine.runner.kv_cache.k.addressable_shards
         results["local_kv_shards"] = len(shards)
