@@ -114,15 +114,14 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 data_parallel_size=args.data_parallel_size)
 
 
-def _start_distributed(args: argparse.Namespace) -> bool:
-    """Join the other processes when the multi-host options are given; True then."""
+def _start_distributed(args: argparse.Namespace) -> None:
+    """Join the other processes when the multi-host options are given."""
     if args.coordinator_address is None and args.num_processes is None:
-        return False
+        return
     from pagedjax import distributed
 
     distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
                            process_id=args.process_id)
-    return True
 
 
 def _lead_or_follow(llm, lead, warmup: bool = False) -> int:

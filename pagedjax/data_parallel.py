@@ -75,9 +75,10 @@ class DataParallelEngine:
     def make_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams,
                      prompt: Optional[str] = None,
                      request_id: Optional[str] = None) -> Request:
-        """Validate a prompt and build its Request (Engine.make_request)."""
-        return self.input_processor.make_request(prompt_token_ids, sampling_params,
-                                                 prompt=prompt, request_id=request_id)
+        """Validate a prompt and build its Request: replica 0's Engine.make_request, whose
+        input processor names and seeds every replica's requests."""
+        return self.replicas[0].make_request(prompt_token_ids, sampling_params,
+                                             prompt=prompt, request_id=request_id)
 
     def add_request(self, request: Request) -> None:
         """Queue `request` on the replica with the fewest unfinished requests (the lowest
