@@ -23,9 +23,9 @@
 #include <memory>
 #include <numeric>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "parallel_items.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -268,21 +268,7 @@ bool attend_row(const Pools& pools, const Row& row, int max_pages, int32_t windo
   return true;
 }
 
-// Work shared by the calling thread and the pool's threads: rows are claimed one at a
-// time, longest first. Tasks the pool starts after every row is claimed find nothing and
-// return; the state is shared so such a late task never reads a freed stack frame.
-struct SharedWork {
-  std::vector<int> order;
-  std::atomic<int> next{0};
-  std::atomic<int> finished{0};
-  std::atomic<bool> bad_page{false};
-};
-
 }  // namespace
-
-// Multiply-adds (context tokens x query heads x head dim) below which a call stays on
-// the calling thread.
-constexpr int64_t kMinParallelWork = int64_t{1} << 20;
 
 static ffi::Error DecodeAttention(ffi::ThreadPool thread_pool,
                                   ffi::Buffer<ffi::F32> q,             // [R, K, G, D]
@@ -321,11 +307,12 @@ static ffi::Error DecodeAttention(ffi::ThreadPool thread_pool,
   const int max_pages = static_cast<int>(td[1]);
   const int32_t* len_data = lens.typed_data();
 
-  auto work = std::make_shared<SharedWork>();
-  work->order.resize(R);
-  std::iota(work->order.begin(), work->order.end(), 0);
-  std::stable_sort(work->order.begin(), work->order.end(),
+  // Rows longest first, so that the last ones claimed are the short ones.
+  auto order = std::make_shared<std::vector<int>>(R);
+  std::iota(order->begin(), order->end(), 0);
+  std::stable_sort(order->begin(), order->end(),
                    [&](int a, int b) { return len_data[a] > len_data[b]; });
+  auto bad_page = std::make_shared<std::atomic<bool>>(false);
   const float* q_data = q.typed_data();
   const int32_t* table_data = tables.typed_data();
   const int32_t* position_data = positions.typed_data();
@@ -333,31 +320,16 @@ static ffi::Error DecodeAttention(ffi::ThreadPool thread_pool,
   float* total_data = total_out->typed_data();
   float* out_data = out->typed_data();
   const int64_t heads = K * G;
-  // Runs on the calling thread and on pool threads; only reads the operands while it
-  // holds an unfinished row, and the caller waits for every row to finish.
-  auto run_rows = [=](SharedWork& shared) {
-    for (int i; (i = shared.next.fetch_add(1)) < R;) {
-      const int r = shared.order[i];
-      const Row row{q_data + r * heads * D, table_data + r * max_pages, len_data[r],
-                    position_data[r], max_data + r * heads, total_data + r * heads,
-                    out_data + r * heads * D};
-      if (!attend_row(pools, row, max_pages, window, soft_cap)) shared.bad_page = true;
-      shared.finished.fetch_add(1);
-    }
-  };
-  // A small step runs on the calling thread alone: handing rows to the pool costs more
-  // than they take, and waiting on a helper the OS has descheduled (cores shared with
-  // other processes) costs a time slice.
   int64_t context_tokens = 0;
   for (int64_t r = 0; r < R; ++r) context_tokens += len_data[r];
-  const int64_t helpers = context_tokens * heads * D < kMinParallelWork
-                              ? 0
-                              : std::min<int64_t>(thread_pool.num_threads(), R) - 1;
-  for (int64_t i = 0; i < helpers; ++i)
-    thread_pool.Schedule([work, run_rows]() { run_rows(*work); });
-  run_rows(*work);
-  while (work->finished.load() < R) std::this_thread::yield();
-  if (work->bad_page)
+  pagedjax::run_items(thread_pool, R, context_tokens * heads * D, [=](int64_t i) {
+    const int r = (*order)[i];
+    const Row row{q_data + r * heads * D, table_data + r * max_pages, len_data[r],
+                  position_data[r], max_data + r * heads, total_data + r * heads,
+                  out_data + r * heads * D};
+    if (!attend_row(pools, row, max_pages, window, soft_cap)) *bad_page = true;
+  });
+  if (*bad_page)
     return ffi::Error::InvalidArgument("decode attention: a block table names a page "
                                        "outside the KV pool");
   return ffi::Error::Success();

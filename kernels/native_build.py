@@ -3,7 +3,8 @@
 A kernel is compiled by the system C++ compiler (`CXX`, else `c++`, `g++`, `clang++`)
 against the XLA FFI headers of the installed jaxlib, with the model's shape constants as
 -D flags and `-march=native`, into `~/.cache/pagedjax/native/<key>/` (`PAGEDJAX_NATIVE_DIR`
-moves it). The key hashes everything the binary depends on: the source, the defines, the
+moves it). The key hashes everything the binary depends on: the source and the headers beside
+it, the defines, the
 compiler's version, jaxlib's version and the CPU's feature flags, so a shared home
 directory never hands one machine another's instructions. A build takes a few seconds,
 once; later processes load the cached library.
@@ -52,10 +53,8 @@ def build_library(source: str, defines: dict[str, int]) -> str:
         raise NativeBuildError("no C++ compiler found (install g++ or set CXX)")
     flags = _OPTIMIZE + _arch_flags() + [f"-D{name}={value}" for name, value in
                                          sorted(defines.items())]
-    with open(source, "rb") as f:
-        code = f.read()
     key = hashlib.sha256(b"\0".join([
-        code, " ".join(flags).encode(), _compiler_version(compiler).encode(),
+        *_source_and_headers(source), " ".join(flags).encode(), _compiler_version(compiler).encode(),
         jaxlib.__version__.encode(), _cpu_signature().encode()])).hexdigest()[:24]
     out_dir = os.path.join(os.path.expanduser(
         os.environ.get("PAGEDJAX_NATIVE_DIR") or DEFAULT_NATIVE_DIR), key)
@@ -74,6 +73,18 @@ def build_library(source: str, defines: dict[str, int]) -> str:
                                f"{os.path.basename(source)}:\n{result.stderr[:2000]}")
     os.replace(partial, library)
     return library
+
+
+def _source_and_headers(source: str) -> list[bytes]:
+    """The source's bytes and those of every header beside it (what its #include "..."
+    lines can reach), so that editing a shared header rebuilds the kernels using it."""
+    folder = os.path.dirname(os.path.abspath(source))
+    headers = sorted(name for name in os.listdir(folder) if name.endswith(".h"))
+    contents = []
+    for path in [source] + [os.path.join(folder, name) for name in headers]:
+        with open(path, "rb") as f:
+            contents.append(f.read())
+    return contents
 
 
 def _arch_flags() -> list[str]:

@@ -8,15 +8,13 @@
 // the output rows split over XLA's thread pool in blocks.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
+#include "parallel_items.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -34,7 +32,6 @@ constexpr int kAccumulators = 8;  // independent FMA chains: 2 FMA units x 4 cyc
 constexpr int kBlock = 64;        // output rows a thread claims at a time
 constexpr int kLineFloats = 64 / 4;
 constexpr int kPrefetchFloats = 4096 / 4;  // how far ahead of the weight stream
-constexpr int64_t kMinParallelWork = int64_t{1} << 20;  // multiply-adds
 
 typedef float vec __attribute__((vector_size(4 * W)));
 typedef float unaligned_vec __attribute__((vector_size(4 * W), aligned(4)));
@@ -155,13 +152,6 @@ BlockFn block_for_rows(int64_t R) {
   }
 }
 
-// Blocks claimed one at a time by the calling thread and the pool's; shared so that a
-// pool task starting after the work is done reads no freed stack frame.
-struct SharedWork {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-};
-
 }  // namespace
 
 static ffi::Error SmallMatmul(ffi::ThreadPool thread_pool,
@@ -178,23 +168,9 @@ static ffi::Error SmallMatmul(ffi::ThreadPool thread_pool,
   const float* w_data = w.typed_data();
   float* y_data = y->typed_data();
   const BlockFn block = block_for_rows(R);
-  auto work = std::make_shared<SharedWork>();
-  auto run_blocks = [=](SharedWork& shared) {
-    for (int64_t b; (b = shared.next.fetch_add(1)) < blocks;) {
-      block(x_data, w_data, y_data, R, I, O, b * kBlock, std::min(O, (b + 1) * kBlock));
-      shared.finished.fetch_add(1);
-    }
-  };
-  // Small products run on the calling thread alone: handing blocks to the pool costs
-  // more than they take, and waiting on a helper the OS has descheduled (cores shared
-  // with other processes) costs a time slice.
-  const int64_t helpers = R * I * O < kMinParallelWork
-                              ? 0
-                              : std::min<int64_t>(thread_pool.num_threads(), blocks) - 1;
-  for (int64_t i = 0; i < helpers; ++i)
-    thread_pool.Schedule([work, run_blocks]() { run_blocks(*work); });
-  run_blocks(*work);
-  while (work->finished.load() < blocks) std::this_thread::yield();
+  pagedjax::run_items(thread_pool, blocks, R * I * O, [=](int64_t b) {
+    block(x_data, w_data, y_data, R, I, O, b * kBlock, std::min(O, (b + 1) * kBlock));
+  });
   return ffi::Error::Success();
 }
 

@@ -1,6 +1,7 @@
 """The native CPU attention backend: whole steps against the dense oracle, its C++
 decode-row kernel against the jnp backend's rows, its build cache, and its fallbacks."""
 
+import ctypes
 import os
 import subprocess
 import warnings
@@ -131,6 +132,20 @@ def test_build_is_cached_per_shape(tmp_path, monkeypatch):
     assert other != library and os.path.exists(other)
     assert any("-o" in command for command in commands)
     assert not [p for p in tmp_path.rglob("*.partial")]
+
+
+@needs_compiler
+def test_editing_a_header_beside_the_source_rebuilds(tmp_path, monkeypatch):
+    """Kernels share kernels/parallel_items.h: a header edit must not load a stale build."""
+    monkeypatch.setenv("PAGEDJAX_NATIVE_DIR", str(tmp_path / "builds"))
+    (tmp_path / "shared.h").write_text("constexpr int kAnswer = 1;\n")
+    source = tmp_path / "kernel.cc"
+    source.write_text('#include "shared.h"\nextern "C" int answer() { return kAnswer; }\n')
+    first = native_build.build_library(str(source), {})
+    (tmp_path / "shared.h").write_text("constexpr int kAnswer = 2;\n")
+    second = native_build.build_library(str(source), {})
+    assert first != second
+    assert ctypes.CDLL(second).answer() == 2
 
 
 @needs_compiler

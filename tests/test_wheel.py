@@ -108,7 +108,7 @@ def fresh_venv(tmp_path_factory):
 
 def test_every_source_module_is_installed_and_imports(fresh_venv):
     """Each .py under pagedjax/, models/ and kernels/ is in the installed wheel (not the
-    source tree) and imports; the native kernel's .cc files ship beside pagedjax.kernels."""
+    source tree) and imports; the native kernels' .cc and .h files ship beside pagedjax.kernels."""
     root, source, env, workdir = fresh_venv
     out = _run([str(root / "bin" / "python"), "-c", IMPORT_ALL], cwd=workdir, env=env)
     report = json.loads(out.strip().splitlines()[-1])
@@ -117,7 +117,8 @@ def test_every_source_module_is_installed_and_imports(fresh_venv):
     missing = _source_modules(source) - set(report["modules"])
     assert not missing, f"not in the wheel: {sorted(missing)}"
     cc_files = {p.name for p in (source / "kernels").glob("*.cc")}
-    assert cc_files and cc_files <= set(report["kernel_files"])
+    headers = {p.name for p in (source / "kernels").glob("*.h")}
+    assert cc_files and headers and cc_files | headers <= set(report["kernel_files"])
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])
