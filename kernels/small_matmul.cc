@@ -42,6 +42,7 @@ inline vec load(const float* p) { return *reinterpret_cast<const unaligned_vec*>
 // sums[k] = the sum of acc[k]'s lanes, for kAccumulators accumulators at once: a
 // transposing add tree where the instruction set has one, lane by lane otherwise.
 inline void reduce_lanes(const vec* acc, float* sums) {
+  static_assert(kAccumulators == 8, "the add tree below sums 8 accumulators");
 #if defined(__AVX__)
   __m256 v[kAccumulators];
   UNROLL for (int k = 0; k < kAccumulators; ++k) {
