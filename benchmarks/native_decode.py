@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pagedjax.kernels import native_attention
+from pagedjax.kernels.native_build import register_kernel
 
 
 def make_step(rows: int, num_kv_heads: int, group: int, head_dim: int, page_size: int,
@@ -66,7 +67,8 @@ def main():
 
     defines = {"GROUP": args.group, "HEAD_DIM": args.head_dim, "PAGE_SIZE": args.page_size}
     sources = [native_attention.SOURCE] + args.source
-    targets = [native_attention.register_kernel(source, defines, f"pagedjax_bench_decode_{i}")
+    targets = [register_kernel(source, defines, f"pagedjax_bench_decode_{i}",
+                               native_attention.SYMBOL)
                for i, source in enumerate(sources)]
     q, tables, lens, k_cache, v_cache, nbytes = make_step(
         args.rows, args.kv_heads, args.group, args.head_dim, args.page_size, *args.context)

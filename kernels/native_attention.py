@@ -15,7 +15,6 @@ of it; narrower ones otherwise).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 
@@ -24,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import jnp_attention
-from .native_build import NativeBuildError, build_library
+from .native_build import NativeBuildError, register_kernel
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_attention.cc")
-_SYMBOL = "PagedjaxDecodeAttention"
+SYMBOL = "PagedjaxDecodeAttention"  # the handler decode_attention.cc exports
 
 
 def unsupported_reason(group: int, head_dim: int, block_size: int, dtype) -> str | None:
@@ -47,17 +46,8 @@ def load_decode_attention(group: int, head_dim: int, page_size: int) -> str:
     XLA FFI target name. Raises NativeBuildError when it cannot be built here."""
     return register_kernel(SOURCE, {"GROUP": group, "HEAD_DIM": head_dim,
                                     "PAGE_SIZE": page_size},
-                           f"pagedjax_decode_attention_g{group}_d{head_dim}_s{page_size}")
-
-
-def register_kernel(source: str, defines: dict[str, int], target: str,
-                    symbol: str = _SYMBOL) -> str:
-    """Build `source` (a decode_attention.cc, or another kernel exporting `symbol`) with
-    `defines`, load it and register its handler as the XLA FFI target `target`
-    (returned). Raises NativeBuildError."""
-    handler = getattr(ctypes.cdll.LoadLibrary(build_library(source, defines)), symbol)
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
-    return target
+                           f"pagedjax_decode_attention_g{group}_d{head_dim}_s{page_size}",
+                           SYMBOL)
 
 
 def decode_rows(

@@ -3,15 +3,16 @@
 A kernel is compiled by the system C++ compiler (`CXX`, else `c++`, `g++`, `clang++`)
 against the XLA FFI headers of the installed jaxlib, with the model's shape constants as
 -D flags and `-march=native`, into `~/.cache/pagedjax/native/<key>/` (`PAGEDJAX_NATIVE_DIR`
-moves it). The key hashes everything the binary depends on: the source and the headers beside
-it, the defines, the
-compiler's version, jaxlib's version and the CPU's feature flags, so a shared home
-directory never hands one machine another's instructions. A build takes a few seconds,
-once; later processes load the cached library.
+moves it). The key hashes everything the binary depends on: the source and the headers
+beside it, the defines, the compiler's version, jaxlib's version and the CPU's feature
+flags, so a shared home directory never hands one machine another's instructions. A build
+takes a few seconds, once; later processes load the cached library. `register_kernel`
+builds, loads and registers a kernel's handler as an XLA FFI target.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -54,8 +55,9 @@ def build_library(source: str, defines: dict[str, int]) -> str:
     flags = _OPTIMIZE + _arch_flags() + [f"-D{name}={value}" for name, value in
                                          sorted(defines.items())]
     key = hashlib.sha256(b"\0".join([
-        *_source_and_headers(source), " ".join(flags).encode(), _compiler_version(compiler).encode(),
-        jaxlib.__version__.encode(), _cpu_signature().encode()])).hexdigest()[:24]
+        *_source_and_headers(source), " ".join(flags).encode(),
+        _compiler_version(compiler).encode(), jaxlib.__version__.encode(),
+        _cpu_signature().encode()])).hexdigest()[:24]
     out_dir = os.path.join(os.path.expanduser(
         os.environ.get("PAGEDJAX_NATIVE_DIR") or DEFAULT_NATIVE_DIR), key)
     library = os.path.join(out_dir, os.path.basename(source).rsplit(".", 1)[0] + ".so")
@@ -73,6 +75,16 @@ def build_library(source: str, defines: dict[str, int]) -> str:
                                f"{os.path.basename(source)}:\n{result.stderr[:2000]}")
     os.replace(partial, library)
     return library
+
+
+def register_kernel(source: str, defines: dict[str, int], target: str, symbol: str) -> str:
+    """Build `source` with `defines`, load it and register its handler `symbol` as the XLA
+    FFI CPU target `target` (returned). Raises NativeBuildError."""
+    import jax.ffi
+
+    handler = getattr(ctypes.cdll.LoadLibrary(build_library(source, defines)), symbol)
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    return target
 
 
 def _source_and_headers(source: str) -> list[bytes]:

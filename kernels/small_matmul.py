@@ -17,8 +17,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from .native_attention import register_kernel
-from .native_build import NativeBuildError
+from .native_build import NativeBuildError, register_kernel
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small_matmul.cc")
 _TARGET = "pagedjax_small_matmul"
@@ -30,7 +29,7 @@ MAX_ROWS = 16  # beyond, XLA's blocked GEMM wins
 def load_small_matmul() -> str:
     """Build (or find cached), load and register the kernel; returns its XLA FFI target
     name. Raises NativeBuildError when it cannot be built here."""
-    return register_kernel(SOURCE, {}, _TARGET, symbol="PagedjaxSmallMatmul")
+    return register_kernel(SOURCE, {}, _TARGET, "PagedjaxSmallMatmul")
 
 
 def unsupported_reason(platform: str, dtype) -> str | None:
