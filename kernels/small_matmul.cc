@@ -31,7 +31,7 @@ constexpr int W = 4;
 constexpr int kAccumulators = 8;  // independent FMA chains: 2 FMA units x 4 cycles latency
 constexpr int kBlock = 64;        // output rows a thread claims at a time
 constexpr int kLineFloats = 64 / 4;
-constexpr int kPrefetchFloats = 4096 / 4;  // how far ahead of the weight stream
+constexpr int kPrefetchBytes = 4096;  // how far ahead of the weight stream
 
 typedef float vec __attribute__((vector_size(4 * W)));
 typedef float unaligned_vec __attribute__((vector_size(4 * W), aligned(4)));
@@ -69,88 +69,172 @@ inline void reduce_lanes(const vec* acc, float* sums) {
 #endif
 }
 
+// How a weight matrix is stored (kernels/exact_blocks.py; the codes are its Q4_1, Q8_0).
+enum Format { kF32 = 0, kQ4_1 = 1, kQ8_0 = 2 };
+
+template <int F> struct Stored;
+template <> struct Stored<kF32> {
+  static constexpr int kChunk = kLineFloats;  // weights per prefetch: a cache line
+  static constexpr int64_t row_bytes(int64_t I) { return 4 * I; }
+};
+template <> struct Stored<kQ4_1> {
+  static constexpr int kChunk = 32;  // a block: float d, float m, 16 bytes of nibbles
+  static constexpr int64_t row_bytes(int64_t I) { return I / 32 * 24; }
+};
+template <> struct Stored<kQ8_0> {
+  static constexpr int kChunk = 32;  // a block: float d, 32 int8
+  static constexpr int64_t row_bytes(int64_t I) { return I / 32 * 36; }
+};
+
+typedef int32_t int_vec __attribute__((vector_size(4 * W)));
+
+inline float load_float(const uint8_t* p) {
+  float f;
+  __builtin_memcpy(&f, p, 4);
+  return f;
+}
+
+// W bytes from p, each widened to an int32 lane (zero- or sign-extended).
+template <bool kSigned>
+inline int_vec widen(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (int_vec)(kSigned ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (int_vec)(kSigned ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#else
+  int_vec v;
+  for (int i = 0; i < W; ++i)
+    v[i] = kSigned ? static_cast<int8_t>(p[i]) : static_cast<int32_t>(p[i]);
+  return v;
+#endif
+}
+
+// The W weights from element h (a multiple of W, below kChunk) of the chunk at `chunk`,
+// rebuilt as float32: d * q + m rounds once (d * q is exact), as the loader's numpy did.
+template <int F>
+inline vec weights(const uint8_t* chunk, int h) {
+  if constexpr (F == kF32) {
+    return load(reinterpret_cast<const float*>(chunk) + h);
+  } else if constexpr (F == kQ4_1) {
+    const int_vec packed = widen<false>(chunk + 8 + h % 16);
+    const int_vec q = h < 16 ? (packed & 0x0F) : (packed >> 4);
+    return load_float(chunk) * __builtin_convertvector(q, vec) + load_float(chunk + 4);
+  } else {
+    return __builtin_convertvector(widen<true>(chunk + 4 + h), vec) * load_float(chunk);
+  }
+}
+
 // y[r, o] for KO weight rows o in [o0, o0 + n) (n <= KO) and RB x rows from r0, in one
 // pass over those weight rows: each weight vector is loaded once and multiplied into
 // every x row (KO * RB <= kAccumulators chains), so the weights stream from memory once.
-template <int KO, int RB>
-void outputs(const float* x, const float* w, float* y, int64_t I, int64_t O, int64_t o0,
+// Every format adds the same products in the same order, so a matrix stored as blocks
+// gives bitwise the float32 matrix's outputs.
+template <int F, int KO, int RB>
+void outputs(const float* x, const uint8_t* w, float* y, int64_t I, int64_t O, int64_t o0,
              int n, int64_t r0) {
   static_assert(KO * RB <= kAccumulators, "one register per accumulator");
+  constexpr int kChunk = Stored<F>::kChunk;
+  constexpr int64_t kChunkBytes = Stored<F>::row_bytes(kChunk);
   vec acc[kAccumulators];
   UNROLL for (int k = 0; k < kAccumulators; ++k) acc[k] = vec{};
-  const int64_t vector_end = I / W * W;
-  const float* rows[KO];
-  UNROLL for (int j = 0; j < KO; ++j) rows[j] = w + (o0 + std::min(j, n - 1)) * I;
+  const uint8_t* rows[KO];
+  UNROLL for (int j = 0; j < KO; ++j)
+    rows[j] = w + (o0 + std::min(j, n - 1)) * Stored<F>::row_bytes(I);
   const float* xs = x + r0 * I;
-  auto multiply_add = [&](int64_t i) {
-    UNROLL for (int j = 0; j < KO; ++j) {
-      const vec wv = load(rows[j] + i);
-      UNROLL for (int r = 0; r < RB; ++r) acc[j * RB + r] += wv * load(xs + r * I + i);
-    }
-  };
-  // A cache line at a time, asking for the line a page ahead into L2: the hardware
+  // A chunk at a time, asking for the bytes a page ahead into L2: the hardware
   // prefetcher alone leaves the weight stream at about half the memory bandwidth here,
   // as the multiply-adds do not overlap its misses (measured on AMD Zen 3).
-  const int64_t line_end = I / kLineFloats * kLineFloats;
-  int64_t i = 0;
-  for (; i < line_end; i += kLineFloats) {
-    UNROLL for (int j = 0; j < KO; ++j) __builtin_prefetch(rows[j] + i + kPrefetchFloats, 0, 1);
-    UNROLL for (int h = 0; h < kLineFloats; h += W) multiply_add(i + h);
+  const int64_t chunks = I / kChunk;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* chunk[KO];
+    UNROLL for (int j = 0; j < KO; ++j) {
+      chunk[j] = rows[j] + c * kChunkBytes;
+      __builtin_prefetch(chunk[j] + kPrefetchBytes, 0, 1);
+    }
+    UNROLL for (int h = 0; h < kChunk; h += W) {
+      const int64_t i = c * kChunk + h;
+      UNROLL for (int j = 0; j < KO; ++j) {
+        const vec wv = weights<F>(chunk[j], h);
+        UNROLL for (int r = 0; r < RB; ++r) acc[j * RB + r] += wv * load(xs + r * I + i);
+      }
+    }
   }
-  for (; i < vector_end; i += W) multiply_add(i);
+  int64_t i = chunks * kChunk;
+  const int64_t vector_end = I / W * W;  // float32 rows only: blocks divide I exactly
+  for (; i < vector_end; i += W)
+    UNROLL for (int j = 0; j < KO; ++j) {
+      const vec wv = load(reinterpret_cast<const float*>(rows[j]) + i);
+      UNROLL for (int r = 0; r < RB; ++r) acc[j * RB + r] += wv * load(xs + r * I + i);
+    }
   float sums[kAccumulators];
   reduce_lanes(acc, sums);
   for (int j = 0; j < n; ++j)
     for (int r = 0; r < RB; ++r) {
       float s = sums[j * RB + r];
-      for (int64_t i = vector_end; i < I; ++i) s += rows[j][i] * xs[r * I + i];
+      for (int64_t i = vector_end; i < I; ++i)
+        s += reinterpret_cast<const float*>(rows[j])[i] * xs[r * I + i];
       y[(r0 + r) * O + o0 + j] = s;
     }
 }
 
 // Output rows [begin, end) for R = RB <= 8 x rows: KO weight rows at a time, KO * RB
 // filling the accumulators.
-template <int KO, int RB>
-void block_of(const float* x, const float* w, float* y, int64_t R, int64_t I, int64_t O,
+template <int F, int KO, int RB>
+void block_of(const float* x, const uint8_t* w, float* y, int64_t R, int64_t I, int64_t O,
               int64_t begin, int64_t end) {
   for (int64_t o = begin; o < end; o += KO)
-    outputs<KO, RB>(x, w, y, I, O, o, static_cast<int>(std::min<int64_t>(KO, end - o)), 0);
+    outputs<F, KO, RB>(x, w, y, I, O, o, static_cast<int>(std::min<int64_t>(KO, end - o)),
+                       0);
 }
 
 // Output rows [begin, end) for R > 8 x rows: each weight row against 8 x rows at a time,
 // the passes after the first reading it from L1.
-void block_of_many(const float* x, const float* w, float* y, int64_t R, int64_t I,
+template <int F>
+void block_of_many(const float* x, const uint8_t* w, float* y, int64_t R, int64_t I,
                    int64_t O, int64_t begin, int64_t end) {
   for (int64_t o = begin; o < end; ++o) {
     int64_t r = 0;
-    for (; r + 8 <= R; r += 8) outputs<1, 8>(x, w, y, I, O, o, 1, r);
+    for (; r + 8 <= R; r += 8) outputs<F, 1, 8>(x, w, y, I, O, o, 1, r);
     switch (R - r) {
-      case 1: outputs<1, 1>(x, w, y, I, O, o, 1, r); break;
-      case 2: outputs<1, 2>(x, w, y, I, O, o, 1, r); break;
-      case 3: outputs<1, 3>(x, w, y, I, O, o, 1, r); break;
-      case 4: outputs<1, 4>(x, w, y, I, O, o, 1, r); break;
-      case 5: outputs<1, 5>(x, w, y, I, O, o, 1, r); break;
-      case 6: outputs<1, 6>(x, w, y, I, O, o, 1, r); break;
-      case 7: outputs<1, 7>(x, w, y, I, O, o, 1, r); break;
+      case 1: outputs<F, 1, 1>(x, w, y, I, O, o, 1, r); break;
+      case 2: outputs<F, 1, 2>(x, w, y, I, O, o, 1, r); break;
+      case 3: outputs<F, 1, 3>(x, w, y, I, O, o, 1, r); break;
+      case 4: outputs<F, 1, 4>(x, w, y, I, O, o, 1, r); break;
+      case 5: outputs<F, 1, 5>(x, w, y, I, O, o, 1, r); break;
+      case 6: outputs<F, 1, 6>(x, w, y, I, O, o, 1, r); break;
+      case 7: outputs<F, 1, 7>(x, w, y, I, O, o, 1, r); break;
     }
   }
 }
 
-typedef void (*BlockFn)(const float*, const float*, float*, int64_t, int64_t, int64_t,
+typedef void (*BlockFn)(const float*, const uint8_t*, float*, int64_t, int64_t, int64_t,
                         int64_t, int64_t);
 
+template <int F>
 BlockFn block_for_rows(int64_t R) {
   switch (R) {
-    case 1: return block_of<8, 1>;
-    case 2: return block_of<4, 2>;
-    case 3: return block_of<2, 3>;
-    case 4: return block_of<2, 4>;
-    case 5: return block_of<1, 5>;
-    case 6: return block_of<1, 6>;
-    case 7: return block_of<1, 7>;
-    case 8: return block_of<1, 8>;
-    default: return block_of_many;
+    case 1: return block_of<F, 8, 1>;
+    case 2: return block_of<F, 4, 2>;
+    case 3: return block_of<F, 2, 3>;
+    case 4: return block_of<F, 2, 4>;
+    case 5: return block_of<F, 1, 5>;
+    case 6: return block_of<F, 1, 6>;
+    case 7: return block_of<F, 1, 7>;
+    case 8: return block_of<F, 1, 8>;
+    default: return block_of_many<F>;
   }
+}
+
+// y = x @ w^T with w's rows stored in format F, the output rows split over the pool.
+template <int F>
+void multiply(ffi::ThreadPool& pool, const float* x, const uint8_t* w, float* y, int64_t R,
+              int64_t I, int64_t O) {
+  const BlockFn block = block_for_rows<F>(R);
+  pagedjax::run_items(pool, (O + kBlock - 1) / kBlock, R * I * O, [=](int64_t b) {
+    block(x, w, y, R, I, O, b * kBlock, std::min(O, (b + 1) * kBlock));
+  });
 }
 
 }  // namespace
@@ -163,15 +247,8 @@ static ffi::Error SmallMatmul(ffi::ThreadPool thread_pool,
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error::InvalidArgument("small matmul: x must be [R, I] and w [O, I]");
-  const int64_t R = xd[0], I = xd[1], O = wd[0];
-  const int64_t blocks = (O + kBlock - 1) / kBlock;
-  const float* x_data = x.typed_data();
-  const float* w_data = w.typed_data();
-  float* y_data = y->typed_data();
-  const BlockFn block = block_for_rows(R);
-  pagedjax::run_items(thread_pool, blocks, R * I * O, [=](int64_t b) {
-    block(x_data, w_data, y_data, R, I, O, b * kBlock, std::min(O, (b + 1) * kBlock));
-  });
+  multiply<kF32>(thread_pool, x.typed_data(), reinterpret_cast<const uint8_t*>(w.typed_data()),
+                 y->typed_data(), xd[0], xd[1], wd[0]);
   return ffi::Error::Success();
 }
 
@@ -181,3 +258,47 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxSmallMatmul, SmallMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The same product with w also stored as blocks (format `format`), read in its place
+// while use_blocks holds; new weights (update_params) clear it without a recompile.
+static ffi::Error SmallMatmulBlocks(ffi::ThreadPool thread_pool,
+                                    ffi::Buffer<ffi::F32> x,           // [R, I]
+                                    ffi::Buffer<ffi::F32> w,           // [O, I]
+                                    ffi::Buffer<ffi::U8> blocks,       // [O, row bytes]
+                                    ffi::Buffer<ffi::PRED> use_blocks,  // []
+                                    ffi::ResultBuffer<ffi::F32> y,     // [R, O]
+                                    int32_t format) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto bd = blocks.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("small matmul: x must be [R, I] and w [O, I]");
+  const int64_t R = xd[0], I = xd[1], O = wd[0];
+  const float* x_data = x.typed_data();
+  float* y_data = y->typed_data();
+  if (!*use_blocks.typed_data()) {
+    multiply<kF32>(thread_pool, x_data, reinterpret_cast<const uint8_t*>(w.typed_data()),
+                   y_data, R, I, O);
+    return ffi::Error::Success();
+  }
+  const int64_t row_bytes = format == kQ4_1   ? Stored<kQ4_1>::row_bytes(I)
+                            : format == kQ8_0 ? Stored<kQ8_0>::row_bytes(I)
+                                              : -1;
+  if (row_bytes < 0 || I % 32 || bd.size() != 2 || bd[0] != O || bd[1] != row_bytes)
+    return ffi::Error::InvalidArgument("small matmul: blocks do not match w's format");
+  if (format == kQ4_1)
+    multiply<kQ4_1>(thread_pool, x_data, blocks.typed_data(), y_data, R, I, O);
+  else
+    multiply<kQ8_0>(thread_pool, x_data, blocks.typed_data(), y_data, R, I, O);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxSmallMatmulBlocks, SmallMatmulBlocks,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("format"));

@@ -7,20 +7,27 @@ its time should be the time to read the weights once. XLA CPU's dots of 2-16 row
 against every x row. The engine turns it on through `ModelConfig.small_matmul_rows`
 (CPU, one device, float32), and `models/layers.linear` calls it for inputs of
 MIN_ROWS..that many rows. It has a VJP (plain dots), so gradients flow through it too.
+
+A matrix whose float32 values are exactly a block encoding (kernels/exact_blocks.py: the
+default model's Q4_1 / Q8_0 GGUF weights) reaches `linear` as a `BlockMatrix`; the kernel
+then streams its blocks, a fifth to a quarter of the bytes, with bitwise the same outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .native_build import NativeBuildError, register_kernel
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small_matmul.cc")
 _TARGET = "pagedjax_small_matmul"
+_BLOCKS_TARGET = "pagedjax_small_matmul_blocks"
 MIN_ROWS = 2  # one row: XLA's own matrix-vector dot is as fast
 MAX_ROWS = 16  # beyond, XLA's blocked GEMM wins
 
@@ -30,6 +37,12 @@ def load_small_matmul() -> str:
     """Build (or find cached), load and register the kernel; returns its XLA FFI target
     name. Raises NativeBuildError when it cannot be built here."""
     return register_kernel(SOURCE, {}, _TARGET, "PagedjaxSmallMatmul")
+
+
+@functools.cache
+def load_small_matmul_blocks() -> str:
+    """Like load_small_matmul, for the handler that reads block-encoded weights."""
+    return register_kernel(SOURCE, {}, _BLOCKS_TARGET, "PagedjaxSmallMatmulBlocks")
 
 
 def unsupported_reason(platform: str, dtype) -> str | None:
@@ -65,3 +78,24 @@ def _backward(residuals, grad):  # grad [R, O]
 
 
 small_matmul.defvjp(_forward, _backward)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockMatrix:
+    """A float32 [O, I] weight matrix with the same values block-encoded (`format`, an
+    exact_blocks code). While `use_blocks` holds, products in the kernel read the blocks;
+    new weights clear it (blocks of the old ones) without changing any shape."""
+
+    dense: jax.Array  # [O, I] float32
+    blocks: jax.Array  # [O, I / 32 * block bytes] uint8
+    use_blocks: jax.Array  # [] bool
+    format: int = dataclasses.field(metadata=dict(static=True))
+
+
+def small_matmul_blocks(x: jax.Array,  # [R, I] float32
+                        m: BlockMatrix) -> jax.Array:
+    """x @ m.dense.T as [R, O] in the kernel, from m.blocks while m.use_blocks holds."""
+    call = jax.ffi.ffi_call(load_small_matmul_blocks(),
+                            jax.ShapeDtypeStruct((x.shape[0], m.dense.shape[0]), jnp.float32))
+    return call(x, m.dense, m.blocks, m.use_blocks, format=np.int32(m.format))

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from .config import ModelConfig
 from .engine_step import CausalLM
-from .layers import AttentionCore, linear, lm_logits, mlp, norm, scan_layers, self_attention
+from .layers import (AttentionCore, linear, lm_logits, logits_matrix, mlp, norm, scan_layers,
+                     self_attention)
 
 
 def decoder_layer(p: dict, carry, *, attend: AttentionCore, config: ModelConfig):
@@ -59,7 +60,7 @@ def output_logits(params: dict, config: ModelConfig, h: jax.Array) -> jax.Array:
         h = norm(h, params, "final_norm", c)
     if c.embed_dim is not None:
         h = linear(h, params["proj_out"], small_rows=c.small_matmul_rows)
-    return lm_logits(h, params["embed"] if c.tie_word_embeddings else params["lm_head"], c)
+    return lm_logits(h, logits_matrix(params, c), c)
 
 
 class GPT2LMHeadModel(CausalLM):

@@ -45,12 +45,20 @@ def linear(x: jax.Array, w: jax.Array | LayerMatrix, b: jax.Array | None = None,
     return y if b is None else y + b
 
 
-def _matmul_transposed(x: jax.Array, w: jax.Array,  # x [..., in], w [out, in]
+def _matmul_transposed(x: jax.Array,  # [..., in]
+                       w: jax.Array | small_matmul.BlockMatrix,  # [out, in]
                        small_rows: int = 0) -> jax.Array:
     rows = math.prod(x.shape[:-1])
-    if (small_matmul.MIN_ROWS <= rows <= small_rows and x.dtype == jnp.float32
+    blocks = w if isinstance(w, small_matmul.BlockMatrix) else None
+    w = w if blocks is None else blocks.dense
+    # One row: XLA's matrix-vector product streams float32 weights as fast as the
+    # kernel, but not blocks a fifth their size.
+    min_rows = small_matmul.MIN_ROWS if blocks is None else 1
+    if (min_rows <= rows <= small_rows and x.dtype == jnp.float32
             and w.dtype == jnp.float32):
-        y = small_matmul.small_matmul(x.reshape(rows, x.shape[-1]), w)
+        x2 = x.reshape(rows, x.shape[-1])
+        y = (small_matmul.small_matmul(x2, w) if blocks is None
+             else small_matmul.small_matmul_blocks(x2, blocks))
         return y.reshape(*x.shape[:-1], w.shape[0])
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
 
@@ -261,6 +269,14 @@ def window_flags(config: ModelConfig) -> jax.Array | None:
     if config.sliding_window is None or config.sliding_window_layers is None:
         return None
     return jnp.asarray(config.sliding_window_layers, dtype=jnp.bool_)
+
+
+def logits_matrix(params: dict, config: ModelConfig):
+    """The [V, W] matrix of the logits: `lm_head`, or the embedding when tied (unless the
+    params carry it as `lm_head` too: the engine's, block-encoded, pagedjax/weight_blocks.py)."""
+    if config.tie_word_embeddings and "lm_head" not in params:
+        return params["embed"]
+    return params["lm_head"]
 
 
 def lm_logits(x: jax.Array, lm_head: jax.Array, config: ModelConfig) -> jax.Array:

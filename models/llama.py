@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from .config import ModelConfig
 from .engine_step import CausalLM
-from .layers import (AttentionCore, lm_logits, mlp, norm, rope_cos_sin, rope_inv_freq,
-                     scan_layers, self_attention, window_flags)
+from .layers import (AttentionCore, lm_logits, logits_matrix, mlp, norm, rope_cos_sin,
+                     rope_inv_freq, scan_layers, self_attention, window_flags)
 
 
 def decoder_layer(p: dict, carry, window_flag=None, *, attend: AttentionCore, cos: jax.Array,
@@ -65,7 +65,7 @@ def hidden_states(params: dict, config: ModelConfig, input_ids: jax.Array,
 
 def output_logits(params: dict, config: ModelConfig, x: jax.Array) -> jax.Array:
     """float32 logits [N, V] of hidden states x [N, E]: final norm, then the (tied) head."""
-    lm_head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
+    lm_head = logits_matrix(params, config)
     return lm_logits(norm(x, params, "final_norm", config), lm_head, config)
 
 

@@ -40,6 +40,7 @@ from .request import Request
 from .runner import ModelRunner, allocate_kv_cache
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
+from .weight_blocks import WeightBlocks, detach as detach_blocks
 
 __all__ = ["Engine", "EngineNotReady", "EngineStats", "KVCacheStats", "QueueStats",
            "StepResult", "resolve_dtype"]
@@ -123,6 +124,11 @@ class Engine:
         # keeps stacked matrices.
         self.per_layer_matrices = platform == "cpu" and self.layout is None and not any(
             isinstance(x, jax.Array) for x in jax.tree.leaves(params["layers"]))
+        # Matrices a block format holds exactly (a quantized GGUF's), also kept as blocks for
+        # the small-matmul kernel's decode products (weight_blocks.py).
+        self.weight_blocks = (WeightBlocks.encode(params, model_config)
+                              if self.step_config.small_matmul_rows and self.per_layer_matrices
+                              else None)
         model = build_model(self.step_config).clone(attention_backend=self.attention_backend,
                                                     mesh=self.mesh)
         kv_cache = allocate_kv_cache(
@@ -152,14 +158,28 @@ class Engine:
         def to_device(x):
             return jnp.asarray(x, dtype=self.dtype)
         if self.per_layer_matrices:
-            return split_layer_matrices(params, to_device)
+            params = split_layer_matrices(params, to_device)
+            if self.weight_blocks is not None:
+                params = self.weight_blocks.attach(params, self.step_config)
+            return params
         return jax.tree.map(to_device, params)
+
+    @property
+    def params(self) -> Any:
+        """The weights the engine runs, as a params tree in its form (device arrays; on
+        CPU, layer matrices one array per layer); None after sleep(level=2)."""
+        params = self.runner.params
+        if params is None or self.weight_blocks is None:
+            return params
+        return detach_blocks(params, self.step_config)
 
     def set_params(self, params: Any) -> None:
         """Swap in new weights (same shapes) without recompiling; no KV page computed with
         the old weights is found by the prefix cache again."""
         self._check_single_process("update_params")
         check_params(params, self.model_config)
+        if self.weight_blocks is not None:
+            self.weight_blocks = self.weight_blocks.stale()  # blocks of the old weights
         self.runner.set_params(self.cast_params(params))
         if self.prefix_cache is not None:
             self.prefix_cache.new_weights()
@@ -195,6 +215,8 @@ class Engine:
         self.runner.free_kv_cache()
         if level == 2:
             self.runner.drop_params()
+            if self.weight_blocks is not None:
+                self.weight_blocks = self.weight_blocks.stale()
 
     def wake_up(self) -> None:
         """Reallocate the KV pool after `sleep` (no-op when awake); weights dropped by

@@ -97,7 +97,7 @@ def test_training_forward_matches_hf_logits(llm, hf_model, prompt_ids):
     width = len(long)
     token_ids = np.array([short + [0] * (width - len(short)), long])
     segment_ids = np.array([[0] * len(short) + [1] * (width - len(short)), [0] * width])
-    logits = np.asarray(pagedjax.forward(llm.engine.runner.params, llm.engine.model_config,
+    logits = np.asarray(pagedjax.forward(llm.engine.params, llm.engine.model_config,
                                          token_ids, segment_ids=segment_ids))
     # fp32 through 30 layers, logits up to ~40: measured up to 1.7e-4 apart.
     np.testing.assert_allclose(logits[0, :len(short)], hf_logits(hf_model, short), atol=2e-3)
