@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .buckets import BucketKey
 from .distributed import PlanChannel, is_leader
+from .huge_pages import back_zeros_with_huge_pages
 from .input_transfer import put, to_device
 from .kv_copy import copy_kv_blocks
 from .multi_step import decode_steps
@@ -300,7 +301,9 @@ def _spec(tree: Any, with_sharding: bool = False) -> Any:
 def _zeros(spec: jax.ShapeDtypeStruct) -> jax.Array:
     """A zero array of `spec`: on the default device, or made on its sharding."""
     if spec.sharding is None:
-        return jnp.zeros(spec.shape, spec.dtype)
+        zeros = jnp.zeros(spec.shape, spec.dtype)
+        back_zeros_with_huge_pages(zeros)  # a KV pool: CPU pages are scattered reads
+        return zeros
     return jax.jit(functools.partial(jnp.zeros, spec.shape, spec.dtype),
                    out_shardings=spec.sharding)()
 
