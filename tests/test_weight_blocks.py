@@ -11,6 +11,7 @@ from pagedjax import LLM, SamplingParams
 from pagedjax.kernels import exact_blocks, native_build
 from pagedjax.kernels.small_matmul import BlockMatrix, small_matmul, small_matmul_blocks
 from pagedjax.loading import load_gguf
+from pagedjax.models.layers import linear
 from tests.helpers.engines import TINY_ENGINE_SETTINGS, TINY_PROMPTS, token_ids
 from tests.helpers.tiny_gguf import make_tiny_llama_gguf
 from tests.helpers.tiny_models import make_tiny_llama
@@ -64,6 +65,13 @@ def test_kernel_reads_the_blocks_while_current_and_the_matrix_after(qtype):
             expected = np.asarray(jax.jit(small_matmul)(x, want))
             assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (rows,
                                                                                  current)
+    # `linear` hands a BlockMatrix to the kernel from one row up, to XLA beyond small_rows.
+    m = BlockMatrix(jnp.asarray(other), jnp.asarray(blocks), jnp.asarray(True), fmt)
+    x = np.random.default_rng(9).standard_normal((1, 64)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda x: linear(x, m, small_rows=16))(x))
+    assert np.array_equal(got, np.asarray(jax.jit(small_matmul)(x, encoded)))
+    np.testing.assert_allclose(np.asarray(linear(x, m, small_rows=0)), x @ other.T,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
