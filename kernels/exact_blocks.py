@@ -34,8 +34,6 @@ def encode_exactly(w: np.ndarray,  # [O, I] float32
     if w.dtype != np.float32 or w.ndim != 2 or w.shape[1] % BLOCK or w.size == 0:
         return None
     blocks = w.reshape(w.shape[0], -1, BLOCK)  # [O, N, 32]
-    if not np.isfinite(blocks[0]).all():
-        return None
     for encode in (_encode_q4_1, _encode_q8_0):
         encoded = encode(blocks)
         if encoded is not None:

@@ -47,8 +47,8 @@ class WeightBlocks:
         block format holds exactly; None when none does (a random or trained model)."""
         layers = {name: tuple(_encode(np.asarray(value[i])) for i in range(len(value)))
                   for name, value in params["layers"].items() if name in LAYER_MATRICES}
-        lm_head = _encode(np.asarray(params["lm_head"] if "lm_head" in params
-                                     else params["embed"]))
+        lm_head = _encode(np.asarray(params["embed"] if config.tie_word_embeddings
+                                     else params["lm_head"]))
         if lm_head is None and not any(e for per_layer in layers.values() for e in per_layer):
             return None
         return cls(layers, lm_head)
