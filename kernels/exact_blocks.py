@@ -24,7 +24,6 @@ import numpy as np
 BLOCK = 32
 Q4_1, Q8_0 = 1, 2  # the kernel's format codes
 BLOCK_BYTES = {Q4_1: 24, Q8_0: 36}
-FORMAT_NAMES = {Q4_1: "Q4_1", Q8_0: "Q8_0"}
 
 
 def encode_exactly(w: np.ndarray,  # [O, I] float32

@@ -242,14 +242,21 @@ void multiply(ffi::ThreadPool& pool, const float* x, const uint8_t* w, float* y,
 
 }  // namespace
 
+// Whether x and w are [R, I] and [O, I], the product both handlers take.
+static bool is_product(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  return xd.size() == 2 && wd.size() == 2 && xd[1] == wd[1];
+}
+
 static ffi::Error SmallMatmul(ffi::ThreadPool thread_pool,
                               ffi::Buffer<ffi::F32> x,          // [R, I]
                               ffi::Buffer<ffi::F32> w,          // [O, I]
                               ffi::ResultBuffer<ffi::F32> y) {  // [R, O]
+  if (!is_product(x, w))
+    return ffi::Error::InvalidArgument("small matmul: x must be [R, I] and w [O, I]");
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("small matmul: x must be [R, I] and w [O, I]");
   multiply<kF32>(thread_pool, x.typed_data(), reinterpret_cast<const uint8_t*>(w.typed_data()),
                  y->typed_data(), xd[0], xd[1], wd[0]);
   return ffi::Error::Success();
@@ -271,19 +278,15 @@ static ffi::Error SmallMatmulBlocks(ffi::ThreadPool thread_pool,
                                     ffi::Buffer<ffi::PRED> use_blocks,  // []
                                     ffi::ResultBuffer<ffi::F32> y,     // [R, O]
                                     int32_t format) {
+  if (!*use_blocks.typed_data()) return SmallMatmul(thread_pool, x, w, y);
+  if (!is_product(x, w))
+    return ffi::Error::InvalidArgument("small matmul: x must be [R, I] and w [O, I]");
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const auto bd = blocks.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("small matmul: x must be [R, I] and w [O, I]");
   const int64_t R = xd[0], I = xd[1], O = wd[0];
   const float* x_data = x.typed_data();
   float* y_data = y->typed_data();
-  if (!*use_blocks.typed_data()) {
-    multiply<kF32>(thread_pool, x_data, reinterpret_cast<const uint8_t*>(w.typed_data()),
-                   y_data, R, I, O);
-    return ffi::Error::Success();
-  }
   const int64_t row_bytes = format == kQ4_1   ? Stored<kQ4_1>::row_bytes(I)
                             : format == kQ8_0 ? Stored<kQ8_0>::row_bytes(I)
                                               : -1;

@@ -26,6 +26,7 @@ import numpy as np
 from pagedjax.kernels.exact_blocks import encode_exactly
 from pagedjax.kernels.small_matmul import BlockMatrix
 from pagedjax.models import ModelConfig
+from pagedjax.models.layers import logits_matrix
 from pagedjax.models.params import LAYER_MATRICES
 
 Encoded = Optional[tuple[int, jax.Array]]  # (format, blocks [O, row bytes] uint8) or None
@@ -47,8 +48,7 @@ class WeightBlocks:
         block format holds exactly; None when none does (a random or trained model)."""
         layers = {name: tuple(_encode(np.asarray(value[i])) for i in range(len(value)))
                   for name, value in params["layers"].items() if name in LAYER_MATRICES}
-        lm_head = _encode(np.asarray(params["embed"] if config.tie_word_embeddings
-                                     else params["lm_head"]))
+        lm_head = _encode(np.asarray(logits_matrix(params, config)))
         if lm_head is None and not any(e for per_layer in layers.values() for e in per_layer):
             return None
         return cls(layers, lm_head)
@@ -72,12 +72,6 @@ class WeightBlocks:
         layers = {k: tuple(placeholder(e) for e in v) for k, v in self.layers.items()}
         return WeightBlocks(layers, placeholder(self.lm_head), current=False)
 
-    @property
-    def num_bytes(self) -> int:
-        """Bytes the block copies hold."""
-        encoded = [e for per_layer in self.layers.values() for e in per_layer] + [self.lm_head]
-        return sum(e[1].nbytes for e in encoded if e is not None)
-
     def attach(self, params: dict, config: ModelConfig) -> dict:
         """Engine `params` (layer matrices as per-layer tuples) with each encoded matrix
         a BlockMatrix; the logits matrix goes under "lm_head" (tied models too)."""
@@ -92,7 +86,7 @@ class WeightBlocks:
         layers = dict(params["layers"])
         for name, per_layer in self.layers.items():
             layers[name] = tuple(wrap(d, e) for d, e in zip(layers[name], per_layer))
-        head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
+        head = logits_matrix(params, config)
         return {**params, "layers": layers, "lm_head": wrap(head, self.lm_head)}
 
 
