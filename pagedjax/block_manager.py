@@ -139,8 +139,8 @@ class BlockManager:
     def copy_on_write(self, request: Request, start: int,
                       end: int) -> Optional[list[tuple[int, int]]]:
         """Make the pages holding token positions [start, end) of `request` private before
-        it writes them: each one shared with another sequence (ref count > 1) is replaced
-        by a fresh page and one reference to the shared page is dropped.
+        it writes them: each one shared with another sequence (ref count > 1) or kept as a
+        prefix-cache tail is replaced by a fresh page and one reference to it is dropped.
 
         Returns the (src, dst) page copies the caller must run on the device before the
         write (the dst pages must get the src pages' filled slots), [] when nothing is
@@ -150,14 +150,13 @@ class BlockManager:
             return []
         first = start // self.block_size
         last = min(len(request.block_ids), self.blocks_needed(end))
-        shared = [i for i in range(first, last)
-                  if self._ref_counts[request.block_ids[i]] > 1]
+        shared = [i for i in range(first, last) if self._is_shared(request.block_ids[i])]
         if not self.can_allocate(len(shared)):
             return None
         copies = []
         for i, fresh in zip(shared, self.allocate(len(shared))):
             src = request.block_ids[i]
-            self._ref_counts[src] -= 1  # > 1 before, so it stays allocated
+            self.free_blocks([src])  # a tail's last reference: it goes back, still cached
             request.block_ids[i] = fresh
             copies.append((src, fresh))
         return copies
@@ -170,8 +169,7 @@ class BlockManager:
             return 0
         first = start // self.block_size
         last = min(len(request.block_ids), self.blocks_needed(end))
-        shared = sum(1 for i in range(first, last)
-                     if self._ref_counts[request.block_ids[i]] > 1)
+        shared = sum(1 for i in range(first, last) if self._is_shared(request.block_ids[i]))
         return shared + max(0, self.blocks_needed(end) - len(request.block_ids))
 
     def fork(self, block_ids: Sequence[int]) -> list[int]:
@@ -204,16 +202,20 @@ class BlockManager:
 
     def free(self, request: Request) -> None:
         """Release every page of `request` and clear its `block_ids`. With a prefix cache
-        the deepest page goes back first, so shared roots are evicted last."""
+        the deepest page goes back first, so shared roots are evicted last, and a partly
+        filled last page this frees stays findable as a tail."""
         if self.prefix_cache is not None:
+            self._keep_tail(request)
             self.free_blocks(request.block_ids[::-1])
         else:
             self.free_blocks(request.block_ids)
         request.block_ids.clear()
 
     def take_cached_prefix(self, request: Request) -> int:
-        """Give a request that holds no pages the longest cached run of its full pages
-        (the last token always left to compute); returns the tokens found. Requests
+        """Give a request that holds no pages the longest cached run of its full pages,
+        then the cached tail sharing the most tokens after them (the last token always left
+        to compute); returns the tokens found. The request must write through
+        `copy_on_write`, which copies a tail before it is written. Requests
         asking for prompt logprobs compute every position, so they look nothing up."""
         cache = self.prefix_cache
         if cache is None:
@@ -222,7 +224,11 @@ class BlockManager:
         if request.sampling_params.prompt_logprobs is not None:
             return 0
         request.block_ids = self.take_cached(cache.longest_prefix(request))
-        request.num_computed_tokens = len(request.block_ids) * self.block_size
+        num_full = len(request.block_ids)
+        tail, num_tail_tokens = cache.longest_tail(request, num_full)
+        if num_tail_tokens:  # shared until written: copy_on_write copies it first
+            request.block_ids += self.take_cached([tail])
+        request.num_computed_tokens = num_full * self.block_size + num_tail_tokens
         return request.num_computed_tokens
 
     def record_prefix_lookup(self, request: Request, num_cached_tokens: int) -> None:
@@ -248,6 +254,25 @@ class BlockManager:
         """Forget every cached page (free ones become plain free pages)."""
         if self.prefix_cache is not None:
             self._free.extend(self.prefix_cache.reset())
+
+    def _keep_tail(self, request: Request) -> None:
+        """File the partly filled page holding `request`'s last computed positions as a
+        prefix-cache tail if this free is its last reference and its KV is of the current
+        weights."""
+        cache = self.prefix_cache
+        computed = request.num_computed_tokens
+        index = computed // self.block_size
+        if (computed % self.block_size == 0 or index >= len(request.block_ids)
+                or request.kv_weights_version != cache.weights_version):
+            return
+        page = request.block_ids[index]
+        if self._ref_counts[page] == 1:
+            cache.register_tail(request, page, computed)
+
+    def _is_shared(self, block_id: int) -> bool:
+        """Whether a write into `block_id` needs a private copy first."""
+        return self._ref_counts[block_id] > 1 or (
+            self.prefix_cache is not None and self.prefix_cache.is_tail(block_id))
 
     def _num_evictable(self) -> int:
         return 0 if self.prefix_cache is None else self.prefix_cache.num_evictable

@@ -43,7 +43,8 @@ def padded_pairs(pairs: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarr
 
 def copy_kv_blocks(kv_cache, pairs: Sequence[tuple[int, int]], sharding: Any = None):
     """Return `kv_cache` with page `dst` := page `src` for every pair (the input cache is
-    donated). Destinations must be distinct and no destination may be a source. `sharding`:
+    donated). Destinations must be distinct; every source is read before any page is
+    written, so a page may be a destination and a source at once. `sharding`:
     where the page numbers go (replicated over the pool's mesh; None: default device)."""
     if not pairs:
         return kv_cache

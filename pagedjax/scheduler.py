@@ -214,11 +214,12 @@ class Scheduler:
             cached = bm.take_cached_prefix(request) if looked_up else 0
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             target = request.num_computed_tokens + num_new
-            if request.block_ids and not cached:  # a fork: writes into shared pages copy
+            if request.block_ids:
+                # Shared pages (a fork's, a cached tail) are copied before they are written.
                 fits = bm.can_allocate(bm.num_blocks_to_write(
                     request, request.num_computed_tokens, target))
                 fits = fits and self._reserve(request, target, out)
-            else:  # cached pages are full: they are never written
+            else:
                 fits = bm.ensure_capacity(request, target)
             if not fits:
                 if cached:  # give the pages back (they stay cached)
