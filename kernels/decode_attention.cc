@@ -77,6 +77,9 @@ constexpr int KC = chunk_tiles(ST, G + 1);
 constexpr int VC = chunk_tiles(DT, G + 1);
 constexpr float kNegInf = -1e30f;  // the jnp backend's NEG_INF
 constexpr int kCacheLineFloats = 16;  // one prefetch per 64-byte line
+// Rows walked together over one sequence's pages: enough to read each page once for a
+// chunk's worth of rows, few enough that a long chunk still spreads over the threads.
+constexpr int kMaxGroupRows = 16;
 
 // Loops over registers' worth of accumulators are unrolled by force: a rolled loop
 // keeps its accumulator array on the stack, one store and reload per multiply-add.
@@ -158,112 +161,135 @@ struct Row {
   float* out;            // [K, G, D]
 };
 
-// One row over its pages; false when the table names a page outside the pool.
-bool attend_row(const Pools& pools, const Row& row, int max_pages, int32_t window,
-                float soft_cap) {
-  const int K = pools.num_kv_heads;
-  for (int h = 0; h < K * G; ++h) { row.max[h] = kNegInf; row.total[h] = 0.f; }
-  std::memset(row.out, 0, sizeof(float) * K * G * D);
-  const int32_t first_key = window > 0 ? std::max(0, row.position - window + 1) : 0;
-  if (row.len <= first_key) return true;
-  const int first_page = first_key / S;
-  const int end_page = std::min((row.len + S - 1) / S, max_pages);
-  for (int j = first_page; j < end_page; ++j) {
-    const int32_t page = row.table[j];
-    if (page < 0 || page >= pools.num_pages) return false;
-    const int lo = std::max(0, first_key - j * S);  // visible keys of this page: [lo, hi)
-    const int hi = std::min(S, row.len - j * S);
-    const int tile_lo = lo / W, tile_hi = (hi + W - 1) / W;
-    const float* page_keys = pools.keys + page * int64_t{K} * D * S;
-    const float* page_values = pools.values + page * int64_t{S} * K * D;
-    // The next page's bytes are requested while this one is multiplied.
-    const int32_t next = j + 1 < end_page ? row.table[j + 1] : page;
-    const bool prefetch = next != page && next >= 0 && next < pools.num_pages;
-    const float* next_keys = pools.keys + next * int64_t{K} * D * S;
-    const float* next_values = pools.values + next * int64_t{S} * K * D;
-
-    for (int k = 0; k < K; ++k) {
-      const float* keys = page_keys + int64_t{k} * D * S;  // [D, S]
-      const float* q = row.q + k * G * D;                  // [G, D]
-      alignas(64) float scores[G][S];
-      // Chunks of KC tiles: scores[g][chunk] stay in registers over the head dim.
-      for (int c = tile_lo / KC * KC; c < tile_hi; c += KC) {
-        vec acc[G][KC];
-        UNROLL for (int g = 0; g < G; ++g)
-          UNROLL for (int i = 0; i < KC; ++i) acc[g][i] = vec{};
-        for (int d = 0; d < D; ++d) {
-          const float* key_row = keys + d * S + c * W;
-          if (prefetch)
-            for (int f = 0; f < KC * W; f += kCacheLineFloats)
-              __builtin_prefetch(next_keys + int64_t{k} * D * S + d * S + c * W + f);
-          vec query[G];
-          UNROLL for (int g = 0; g < G; ++g) query[g] = splat(q[g * D + d]);
-          UNROLL for (int i = 0; i < KC; ++i) {
-            const vec key = load(key_row + i * W);
-            UNROLL for (int g = 0; g < G; ++g) acc[g][i] += query[g] * key;
-          }
-        }
-        UNROLL for (int g = 0; g < G; ++g)
-          UNROLL for (int i = 0; i < KC; ++i) store(&scores[g][(c + i) * W], acc[g][i]);
-      }
-
-      alignas(64) float weights[G][S];
-      float rescale[G];
-      bool any_visible[G];
-      for (int g = 0; g < G; ++g) {
-        const int h = k * G + g;
-        float page_max = kNegInf;
-        for (int i = tile_lo; i < tile_hi; ++i) {
-          const ivec key = lane_index() + i * W;
-          vec s = load(&scores[g][i * W]);
-          s = soft_cap > 0.f ? soft_cap_vec(s, soft_cap) : s;
-          s = (key >= lo && key < hi) ? s : splat(kNegInf);
-          store(&scores[g][i * W], s);
-          page_max = std::max(page_max, reduce_max(s));
-        }
-        const float old_max = row.max[h];
-        const float new_max = std::max(old_max, page_max);
-        any_visible[g] = new_max > kNegInf;
-        if (!any_visible[g]) continue;
-        rescale[g] = exp_vec(splat(old_max - new_max))[0];
-        vec sum{};
-        for (int i = tile_lo; i < tile_hi; ++i) {
-          const ivec key = lane_index() + i * W;
-          vec e = exp_vec(load(&scores[g][i * W]) - splat(new_max));
-          e = (key >= lo && key < hi) ? e : vec{};
-          store(&weights[g][i * W], e);
-          sum += e;
-        }
-        row.total[h] = row.total[h] * rescale[g] + reduce_sum(sum);
-        row.max[h] = new_max;
-      }
-
-      float* out = row.out + k * G * D;  // [G, D]
-      // Chunks of VC tiles of the head dim: out[g][chunk] stays in registers over the
-      // page's keys.
-      for (int c = 0; c < DT; c += VC) {
-        vec acc[G][VC];
-        UNROLL for (int g = 0; g < G; ++g)
-          UNROLL for (int i = 0; i < VC; ++i)
-            acc[g][i] = any_visible[g] ? load(out + g * D + (c + i) * W) * rescale[g]
-                                       : vec{};
-        for (int t = lo; t < hi; ++t) {
-          const float* value = page_values + (int64_t{t} * K + k) * D + c * W;
-          if (prefetch)
-            for (int f = 0; f < VC * W; f += kCacheLineFloats)
-              __builtin_prefetch(next_values + (int64_t{t} * K + k) * D + c * W + f);
-          vec weight[G];
-          UNROLL for (int g = 0; g < G; ++g)
-            weight[g] = splat(any_visible[g] ? weights[g][t] : 0.f);
-          UNROLL for (int i = 0; i < VC; ++i) {
-            const vec v = load(value + i * W);
-            UNROLL for (int g = 0; g < G; ++g) acc[g][i] += weight[g] * v;
-          }
-        }
-        UNROLL for (int g = 0; g < G; ++g)
-          UNROLL for (int i = 0; i < VC; ++i) store(out + g * D + (c + i) * W, acc[g][i]);
+// One row's share of one page for KV head k: its scores against the page's visible keys
+// [lo, hi), folded into the row's running max, total and weighted values. With `next`
+// set, the next page's bytes for this head are requested while this one is multiplied.
+void attend_page_head(const Row& row, int K, int k, const float* page_keys,
+                      const float* page_values, int lo, int hi, const float* next_keys,
+                      const float* next_values, float soft_cap) {
+  const int tile_lo = lo / W, tile_hi = (hi + W - 1) / W;
+  const bool prefetch = next_keys != nullptr;
+  const float* keys = page_keys + int64_t{k} * D * S;  // [D, S]
+  const float* q = row.q + k * G * D;                  // [G, D]
+  alignas(64) float scores[G][S];
+  // Chunks of KC tiles: scores[g][chunk] stay in registers over the head dim.
+  for (int c = tile_lo / KC * KC; c < tile_hi; c += KC) {
+    vec acc[G][KC];
+    UNROLL for (int g = 0; g < G; ++g)
+      UNROLL for (int i = 0; i < KC; ++i) acc[g][i] = vec{};
+    for (int d = 0; d < D; ++d) {
+      const float* key_row = keys + d * S + c * W;
+      if (prefetch)
+        for (int f = 0; f < KC * W; f += kCacheLineFloats)
+          __builtin_prefetch(next_keys + int64_t{k} * D * S + d * S + c * W + f);
+      vec query[G];
+      UNROLL for (int g = 0; g < G; ++g) query[g] = splat(q[g * D + d]);
+      UNROLL for (int i = 0; i < KC; ++i) {
+        const vec key = load(key_row + i * W);
+        UNROLL for (int g = 0; g < G; ++g) acc[g][i] += query[g] * key;
       }
     }
+    UNROLL for (int g = 0; g < G; ++g)
+      UNROLL for (int i = 0; i < KC; ++i) store(&scores[g][(c + i) * W], acc[g][i]);
+  }
+
+  alignas(64) float weights[G][S];
+  float rescale[G];
+  bool any_visible[G];
+  for (int g = 0; g < G; ++g) {
+    const int h = k * G + g;
+    float page_max = kNegInf;
+    for (int i = tile_lo; i < tile_hi; ++i) {
+      const ivec key = lane_index() + i * W;
+      vec s = load(&scores[g][i * W]);
+      s = soft_cap > 0.f ? soft_cap_vec(s, soft_cap) : s;
+      s = (key >= lo && key < hi) ? s : splat(kNegInf);
+      store(&scores[g][i * W], s);
+      page_max = std::max(page_max, reduce_max(s));
+    }
+    const float old_max = row.max[h];
+    const float new_max = std::max(old_max, page_max);
+    any_visible[g] = new_max > kNegInf;
+    if (!any_visible[g]) continue;
+    rescale[g] = exp_vec(splat(old_max - new_max))[0];
+    vec sum{};
+    for (int i = tile_lo; i < tile_hi; ++i) {
+      const ivec key = lane_index() + i * W;
+      vec e = exp_vec(load(&scores[g][i * W]) - splat(new_max));
+      e = (key >= lo && key < hi) ? e : vec{};
+      store(&weights[g][i * W], e);
+      sum += e;
+    }
+    row.total[h] = row.total[h] * rescale[g] + reduce_sum(sum);
+    row.max[h] = new_max;
+  }
+
+  float* out = row.out + k * G * D;  // [G, D]
+  // Chunks of VC tiles of the head dim: out[g][chunk] stays in registers over the
+  // page's keys.
+  for (int c = 0; c < DT; c += VC) {
+    vec acc[G][VC];
+    UNROLL for (int g = 0; g < G; ++g)
+      UNROLL for (int i = 0; i < VC; ++i)
+        acc[g][i] = any_visible[g] ? load(out + g * D + (c + i) * W) * rescale[g]
+                                   : vec{};
+    for (int t = lo; t < hi; ++t) {
+      const float* value = page_values + (int64_t{t} * K + k) * D + c * W;
+      if (prefetch)
+        for (int f = 0; f < VC * W; f += kCacheLineFloats)
+          __builtin_prefetch(next_values + (int64_t{t} * K + k) * D + c * W + f);
+      vec weight[G];
+      UNROLL for (int g = 0; g < G; ++g)
+        weight[g] = splat(any_visible[g] ? weights[g][t] : 0.f);
+      UNROLL for (int i = 0; i < VC; ++i) {
+        const vec v = load(value + i * W);
+        UNROLL for (int g = 0; g < G; ++g) acc[g][i] += weight[g] * v;
+      }
+    }
+    UNROLL for (int g = 0; g < G; ++g)
+      UNROLL for (int i = 0; i < VC; ++i) store(out + g * D + (c + i) * W, acc[g][i]);
+  }
+}
+
+// The first key a row sees: all of them, or the window's.
+inline int32_t first_visible_key(int32_t position, int32_t window) {
+  return window > 0 ? std::max(0, position - window + 1) : 0;
+}
+
+// Rows [0, n) that see the same keys (one sequence's chunk: same pages, length and
+// window start), page by page: each page's bytes are read from memory once and reused
+// from cache by the other rows, instead of streamed again per row. Each row's arithmetic
+// is exactly a lone row's. False when the table names a page outside the pool.
+bool attend_rows(const Pools& pools, const Row* rows, int n, int max_pages,
+                 int32_t window, float soft_cap) {
+  const int K = pools.num_kv_heads;
+  for (int r = 0; r < n; ++r) {
+    for (int h = 0; h < K * G; ++h) { rows[r].max[h] = kNegInf; rows[r].total[h] = 0.f; }
+    std::memset(rows[r].out, 0, sizeof(float) * K * G * D);
+  }
+  const Row& lead = rows[0];
+  const int32_t first_key = first_visible_key(lead.position, window);
+  if (lead.len <= first_key) return true;
+  const int first_page = first_key / S;
+  const int end_page = std::min((lead.len + S - 1) / S, max_pages);
+  for (int j = first_page; j < end_page; ++j) {
+    const int32_t page = lead.table[j];
+    if (page < 0 || page >= pools.num_pages) return false;
+    const int lo = std::max(0, first_key - j * S);  // visible keys of this page: [lo, hi)
+    const int hi = std::min(S, lead.len - j * S);
+    const float* page_keys = pools.keys + page * int64_t{K} * D * S;
+    const float* page_values = pools.values + page * int64_t{S} * K * D;
+    const int32_t next = j + 1 < end_page ? lead.table[j + 1] : page;
+    const bool prefetch = next != page && next >= 0 && next < pools.num_pages;
+    for (int k = 0; k < K; ++k)
+      for (int r = 0; r < n; ++r) {
+        // Only the first row asks for the next page: the others find it cached.
+        const bool ask = prefetch && r == 0;
+        attend_page_head(rows[r], K, k, page_keys, page_values, lo, hi,
+                         ask ? pools.keys + next * int64_t{K} * D * S : nullptr,
+                         ask ? pools.values + next * int64_t{S} * K * D : nullptr,
+                         soft_cap);
+      }
   }
   return true;
 }
@@ -307,27 +333,50 @@ static ffi::Error DecodeAttention(ffi::ThreadPool thread_pool,
   const int max_pages = static_cast<int>(td[1]);
   const int32_t* len_data = lens.typed_data();
 
-  // Rows longest first, so that the last ones claimed are the short ones.
+  // Rows longest first, so that the last ones claimed are the short ones; then runs of
+  // rows that see the same keys (a chunk's tokens: the stable sort keeps them adjacent)
+  // become one item, at most kMaxGroupRows rows each.
+  const int32_t* table_data = tables.typed_data();
+  const int32_t* position_data = positions.typed_data();
   auto order = std::make_shared<std::vector<int>>(R);
   std::iota(order->begin(), order->end(), 0);
   std::stable_sort(order->begin(), order->end(),
                    [&](int a, int b) { return len_data[a] > len_data[b]; });
+  auto same_keys = [&](int a, int b) {
+    if (len_data[a] != len_data[b] ||
+        first_visible_key(position_data[a], window) !=
+            first_visible_key(position_data[b], window))
+      return false;
+    const int pages = std::min<int64_t>((len_data[a] + S - 1) / S, max_pages);
+    return pages <= 0 || std::memcmp(table_data + int64_t{a} * max_pages,
+                                     table_data + int64_t{b} * max_pages,
+                                     sizeof(int32_t) * pages) == 0;
+  };
+  auto group_start = std::make_shared<std::vector<int>>();
+  for (int i = 0; i < R; ++i)
+    if (group_start->empty() || i - group_start->back() >= kMaxGroupRows ||
+        !same_keys((*order)[group_start->back()], (*order)[i]))
+      group_start->push_back(i);
+  const int num_groups = static_cast<int>(group_start->size());
+  group_start->push_back(static_cast<int>(R));
   auto bad_page = std::make_shared<std::atomic<bool>>(false);
   const float* q_data = q.typed_data();
-  const int32_t* table_data = tables.typed_data();
-  const int32_t* position_data = positions.typed_data();
   float* max_data = max_out->typed_data();
   float* total_data = total_out->typed_data();
   float* out_data = out->typed_data();
   const int64_t heads = K * G;
   int64_t context_tokens = 0;
   for (int64_t r = 0; r < R; ++r) context_tokens += len_data[r];
-  pagedjax::run_items(thread_pool, R, context_tokens * heads * D, [=](int64_t i) {
-    const int r = (*order)[i];
-    const Row row{q_data + r * heads * D, table_data + r * max_pages, len_data[r],
-                  position_data[r], max_data + r * heads, total_data + r * heads,
-                  out_data + r * heads * D};
-    if (!attend_row(pools, row, max_pages, window, soft_cap)) *bad_page = true;
+  pagedjax::run_items(thread_pool, num_groups, context_tokens * heads * D, [=](int64_t i) {
+    Row rows[kMaxGroupRows];
+    const int begin = (*group_start)[i], n = (*group_start)[i + 1] - begin;
+    for (int m = 0; m < n; ++m) {
+      const int r = (*order)[begin + m];
+      rows[m] = Row{q_data + r * heads * D, table_data + r * max_pages, len_data[r],
+                    position_data[r], max_data + r * heads, total_data + r * heads,
+                    out_data + r * heads * D};
+    }
+    if (!attend_rows(pools, rows, n, max_pages, window, soft_cap)) *bad_page = true;
   });
   if (*bad_page)
     return ffi::Error::InvalidArgument("decode attention: a block table names a page "

@@ -60,7 +60,9 @@ def paged_attention(
     `row_attention` replaces the jnp read of one-query-token rows (the native backend's
     C++ kernel): called as row_attention(q, tables, lens, query_positions, k_cache=,
     v_cache=, layer=, sliding_window=, soft_cap=), it returns what
-    PagedContext.attend_rows does.
+    PagedContext.attend_rows does. It then reads the chunks' context too, every chunk
+    token as a row of its own (rows with no context: lens 0): the kernel walks the rows
+    of one chunk together, so each page is read once per group of rows.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
@@ -105,6 +107,10 @@ def paged_attention(
     decode = PartialSoftmax(*(x[:, seq] for x in decode))  # back to token rows [K, T, G]
 
     def chunk_context():  # multi-token chunks with cached context: [K, T, G]
+        if row_attention is not None:  # each chunk token a row; the kernel reads a
+            in_chunk = valid & chunks_with_context[seq]  # chunk's pages once for its rows
+            return pages.attend_rows(q_tokens, block_tables[seq],
+                                     jnp.where(in_chunk, context_lens[seq], 0), positions)
         return _chunks_over_context(pages, qg, seq, valid, positions, query_lens,
                                     context_lens, block_tables, chunks_with_context)
 

@@ -74,10 +74,16 @@ def make_rows(group, head_dim, page_size, lens, *, num_kv_heads=3, layer=1, seed
 @pytest.mark.parametrize("window,soft_cap", [(None, None), (70, None), (None, 30.0)])
 def test_rows_match_jnp_rows(group, head_dim, page_size, window, soft_cap):
     """The kernel's unnormalised softmax against PagedContext.attend_rows: empty rows,
-    partial and whole last pages, a context past the window; rows unsorted."""
+    partial and whole last pages, a context past the window; rows unsorted; and a chunk's
+    rows (one sequence's pages, successive positions) that the kernel walks together."""
     lens = [0, 1, page_size - 1, page_size, page_size + 1, 3 * page_size + 5, 150, 2]
     q, tables, lens, k_cache, v_cache = make_rows(group, head_dim, page_size, lens)
-    positions = lens  # each row's query sits right after its context
+    chunk = 20  # more rows than the kernel groups at once
+    chunk_q = np.random.default_rng(1).standard_normal((chunk,) + q.shape[1:]) * 0.3
+    q = jnp.concatenate([q, jnp.asarray(chunk_q, jnp.float32)])
+    tables = jnp.concatenate([tables, jnp.repeat(tables[5:6], chunk, axis=0)])
+    positions = jnp.concatenate([lens, lens[5] + jnp.arange(chunk, dtype=jnp.int32)])
+    lens = jnp.concatenate([lens, jnp.repeat(lens[5:6], chunk)])
     layer = jnp.int32(1)
     cap = soft_cap_fn(soft_cap)
 
