@@ -1,5 +1,6 @@
-// Paged attention of decode rows over their cached context, for XLA on CPU (an XLA FFI
-// custom call; kernels/native_attention.py builds, loads and calls it).
+// Paged attention of query rows over their cached context (decode tokens, and every
+// token of a continuing chunk), for XLA on CPU (an XLA FFI custom call;
+// kernels/native_attention.py builds, loads and calls it).
 //
 // Why C++: XLA CPU cannot feed a gather into a dot, so the jnp backend copies every
 // page it reads into a fresh buffer and reads it again in small GEMMs (about three
@@ -12,6 +13,8 @@
 // within a page), values [L, P, S, K, D]. The result is the unnormalised softmax
 // (running max [R, K, G], total [R, K, G], weighted values [R, K, G, D]) that the Python
 // side merges with the step's own tokens; a row that sees no key gets max -1e30, total 0.
+// Adjacent rows that see the same keys (a chunk's tokens) are walked together, page by
+// page, so a page is read from memory once for the group, not once per row.
 //
 // GROUP (G), HEAD_DIM (D) and PAGE_SIZE (S) are compile-time constants (-D flags, one
 // build per model shape) so that the loops over a page tile exactly into registers.

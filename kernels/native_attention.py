@@ -1,10 +1,11 @@
 """Paged attention with decode rows in a C++ kernel: the "native" backend for XLA on CPU.
 
-Everything is the jnp backend (`jnp_attention.paged_attention`) except the rows that read
-a sequence's cached context one query token at a time (every decode token; every token
-when a step holds several continuing chunks): those run `decode_attention.cc` through
-`jax.ffi`, which multiplies each page where it lies in the pool instead of gathering it
-into a copy first (XLA CPU cannot feed a gather into a dot).
+Everything is the jnp backend (`jnp_attention.paged_attention`) except the reads of
+cached context, one query token per row (every decode token, and every token of a
+continuing chunk): those run `decode_attention.cc` through `jax.ffi`, which multiplies
+each page where it lies in the pool instead of gathering it into a copy first (XLA CPU
+cannot feed a gather into a dot), and walks a chunk's rows together so each page is read
+once per group of rows.
 
 The kernel is compiled per (query heads per KV head, head dim, page size) by
 `native_build`, so registers hold a page's scores and a row's outputs; `native_build`
