@@ -148,9 +148,7 @@ class BlockManager:
         """
         if end <= start:
             return []
-        first = start // self.block_size
-        last = min(len(request.block_ids), self.blocks_needed(end))
-        shared = [i for i in range(first, last) if self._is_shared(request.block_ids[i])]
+        shared = self._shared_pages_written(request, start, end)
         if not self.can_allocate(len(shared)):
             return None
         copies = []
@@ -167,10 +165,8 @@ class BlockManager:
         [start, end) plus the pages still missing up to `end`."""
         if end <= start:
             return 0
-        first = start // self.block_size
-        last = min(len(request.block_ids), self.blocks_needed(end))
-        shared = sum(1 for i in range(first, last) if self._is_shared(request.block_ids[i]))
-        return shared + max(0, self.blocks_needed(end) - len(request.block_ids))
+        shared = self._shared_pages_written(request, start, end)
+        return len(shared) + max(0, self.blocks_needed(end) - len(request.block_ids))
 
     def fork(self, block_ids: Sequence[int]) -> list[int]:
         """Share already-allocated pages with another sequence; returns a copy of the ids.
@@ -269,10 +265,15 @@ class BlockManager:
         if self._ref_counts[page] == 1:
             cache.register_tail(request, page, computed)
 
-    def _is_shared(self, block_id: int) -> bool:
-        """Whether a write into `block_id` needs a private copy first."""
-        return self._ref_counts[block_id] > 1 or (
-            self.prefix_cache is not None and self.prefix_cache.is_tail(block_id))
+    def _shared_pages_written(self, request: Request, start: int, end: int) -> list[int]:
+        """Indices into `request.block_ids` of the pages holding positions [start, end)
+        that a write must copy first: shared with another sequence, or a cached tail."""
+        first = start // self.block_size
+        last = min(len(request.block_ids), self.blocks_needed(end))
+        cache = self.prefix_cache
+        return [i for i in range(first, last)
+                if self._ref_counts[request.block_ids[i]] > 1
+                or (cache is not None and cache.is_tail(request.block_ids[i]))]
 
     def _num_evictable(self) -> int:
         return 0 if self.prefix_cache is None else self.prefix_cache.num_evictable

@@ -16,7 +16,7 @@ class KVCacheStats:
     usage: float  # used / usable blocks
     waste: float  # allocated slots of live requests not holding a token
     bytes: int
-    cached_blocks: int = 0  # pages holding a prefix-cache key (free or in use)
+    cached_blocks: int = 0  # pages holding a prefix-cache key or tail (free or in use)
     prefix_cache_queries: int = 0  # prompt tokens looked up, since the engine started
     prefix_cache_hits: int = 0  # of those, tokens found in the cache
 

@@ -163,8 +163,8 @@ class PrefixCache:
 
     @property
     def num_cached_blocks(self) -> int:
-        """Pages holding a key, free or in use."""
-        return len(self._key_of)
+        """Pages holding a key or filed as a tail, free or in use."""
+        return len(self._key_of) + len(self._tail_index_of)
 
     def evictable_blocks(self) -> list[int]:
         """The free pages holding a key, least recently used first."""

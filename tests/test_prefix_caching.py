@@ -89,6 +89,7 @@ def test_a_freed_tail_is_found_by_its_leading_tokens_and_copied_before_written()
     assert bm.take_cached_prefix(request_of(BASE[:7] + [9], "early")) == BLOCK
     bm.free_blocks([full])
     bm.free(shared)  # the last one: the tail is filed under its parent page's key
+    assert bm.prefix_cache.num_cached_blocks == 2  # the full page and the tail
     # whole tail, one shared token, the last token left to compute, other parents: none
     for tokens, found in ((BASE[:7] + [9], 7), (BASE[:5] + [50, 51, 52], 5),
                           (BASE[:7], 6), ([99] + BASE[1:7] + [9], 0)):
