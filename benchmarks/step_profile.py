@@ -3,8 +3,8 @@ prefill step) of the default model, taken from a real decode-heavy run and repla
 with every row's cached context cut to nothing (the difference is the context read, i.e.
 decode attention), and under jax.profiler, whose XLA ops are grouped into GEMMs, attention,
 KV write, sampling, the layer switch and the rest; plus the step's weight GEMMs timed on
-their own at the step's shapes, with weights stored [out, in] (as the engine does) and
-[in, out].
+their own at the step's shapes, every layer's own matrix in turn (streamed from memory as in
+a step), with weights stored [out, in] (as the engine does) and [in, out].
 
     python benchmarks/step_profile.py [--rows 128] [--new-tokens 150] [--trace-dir DIR]
 
@@ -117,9 +117,11 @@ def categorize(events: list[dict], repeats: int) -> tuple[dict, list]:
     return dict(totals), names.most_common(25)
 
 
-def gemm_ms(config, rows: int, repeats: int = 20) -> dict:
-    """The step's weight GEMMs alone, per-layer [out, in] matrices as the engine holds
-    them: ms per step (30 layers + the vocabulary projection) and GFLOP/s."""
+def gemm_ms(config, rows: int, repeats: int = 10) -> dict:
+    """The step's weight GEMMs alone, stored [out, in] as the engine holds them and [in, out]:
+    per matrix kind, one program multiplying by every layer's own matrix in turn (each
+    product feeding the next one's input, as in the model), so the weights stream from
+    memory as in a step rather than from cache. ms per step and GFLOP/s."""
     import jax
     import jax.numpy as jnp
 
@@ -127,22 +129,34 @@ def gemm_ms(config, rows: int, repeats: int = 20) -> dict:
     E, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
     shapes = {"qkv": ((H + 2 * K) * D, E), "o": (E, H * D), "gate_up": (2 * F, E),
               "down": (E, F), "vocab": (V, E)}
+    products = {"[out, in]": lambda x, w: x @ w.T, "[in, out]": lambda x, w: x @ w}
     rng = np.random.default_rng(0)
     result = {}
     for name, (out_dim, in_dim) in shapes.items():
-        w = jnp.asarray(rng.standard_normal((out_dim, in_dim), np.float32))  # [out, in]
-        x = jnp.asarray(rng.standard_normal((rows, in_dim), np.float32))  # [N, in]
         count = 1 if name == "vocab" else config.num_layers
-        for layout, weight, product in (("[out, in]", w, lambda x, w: x @ w.T),
-                                        ("[in, out]", w.T.copy(), lambda x, w: x @ w)):
-            dot = jax.jit(product)
-            dot(x, weight).block_until_ready()
-            start = time.perf_counter()
+        weights = [rng.standard_normal((out_dim, in_dim), np.float32) for _ in range(count)]
+        x = jnp.asarray(rng.standard_normal((rows, in_dim), np.float32))  # [N, in]
+        for layout, product in products.items():
+            stored = [jnp.asarray(w if layout == "[out, in]" else w.T.copy()) for w in weights]
+
+            def chain(x, stored, product=product):
+                outputs = []
+                for w in stored:
+                    outputs.append(product(x, w))
+                    x = x + 0.0 * outputs[-1][0, 0]  # the next product waits for this one
+                return outputs
+
+            run = jax.jit(chain)
+            jax.block_until_ready(run(x, stored))
+            times = []
             for _ in range(repeats):
-                dot(x, weight).block_until_ready()
-            ms = 1000 * (time.perf_counter() - start) / repeats
-            result[(name, layout)] = {"ms_each": ms, "ms_per_step": ms * count,
-                                      "gflops": 2 * rows * out_dim * in_dim / ms / 1e6}
+                start = time.perf_counter()
+                jax.block_until_ready(run(x, stored))
+                times.append(time.perf_counter() - start)
+            ms = 1000 * float(np.median(times))
+            result[(name, layout)] = {"ms_each": ms / count, "ms_per_step": ms,
+                                      "gflops": 2 * rows * out_dim * in_dim * count / ms / 1e6}
+            del stored
     return result
 
 
