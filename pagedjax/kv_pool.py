@@ -19,6 +19,14 @@ def resolve_dtype(dtype: str, platform: str) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
+def resolve_kv_dtype(dtype: jnp.dtype, platform: str) -> jnp.dtype:
+    """The KV pool's dtype: the engine dtype, except float32 on CPU. XLA CPU has no 16-bit
+    float scatter: it widens a bfloat16 pool to float32 and back around every step's KV
+    write (~100x a float32 step), and the native attention reads float32 pools. K and V
+    keep their values (a 16-bit float widens exactly); the pool takes twice the bytes."""
+    return jnp.dtype(jnp.float32) if platform == "cpu" else jnp.dtype(dtype)
+
+
 def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
     """The engine's context limit: `config.max_model_len`, at most the model's."""
     limit = model_config.max_position_embeddings
