@@ -14,7 +14,7 @@
 #    time against a profiler trace; the mixed workload with 1 and 8 steps; float32 mixed
 #    (half the prompts), where the two attention backends' greedy tokens should agree;
 # 2. the Pallas kernel compiled by Triton against the jnp reference, per step bucket, timed
-#    (benchmarks/kernels.py): float32 at the default model's attention shape (9 query /
+#    (benchmarks/pallas_kernel.py): float32 at the default model's attention shape (9 query /
 #    3 KV heads of 64), bfloat16 at a Llama-8B one (32 / 8 heads of 128).
 #
 # Written for a machine with JAX (CUDA), torch, transformers and flax already installed
@@ -81,9 +81,9 @@ stage throughput_f32 150 $F32 python3 benchmarks/throughput.py --model /tmp/smol
   --dtype float32 --workload mixed --scale 0.5 --attention-backend pallas,reference --skip-hf \
   --out /tmp/tp_f32
 cp /tmp/tp_f32/throughput.json "$OUT/throughput_f32.json" 2>/dev/null
-stage kernels_f32 100 $F32 python3 benchmarks/kernels.py --dtype float32 --num-heads 9 \
+stage kernels_f32 100 $F32 python3 benchmarks/pallas_kernel.py --dtype float32 --num-heads 9 \
   --num-kv-heads 3 --head-dim 64 --iters 20
-stage kernels_bf16 120 python3 benchmarks/kernels.py --dtype bfloat16 --iters 20
+stage kernels_bf16 120 python3 benchmarks/pallas_kernel.py --dtype bfloat16 --iters 20
 
 for name in throughput_bf16 multi_step_bf16 timeline mixed_bf16 throughput_f32 kernels_f32 kernels_bf16; do
   echo "---- $name"

@@ -101,8 +101,8 @@ def run_worker(engine: str, python: str, model_dir: str, job: dict, folder: str,
         env.update({"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
                     "VLLM_CPU_KVCACHE_SPACE": str(-(-job["kv_cache_bytes"] // (1 << 30))),
                     "TOKENIZERS_PARALLELISM": "false"})
-    # -P and a cwd outside the repo: benchmarks/kernels.py and the repo's kernels/ would
-    # shadow the `kernels` package that vLLM's transformers looks for.
+    # -P and a cwd outside the repo: the repo's kernels/ would shadow the `kernels`
+    # package that vLLM's transformers looks for.
     command = [python, "-P", WORKER, "--engine", engine, "--model", model_dir,
                "--job", job_path, "--out", out_path]
     start = time.perf_counter()

@@ -1,8 +1,8 @@
 """Paged attention: the Pallas kernel against the jnp reference, per step bucket.
 
-    python benchmarks/kernels.py                  # on a GPU: Triton kernel, real sizes
-    python benchmarks/kernels.py --tiny           # on CPU: interpret mode, tiny sizes (a check)
-    python benchmarks/kernels.py --dtype float32 --head-dim 128 --num-heads 32 --num-kv-heads 8
+    python benchmarks/pallas_kernel.py                  # on a GPU: Triton kernel, real sizes
+    python benchmarks/pallas_kernel.py --tiny           # on CPU: interpret mode, tiny sizes (a check)
+    python benchmarks/pallas_kernel.py --dtype float32 --head-dim 128 --num-heads 32 --num-kv-heads 8
 
 For every bucket (decodes: B sequences x context; prefill chunks: new tokens over a cached
 context) it builds fresh random data in a scattered paged pool, checks the kernel against
