@@ -189,8 +189,8 @@ def test_backend_resolution():
 def test_kernel_benchmark_runs_tiny_on_cpu(capsys):
     import importlib.util
     import pathlib
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("benchmark_kernels", path)
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "pallas_kernel.py"
+    spec = importlib.util.spec_from_file_location("benchmark_pallas_kernel", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--tiny", "--iters", "1", "--dtype", "float32"]) == 0
