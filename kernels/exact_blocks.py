@@ -11,7 +11,9 @@ in the same order: the products are bitwise those of the float32 matrix.
 Formats (one byte row per weight row, `I / 32` blocks of):
   Q4_1: float32 d, float32 m, 16 bytes: element j in the low nibble of byte j, element
         j + 16 in its high nibble; w = d * q + m, q in 0..15 (24 bytes per 32 weights);
-  Q8_0: float32 d, 32 int8 q; w = d * q (36 bytes per 32 weights).
+  Q8_0: float32 d, 32 int8 q; w = d * q (36 bytes per 32 weights);
+  BF16: 32 bfloat16 values, each float32 weight's upper half (its lower half is zero):
+        a bfloat16 checkpoint run in float32 (64 bytes per 32 weights).
 d and m are float16 values (GGUF's), stored widened so the kernel needs no conversion.
 """
 
@@ -22,8 +24,8 @@ from typing import Optional
 import numpy as np
 
 BLOCK = 32
-Q4_1, Q8_0 = 1, 2  # the kernel's format codes
-BLOCK_BYTES = {Q4_1: 24, Q8_0: 36}
+Q4_1, Q8_0, BF16 = 1, 2, 3  # the kernel's format codes
+BLOCK_BYTES = {Q4_1: 24, Q8_0: 36, BF16: 64}
 
 
 def encode_exactly(w: np.ndarray,  # [O, I] float32
@@ -33,7 +35,7 @@ def encode_exactly(w: np.ndarray,  # [O, I] float32
     if w.dtype != np.float32 or w.ndim != 2 or w.shape[1] % BLOCK or w.size == 0:
         return None
     blocks = w.reshape(w.shape[0], -1, BLOCK)  # [O, N, 32]
-    for encode in (_encode_q4_1, _encode_q8_0):
+    for encode in (_encode_q4_1, _encode_q8_0, _encode_bf16):
         encoded = encode(blocks)
         if encoded is not None:
             return encoded
@@ -45,6 +47,9 @@ def decode(fmt: int, blocks: np.ndarray,  # [O, bytes per row] uint8
     """The float32 matrix [O, I] that `blocks` of format `fmt` encode (the reference the
     kernel's in-register decoding is tested against)."""
     rows = blocks.shape[0]
+    if fmt == BF16:
+        halves = blocks.reshape(rows, -1).view(np.uint16).astype(np.uint32)  # [O, I]
+        return (halves << 16).view(np.float32)
     raw = blocks.reshape(rows, -1, BLOCK_BYTES[fmt])  # [O, N, block bytes]
     d = raw[..., :4].copy().view(np.float32)  # [O, N, 1]
     if fmt == Q8_0:
@@ -94,6 +99,15 @@ def _encode_q8_0(blocks: np.ndarray,  # [O, N, 32] float32
         return None
     raw = np.concatenate([d.view(np.uint8), q.astype(np.int8).view(np.uint8)], axis=-1)
     return Q8_0, raw.reshape(blocks.shape[0], -1)
+
+
+def _encode_bf16(blocks: np.ndarray,  # [O, N, 32] float32
+                 ) -> Optional[tuple[int, np.ndarray]]:
+    bits = blocks.view(np.uint32)
+    if np.any(bits & 0xFFFF):
+        return None
+    upper = (bits >> 16).astype(np.uint16)  # little-endian: 2 bytes per weight, in order
+    return BF16, upper.view(np.uint8).reshape(blocks.shape[0], -1)
 
 
 def _nearest_multiples(x: np.ndarray, d: np.ndarray, low: int, high: int) -> np.ndarray:

@@ -6,8 +6,8 @@
 // of 2-16 rows take 1.2-3x longer than that (its 1-row dots are fine); this kernel
 // streams each weight row once, dotting it with every x row (held in cache) in one pass,
 // the output rows split over XLA's thread pool in blocks. A matrix whose float32 values
-// are exactly Q4_1 / Q8_0 blocks (kernels/exact_blocks.py) can be streamed as those blocks
-// instead, each weight rebuilt in registers: a fifth to a quarter of the bytes, bitwise
+// are exactly Q4_1 / Q8_0 blocks or bfloat16 values (kernels/exact_blocks.py) can be
+// streamed so instead, each weight rebuilt in registers: a fifth to half the bytes, bitwise
 // the same outputs.
 
 #include <algorithm>
@@ -78,7 +78,7 @@ inline void reduce_lanes(const vec* acc, float* sums) {
 }
 
 // How a weight matrix is stored (kernels/exact_blocks.py; the codes are its Q4_1, Q8_0).
-enum Format { kF32 = 0, kQ4_1 = 1, kQ8_0 = 2 };
+enum Format { kF32 = 0, kQ4_1 = 1, kQ8_0 = 2, kBF16 = 3 };
 
 template <int F> struct Stored;
 template <> struct Stored<kF32> {
@@ -92,6 +92,10 @@ template <> struct Stored<kQ4_1> {
 template <> struct Stored<kQ8_0> {
   static constexpr int kChunk = 32;  // a block: float d, 32 int8
   static constexpr int64_t row_bytes(int64_t I) { return I / 32 * 36; }
+};
+template <> struct Stored<kBF16> {
+  static constexpr int kChunk = 32;  // 32 bfloat16: a cache line
+  static constexpr int64_t row_bytes(int64_t I) { return I / 32 * 64; }
 };
 
 typedef int32_t int_vec __attribute__((vector_size(4 * W)));
@@ -119,6 +123,26 @@ inline int_vec widen(const uint8_t* p) {
 #endif
 }
 
+// W bfloat16 values from p as float32: each the upper half of its float32 (exact).
+inline vec widen_bf16(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (vec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#elif defined(__AVX2__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (vec)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+#else
+  vec v;
+  for (int i = 0; i < W; ++i) {
+    uint16_t half;
+    __builtin_memcpy(&half, p + 2 * i, 2);
+    const uint32_t bits = static_cast<uint32_t>(half) << 16;
+    __builtin_memcpy(&v[i], &bits, 4);
+  }
+  return v;
+#endif
+}
+
 // The W weights from element h (a multiple of W, below kChunk) of the chunk at `chunk`,
 // rebuilt as float32: d * q + m rounds once (d * q is exact), as the loader's numpy did.
 template <int F>
@@ -129,6 +153,8 @@ inline vec weights(const uint8_t* chunk, int h) {
     const int_vec packed = widen<false>(chunk + 8 + h % 16);
     const int_vec q = h < 16 ? (packed & 0x0F) : (packed >> 4);
     return load_float(chunk) * __builtin_convertvector(q, vec) + load_float(chunk + 4);
+  } else if constexpr (F == kBF16) {
+    return widen_bf16(chunk + 2 * h);
   } else {
     return __builtin_convertvector(widen<true>(chunk + 4 + h), vec) * load_float(chunk);
   }
@@ -300,13 +326,16 @@ static ffi::Error SmallMatmulBlocks(ffi::ThreadPool thread_pool,
   float* y_data = y->typed_data();
   const int64_t row_bytes = format == kQ4_1   ? Stored<kQ4_1>::row_bytes(I)
                             : format == kQ8_0 ? Stored<kQ8_0>::row_bytes(I)
+                            : format == kBF16 ? Stored<kBF16>::row_bytes(I)
                                               : -1;
   if (row_bytes < 0 || I % 32 || bd.size() != 2 || bd[0] != O || bd[1] != row_bytes)
     return ffi::Error::InvalidArgument("small matmul: blocks do not match w's format");
   if (format == kQ4_1)
     multiply<kQ4_1>(thread_pool, x_data, blocks.typed_data(), y_data, R, I, O);
-  else
+  else if (format == kQ8_0)
     multiply<kQ8_0>(thread_pool, x_data, blocks.typed_data(), y_data, R, I, O);
+  else
+    multiply<kBF16>(thread_pool, x_data, blocks.typed_data(), y_data, R, I, O);
   return ffi::Error::Success();
 }
 

@@ -9,8 +9,9 @@ against every x row. The engine turns it on through `ModelConfig.small_matmul_ro
 MIN_ROWS..that many rows. It has a VJP (plain dots), so gradients flow through it too.
 
 A matrix whose float32 values are exactly a block encoding (kernels/exact_blocks.py: the
-default model's Q4_1 / Q8_0 GGUF weights) reaches `linear` as a `BlockMatrix`; the kernel
-then streams its blocks, a fifth to a quarter of the bytes, with bitwise the same outputs.
+default model's Q4_1 / Q8_0 GGUF weights, a bfloat16 checkpoint's in float32) reaches
+`linear` as a `BlockMatrix`; the kernel then streams its blocks, a fifth to half the bytes,
+with bitwise the same outputs.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Block-encoded copies of the engine's weight matrices, for the CPU small-matmul kernel.
 
 A decode step of a few sequences is the time to read every weight matrix once. Weights
-loaded from a quantized GGUF file are float32 values that a block format holds exactly
-(kernels/exact_blocks.py): the engine keeps such a copy of each matrix that has one, and
-the model's small products read it (`BlockMatrix`, kernels/small_matmul.py), bitwise the
-same outputs from a fifth to a quarter of the bytes. Prefill and large steps still read
+loaded from a quantized GGUF file, or a bfloat16 checkpoint run in float32, are float32
+values that a block format holds exactly (kernels/exact_blocks.py): the engine keeps such
+a copy of each matrix that has one, and the model's small products read it
+(`BlockMatrix`, kernels/small_matmul.py), bitwise the same outputs from a fifth to half
+the bytes. Prefill and large steps still read
 the float32 matrices through XLA.
 
 New weights (`update_params`) are not re-encoded (a check over every weight is too slow

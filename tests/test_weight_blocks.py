@@ -1,6 +1,6 @@
-"""Block-encoded weights: exact encodings of quantized-GGUF float32 matrices, the
-small-matmul kernel reading them bitwise like the float32 matrix, and the engine keeping
-them only for the weights they were encoded from."""
+"""Block-encoded weights: exact encodings of quantized-GGUF (or bfloat16) float32
+matrices, the small-matmul kernel reading them bitwise like the float32 matrix, and the
+engine keeping them only for the weights they were encoded from."""
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +22,21 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
 def gguf_values(qtype: str, shape: tuple, seed: int) -> np.ndarray:
-    """A float32 matrix as a GGUF loader returns it: gguf-py's quantization of random
-    values, dequantized."""
+    """A float32 matrix as a loader returns it: gguf-py's quantization of random values,
+    dequantized ("BF16": random values rounded to bfloat16, as a bf16 checkpoint's)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
-    kind = GGMLQuantizationType[qtype]
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    if qtype == "BF16":
+        return np.array(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+    kind = GGMLQuantizationType[qtype]
     return dequantize(quantize(x, kind), kind).reshape(shape)
 
 
 @pytest.mark.parametrize("qtype,fmt,constant", [("Q4_1", exact_blocks.Q4_1, 0.25),
-                                                ("Q8_0", exact_blocks.Q8_0, 0.0)])
+                                                ("Q8_0", exact_blocks.Q8_0, 0.0),
+                                                ("BF16", exact_blocks.BF16, 0.25)])
 def test_quantized_values_encode_exactly_and_nothing_else_does(qtype, fmt, constant):
     w = gguf_values(qtype, (24, 96), seed=1)
     w[3, 32:64] = constant  # a block with d = 0
@@ -50,7 +53,7 @@ def test_quantized_values_encode_exactly_and_nothing_else_does(qtype, fmt, const
 
 
 @needs_compiler
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0", "BF16"])
 def test_kernel_reads_the_blocks_while_current_and_the_matrix_after(qtype):
     """Outputs bitwise those of the float32 kernel on the encoded values for every row
     grouping; with the flag cleared, the dense matrix (here a different one) is read."""
