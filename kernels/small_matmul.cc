@@ -348,3 +348,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxSmallMatmulBlocks, SmallMatmulBlocks,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("format"));
+
+// The product with bfloat16 weights read where they lie (a bfloat16 engine's params): a
+// bfloat16 value's 2 bytes are the BF16 format's, so the same loops widen them in
+// registers and sum in float32. I must be a multiple of 32.
+static ffi::Error SmallMatmulBF16(ffi::ThreadPool thread_pool,
+                                  ffi::Buffer<ffi::F32> x,          // [R, I]
+                                  ffi::Buffer<ffi::BF16> w,         // [O, I]
+                                  ffi::ResultBuffer<ffi::F32> y) {  // [R, O]
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || xd[1] % 32)
+    return ffi::Error::InvalidArgument(
+        "small matmul: x must be [R, I] and w [O, I], I a multiple of 32");
+  multiply<kBF16>(thread_pool, x.typed_data(), reinterpret_cast<const uint8_t*>(w.untyped_data()),
+                  y->typed_data(), xd[0], xd[1], wd[0]);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxSmallMatmulBF16, SmallMatmulBF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -5,8 +5,9 @@ its time should be the time to read the weights once. XLA CPU's dots of 2-16 row
 1.2-3x that on the default model's matrices (its 1-row dots do not:
 `python benchmarks/small_matmul.py`); `small_matmul.cc` streams each weight row once
 against every x row. The engine turns it on through `ModelConfig.small_matmul_rows`
-(CPU, one device, float32), and `models/layers.linear` calls it for inputs of
-MIN_ROWS..that many rows. It has a VJP (plain dots), so gradients flow through it too.
+(CPU, one device, float32 or bfloat16), and `models/layers.linear` calls it for inputs of
+MIN_ROWS..that many rows (bfloat16: from one row, its weights read where they lie and
+summed in float32). It has a VJP (plain dots), so gradients flow through it too.
 
 A matrix whose float32 values are exactly a block encoding (kernels/exact_blocks.py: the
 default model's Q4_1 / Q8_0 GGUF weights, a bfloat16 checkpoint's in float32) reaches
@@ -29,6 +30,7 @@ from .native_build import NativeBuildError, register_kernel
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small_matmul.cc")
 _TARGET = "pagedjax_small_matmul"
 _BLOCKS_TARGET = "pagedjax_small_matmul_blocks"
+_BF16_TARGET = "pagedjax_small_matmul_bf16"
 MIN_ROWS = 2  # one row: XLA's own matrix-vector dot is as fast
 MAX_ROWS = 16  # beyond, XLA's blocked GEMM wins
 
@@ -46,14 +48,22 @@ def load_small_matmul_blocks() -> str:
     return register_kernel(SOURCE, {}, _BLOCKS_TARGET, "PagedjaxSmallMatmulBlocks")
 
 
+@functools.cache
+def load_small_matmul_bf16() -> str:
+    """Like load_small_matmul, for the handler that reads bfloat16 weights."""
+    return register_kernel(SOURCE, {}, _BF16_TARGET, "PagedjaxSmallMatmulBF16")
+
+
 def unsupported_reason(platform: str, dtype) -> str | None:
     """Why the kernel cannot run these products (None: it can), building it if needed."""
     if platform != "cpu":
         return f"{platform} (it is an XLA CPU kernel)"
-    if jnp.dtype(dtype) != jnp.float32:
-        return f"dtype {jnp.dtype(dtype).name} (the kernel reads float32 weights)"
+    if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+        return f"dtype {jnp.dtype(dtype).name} (the kernel reads float32 or bfloat16 weights)"
     try:
         load_small_matmul()
+        if jnp.dtype(dtype) == jnp.bfloat16:
+            load_small_matmul_bf16()
     except NativeBuildError as e:
         return str(e)
     return None
@@ -79,6 +89,24 @@ def _backward(residuals, grad):  # grad [R, O]
 
 
 small_matmul.defvjp(_forward, _backward)
+
+
+@jax.custom_vjp
+def small_matmul_bf16(x: jax.Array,  # [R, I] bfloat16
+                      w: jax.Array,  # [O, I] bfloat16, I a multiple of 32
+                      ) -> jax.Array:
+    """x @ w.T as [R, O] bfloat16 in the kernel, reading w where it lies: summed in float32
+    and rounded once, bitwise the float32 kernel on the widened values."""
+    call = jax.ffi.ffi_call(load_small_matmul_bf16(),
+                            jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
+    return call(x.astype(jnp.float32), w).astype(x.dtype)
+
+
+def _forward_bf16(x, w):
+    return small_matmul_bf16(x, w), (x, w)
+
+
+small_matmul_bf16.defvjp(_forward_bf16, _backward)
 
 
 @jax.tree_util.register_dataclass

@@ -127,10 +127,11 @@ class Engine:
         self.per_layer_matrices = platform == "cpu" and self.layout is None and not any(
             isinstance(x, jax.Array) for x in jax.tree.leaves(params["layers"]))
         # Matrices a block format holds exactly (a quantized GGUF's), also kept as blocks for
-        # the small-matmul kernel's decode products (weight_blocks.py).
+        # the small-matmul kernel's decode products (weight_blocks.py): float32 engines only
+        # (the blocks hold the float32 values; a bfloat16 engine's kernel reads its params).
         self.weight_blocks = (WeightBlocks.encode(params, model_config)
                               if self.step_config.small_matmul_rows and self.per_layer_matrices
-                              else None)
+                              and self.dtype == jnp.float32 else None)
         model = build_model(self.step_config).clone(attention_backend=self.attention_backend,
                                                     mesh=self.mesh)
         kv_cache = allocate_kv_cache(

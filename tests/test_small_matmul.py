@@ -78,3 +78,28 @@ def test_engine_turns_it_on_with_the_native_backend(tiny_llama_dir):
     greedy = SamplingParams(max_tokens=6, temperature=0.0)
     assert token_ids(native.generate(prompts, greedy, use_tqdm=False)) == token_ids(
         reference.generate(prompts, greedy, use_tqdm=False))
+
+
+@needs_compiler
+def test_bfloat16_weights_are_read_where_they_lie_and_summed_in_float32():
+    """bf16 x and w: bitwise the float32 kernel on the widened values, rounded once to
+    bf16, for every row grouping; `linear` sends bf16 inputs of 1 to small_rows rows to it
+    (1 row too: XLA's bf16 matrix-vector product is slow), other sizes to XLA's dot."""
+    from pagedjax.kernels.small_matmul import small_matmul_bf16
+
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.standard_normal((70, 64)), jnp.bfloat16)  # [O, I]
+    for rows in (1, 3, 8, 11):
+        x = jnp.asarray(rng.standard_normal((rows, 64)), jnp.bfloat16)  # [R, I]
+        got = jax.jit(small_matmul_bf16)(x, w)
+        want = jax.jit(small_matmul)(x.astype(jnp.float32), w.astype(jnp.float32))
+        assert got.dtype == jnp.bfloat16
+        assert np.array_equal(np.asarray(got.astype(jnp.float32)),
+                              np.asarray(want.astype(jnp.bfloat16).astype(jnp.float32))), rows
+
+    def uses_kernel(x, small_rows):
+        hlo = jax.jit(lambda x: linear(x, w, small_rows=small_rows)).lower(x).as_text()
+        return "pagedjax_small_matmul_bf16" in hlo
+    assert uses_kernel(jnp.ones((1, 64), jnp.bfloat16), 16)
+    assert not uses_kernel(jnp.ones((17, 64), jnp.bfloat16), 16)
+    assert not uses_kernel(jnp.ones((1, 64), jnp.float16), 16)

@@ -111,3 +111,20 @@ def test_engine_decodes_from_blocks_and_drops_them_for_new_weights(q4_1_model):
     assert after == token_ids(fresh.generate(TINY_PROMPTS, GREEDY, use_tqdm=False))
     assert after != before  # the old blocks would have given `before`
     assert llm.num_compiles == compiles
+
+
+@needs_compiler
+def test_a_bfloat16_engine_reads_its_own_params_not_float32_blocks(q4_1_model):
+    """The blocks hold the float32 values: a bfloat16 engine on the same GGUF keeps none
+    and runs its few-row products in the kernel's bfloat16 path on its rounded params
+    (its outputs stay bfloat16 through the layers), agreeing with XLA's bf16 products."""
+    path = q4_1_model[0]
+    llm = LLM(path, dtype="bfloat16", attention_backend="native", **TINY_ENGINE_SETTINGS)
+    assert llm.engine.weight_blocks is None
+    assert llm.engine.step_config.small_matmul_rows > 0
+    got = token_ids(llm.generate(TINY_PROMPTS, GREEDY, use_tqdm=False))
+    xla = LLM(path, dtype="bfloat16", attention_backend="reference", **TINY_ENGINE_SETTINGS)
+    assert xla.engine.step_config.small_matmul_rows == 0
+    want = token_ids(xla.generate(TINY_PROMPTS, GREEDY, use_tqdm=False))
+    agree = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
+    assert agree >= 0.75 * sum(len(w) for w in want)
