@@ -279,8 +279,9 @@ void multiply(ffi::ThreadPool& pool, const float* x, const uint8_t* w, float* y,
 
 }  // namespace
 
-// Whether x and w are [R, I] and [O, I], the product both handlers take.
-static bool is_product(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w) {
+// Whether x and w are [R, I] and [O, I], the product every handler takes.
+template <typename WeightBuffer>
+static bool is_product(ffi::Buffer<ffi::F32>& x, WeightBuffer& w) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   return xd.size() == 2 && wd.size() == 2 && xd[1] == wd[1];
@@ -356,11 +357,11 @@ static ffi::Error SmallMatmulBF16(ffi::ThreadPool thread_pool,
                                   ffi::Buffer<ffi::F32> x,          // [R, I]
                                   ffi::Buffer<ffi::BF16> w,         // [O, I]
                                   ffi::ResultBuffer<ffi::F32> y) {  // [R, O]
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || xd[1] % 32)
+  if (!is_product(x, w) || x.dimensions()[1] % 32)
     return ffi::Error::InvalidArgument(
         "small matmul: x must be [R, I] and w [O, I], I a multiple of 32");
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
   multiply<kBF16>(thread_pool, x.typed_data(), reinterpret_cast<const uint8_t*>(w.untyped_data()),
                   y->typed_data(), xd[0], xd[1], wd[0]);
   return ffi::Error::Success();
