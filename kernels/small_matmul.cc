@@ -224,14 +224,21 @@ void block_of(const float* x, const uint8_t* w, float* y, int64_t R, int64_t I, 
                        0);
 }
 
-// Output rows [begin, end) for R > 8 x rows: each weight row against 8 x rows at a time,
-// the passes after the first reading it from L1.
+// Output rows [begin, end) for R > 8 x rows: x rows in blocks of 8 (in L1), each block
+// against the item's weight rows (in L2 after the first block), kO at a time, then the
+// last R % 8 x rows one weight row at a time. Walking weight rows inside x blocks, not x
+// blocks inside weight rows, keeps each x block's loads in L1: 1.3x less time at 16 rows
+// and 2.5x at 32 on Zen 5, bitwise the same sums.
 template <int F>
 void block_of_many(const float* x, const uint8_t* w, float* y, int64_t R, int64_t I,
                    int64_t O, int64_t begin, int64_t end) {
+  constexpr int kO = kAccumulators >= 16 ? 2 : 1;
+  int64_t r = 0;
+  for (; r + 8 <= R; r += 8)
+    for (int64_t o = begin; o < end; o += kO)
+      outputs<F, kO, 8>(x, w, y, I, O, o, static_cast<int>(std::min<int64_t>(kO, end - o)),
+                        r);
   for (int64_t o = begin; o < end; ++o) {
-    int64_t r = 0;
-    for (; r + 8 <= R; r += 8) outputs<F, 1, 8>(x, w, y, I, O, o, 1, r);
     switch (R - r) {
       case 1: outputs<F, 1, 1>(x, w, y, I, O, o, 1, r); break;
       case 2: outputs<F, 1, 2>(x, w, y, I, O, o, 1, r); break;

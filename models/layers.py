@@ -36,7 +36,7 @@ def linear(x: jax.Array, w: jax.Array | LayerMatrix, b: jax.Array | None = None,
            small_rows: int = 0) -> jax.Array:
     """x @ w.T (+ b) for weights stored [out, in].  x: [..., in], w: [out, in]. Float32
     products of MIN_ROWS..`small_rows` rows run in the CPU small-matmul kernel
-    (ModelConfig.small_matmul_rows; 0: never)."""
+    (ModelConfig.small_matmul_rows; 0: never), block-encoded ones up to MAX_BLOCK_ROWS."""
     matmul = functools.partial(_matmul_transposed, small_rows=small_rows)
     if isinstance(w, LayerMatrix):
         y = jax.lax.switch(w.index, [functools.partial(matmul, w=m) for m in w.matrices], x)
@@ -55,7 +55,9 @@ def _matmul_transposed(x: jax.Array,  # [..., in]
     # kernel, but not blocks a fifth their size, nor bfloat16 weights (3x slower).
     bf16 = x.dtype == w.dtype == jnp.bfloat16 and x.shape[-1] % 32 == 0
     min_rows = small_matmul.MIN_ROWS if blocks is None and not bf16 else 1
-    if min_rows <= rows <= small_rows and (bf16 or x.dtype == w.dtype == jnp.float32):
+    max_rows = small_rows if blocks is None or not small_rows else max(
+        small_rows, small_matmul.MAX_BLOCK_ROWS)
+    if min_rows <= rows <= max_rows and (bf16 or x.dtype == w.dtype == jnp.float32):
         x2 = x.reshape(rows, x.shape[-1])
         y = (small_matmul.small_matmul_blocks(x2, blocks) if blocks is not None
              else small_matmul.small_matmul_bf16(x2, w) if bf16

@@ -9,7 +9,8 @@ import pytest
 
 from pagedjax import LLM, SamplingParams
 from pagedjax.kernels import exact_blocks, native_build
-from pagedjax.kernels.small_matmul import BlockMatrix, small_matmul, small_matmul_blocks
+from pagedjax.kernels.small_matmul import (MAX_BLOCK_ROWS, BlockMatrix, small_matmul,
+                                           small_matmul_blocks)
 from pagedjax.loading import load_gguf
 from pagedjax.models.layers import linear
 from tests.helpers.engines import TINY_ENGINE_SETTINGS, TINY_PROMPTS, token_ids
@@ -60,7 +61,7 @@ def test_kernel_reads_the_blocks_while_current_and_the_matrix_after(qtype):
     encoded = gguf_values(qtype, (70, 64), seed=3)
     fmt, blocks = exact_blocks.encode_exactly(encoded)
     other = np.random.default_rng(4).standard_normal((70, 64)).astype(np.float32)
-    for rows in (1, 2, 3, 8, 11):
+    for rows in (1, 2, 3, 8, 11, 19):
         x = np.random.default_rng(rows).standard_normal((rows, 64)).astype(np.float32)
         for current, want in ((True, encoded), (False, other)):
             m = BlockMatrix(jnp.asarray(other), jnp.asarray(blocks), jnp.asarray(current), fmt)
@@ -68,8 +69,17 @@ def test_kernel_reads_the_blocks_while_current_and_the_matrix_after(qtype):
             expected = np.asarray(jax.jit(small_matmul)(x, want))
             assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (rows,
                                                                                  current)
-    # `linear` hands a BlockMatrix to the kernel from one row up, to XLA beyond small_rows.
+    # `linear` hands a BlockMatrix to the kernel from one row up to MAX_BLOCK_ROWS (past
+    # small_rows), to XLA beyond, and never with small_rows=0.
     m = BlockMatrix(jnp.asarray(other), jnp.asarray(blocks), jnp.asarray(True), fmt)
+
+    def uses_kernel(rows, small_rows):
+        hlo = jax.jit(lambda x: linear(x, m, small_rows=small_rows)).lower(
+            jnp.ones((rows, 64))).as_text()
+        return "pagedjax_small_matmul_blocks" in hlo
+    assert uses_kernel(MAX_BLOCK_ROWS, 16)
+    assert not uses_kernel(MAX_BLOCK_ROWS + 1, 16)
+    assert not uses_kernel(2, 0)
     x = np.random.default_rng(9).standard_normal((1, 64)).astype(np.float32)
     got = np.asarray(jax.jit(lambda x: linear(x, m, small_rows=16))(x))
     assert np.array_equal(got, np.asarray(jax.jit(small_matmul)(x, encoded)))
