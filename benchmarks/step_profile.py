@@ -7,9 +7,11 @@ their own at the step's shapes, every layer's own matrix in turn (streamed from 
 a step), with weights stored [out, in] (as the engine does) and [in, out].
 
     python benchmarks/step_profile.py [--rows 128] [--new-tokens 150] [--trace-dir DIR]
+                                      [--dtype bfloat16]
 
-Float32, greedy. The decode step is the last 128-row one of the run (contexts ~40 + the
-tokens generated so far). The profiler slows XLA CPU steps ~1.8x, so read its split as
+Greedy, the engine in float32 (or --dtype bfloat16; the GEMM table stays float32). The
+decode step is the last 128-row one of the run (contexts ~40 + the tokens generated so
+far). The profiler slows XLA CPU steps ~1.8x, so read its split as
 shares; the replayed and isolated times are the milliseconds."""
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ import numpy as np
 from throughput import make_prompts
 
 
-def capture_steps(rows: int, new_tokens: int):
+def capture_steps(rows: int, new_tokens: int, dtype: str = "float32"):
     """Run `rows` prompts of 16-64 tokens for `new_tokens` greedy tokens with the runner's
     call log on; return (llm, the last full decode call, a 512-token prefill call)."""
     from pagedjax import LLM, SamplingParams
 
-    llm = LLM(None, dtype="float32", enable_prefix_caching=False, max_model_len=1024,
+    llm = LLM(None, dtype=dtype, enable_prefix_caching=False, max_model_len=1024,
               max_num_seqs=rows, kv_cache_memory_bytes=2 << 30)
     prompts = make_prompts(llm.tokenizer, rows, 16, 64)
     long_prompt = make_prompts(llm.tokenizer, 1, 512, 512, seed=1)
@@ -167,8 +169,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=150)
     parser.add_argument("--trace-dir", default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    llm, decode, prefill = capture_steps(args.rows, args.new_tokens)
+    llm, decode, prefill = capture_steps(args.rows, args.new_tokens, args.dtype)
     runner, config = llm.engine.runner, llm.engine.model_config
     steps = {"decode": decode, "prefill 512": prefill}
     for label, call in steps.items():
