@@ -10,9 +10,10 @@
 // One row is one query token: q [R, K, G, D] (already scaled) attends to the keys at
 // positions < lens[r] (and > positions[r] - window when a window is set) of the pages
 // listed in tables[r]. Pool layouts are the engine's: keys [L, P, K, D, S] (transposed
-// within a page), values [L, P, S, K, D]. The result is the unnormalised softmax
-// (running max [R, K, G], total [R, K, G], weighted values [R, K, G, D]) that the Python
-// side merges with the step's own tokens; a row that sees no key gets max -1e30, total 0.
+// within a page), values [L, P, S, K, D], of float32 or bfloat16 (widened as read). The
+// result is the unnormalised softmax (running max [R, K, G], total [R, K, G], weighted
+// values [R, K, G, D]) that the Python side merges with the step's own tokens; a row that
+// sees no key gets max -1e30, total 0.
 // Adjacent rows that see the same keys (a chunk's tokens) are walked together, page by
 // page, so a page is read from memory once for the group, not once per row.
 //
@@ -26,6 +27,7 @@
 #include <memory>
 #include <numeric>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "parallel_items.h"
@@ -79,7 +81,7 @@ constexpr int KC = chunk_tiles(ST, G + 1);
 // Values: one value vector at a time, G broadcast weights.
 constexpr int VC = chunk_tiles(DT, G + 1);
 constexpr float kNegInf = -1e30f;  // the jnp backend's NEG_INF
-constexpr int kCacheLineFloats = 16;  // one prefetch per 64-byte line
+constexpr int kCacheLineBytes = 64;  // one prefetch per line
 // Rows walked together over one sequence's pages: enough to read each page once for a
 // chunk's worth of rows, few enough that a long chunk still spreads over the threads.
 constexpr int kMaxGroupRows = 16;
@@ -97,6 +99,23 @@ typedef int32_t ivec __attribute__((vector_size(4 * W)));
 typedef float unaligned_vec __attribute__((vector_size(4 * W), aligned(4)));
 
 inline vec load(const float* p) { return *reinterpret_cast<const unaligned_vec*>(p); }
+
+// A pool element: float32, or bfloat16 held as its 16 bits (Bf16Bits). Pool reads go
+// through load_kv, which widens bfloat16 exactly (its bits are a float32's upper half), so
+// a bfloat16 pool gives bitwise the results of a float32 pool holding the same values.
+struct Bf16Bits {
+  uint16_t bits;
+};
+inline vec load_kv(const float* p) { return load(p); }
+inline vec load_kv(const Bf16Bits* p) {
+  typedef uint16_t half_vec __attribute__((vector_size(2 * W), aligned(2)));
+  typedef uint32_t wide_vec __attribute__((vector_size(4 * W)));
+  const wide_vec wide =
+      __builtin_convertvector(*reinterpret_cast<const half_vec*>(p), wide_vec) << 16;
+  vec out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
 inline void store(float* p, vec x) { *reinterpret_cast<unaligned_vec*>(p) = x; }
 inline vec splat(float x) { return vec{} + x; }
 inline ivec lane_index() {
@@ -148,9 +167,10 @@ inline vec soft_cap_vec(vec x, float cap) {
   return splat(cap) * (splat(1.0f) - splat(2.0f) / (e + splat(1.0f)));
 }
 
+template <typename T>
 struct Pools {
-  const float* keys;    // this layer's [P, K, D, S]
-  const float* values;  // this layer's [P, S, K, D]
+  const T* keys;    // this layer's [P, K, D, S]
+  const T* values;  // this layer's [P, S, K, D]
   int64_t num_pages;
   int num_kv_heads;
 };
@@ -167,12 +187,14 @@ struct Row {
 // One row's share of one page for KV head k: its scores against the page's visible keys
 // [lo, hi), folded into the row's running max, total and weighted values. With `next`
 // set, the next page's bytes for this head are requested while this one is multiplied.
-void attend_page_head(const Row& row, int K, int k, const float* page_keys,
-                      const float* page_values, int lo, int hi, const float* next_keys,
-                      const float* next_values, float soft_cap) {
+template <typename T>
+void attend_page_head(const Row& row, int K, int k, const T* page_keys, const T* page_values,
+                      int lo, int hi, const T* next_keys, const T* next_values,
+                      float soft_cap) {
+  constexpr int kLine = kCacheLineBytes / sizeof(T);  // pool elements per cache line
   const int tile_lo = lo / W, tile_hi = (hi + W - 1) / W;
   const bool prefetch = next_keys != nullptr;
-  const float* keys = page_keys + int64_t{k} * D * S;  // [D, S]
+  const T* keys = page_keys + int64_t{k} * D * S;  // [D, S]
   const float* q = row.q + k * G * D;                  // [G, D]
   alignas(64) float scores[G][S];
   // Chunks of KC tiles: scores[g][chunk] stay in registers over the head dim.
@@ -181,14 +203,14 @@ void attend_page_head(const Row& row, int K, int k, const float* page_keys,
     UNROLL for (int g = 0; g < G; ++g)
       UNROLL for (int i = 0; i < KC; ++i) acc[g][i] = vec{};
     for (int d = 0; d < D; ++d) {
-      const float* key_row = keys + d * S + c * W;
+      const T* key_row = keys + d * S + c * W;
       if (prefetch)
-        for (int f = 0; f < KC * W; f += kCacheLineFloats)
+        for (int f = 0; f < KC * W; f += kLine)
           __builtin_prefetch(next_keys + int64_t{k} * D * S + d * S + c * W + f);
       vec query[G];
       UNROLL for (int g = 0; g < G; ++g) query[g] = splat(q[g * D + d]);
       UNROLL for (int i = 0; i < KC; ++i) {
-        const vec key = load(key_row + i * W);
+        const vec key = load_kv(key_row + i * W);
         UNROLL for (int g = 0; g < G; ++g) acc[g][i] += query[g] * key;
       }
     }
@@ -237,15 +259,15 @@ void attend_page_head(const Row& row, int K, int k, const float* page_keys,
         acc[g][i] = any_visible[g] ? load(out + g * D + (c + i) * W) * rescale[g]
                                    : vec{};
     for (int t = lo; t < hi; ++t) {
-      const float* value = page_values + (int64_t{t} * K + k) * D + c * W;
+      const T* value = page_values + (int64_t{t} * K + k) * D + c * W;
       if (prefetch)
-        for (int f = 0; f < VC * W; f += kCacheLineFloats)
+        for (int f = 0; f < VC * W; f += kLine)
           __builtin_prefetch(next_values + (int64_t{t} * K + k) * D + c * W + f);
       vec weight[G];
       UNROLL for (int g = 0; g < G; ++g)
         weight[g] = splat(any_visible[g] ? weights[g][t] : 0.f);
       UNROLL for (int i = 0; i < VC; ++i) {
-        const vec v = load(value + i * W);
+        const vec v = load_kv(value + i * W);
         UNROLL for (int g = 0; g < G; ++g) acc[g][i] += weight[g] * v;
       }
     }
@@ -263,7 +285,8 @@ inline int32_t first_visible_key(int32_t position, int32_t window) {
 // window start), page by page: each page's bytes are read from memory once and reused
 // from cache by the other rows, instead of streamed again per row. Each row's arithmetic
 // is exactly a lone row's. False when the table names a page outside the pool.
-bool attend_rows(const Pools& pools, const Row* rows, int n, int max_pages,
+template <typename T>
+bool attend_rows(const Pools<T>& pools, const Row* rows, int n, int max_pages,
                  int32_t window, float soft_cap) {
   const int K = pools.num_kv_heads;
   for (int r = 0; r < n; ++r) {
@@ -280,8 +303,8 @@ bool attend_rows(const Pools& pools, const Row* rows, int n, int max_pages,
     if (page < 0 || page >= pools.num_pages) return false;
     const int lo = std::max(0, first_key - j * S);  // visible keys of this page: [lo, hi)
     const int hi = std::min(S, lead.len - j * S);
-    const float* page_keys = pools.keys + page * int64_t{K} * D * S;
-    const float* page_values = pools.values + page * int64_t{S} * K * D;
+    const T* page_keys = pools.keys + page * int64_t{K} * D * S;
+    const T* page_values = pools.values + page * int64_t{S} * K * D;
     const int32_t next = j + 1 < end_page ? lead.table[j + 1] : page;
     const bool prefetch = next != page && next >= 0 && next < pools.num_pages;
     for (int k = 0; k < K; ++k)
@@ -299,18 +322,20 @@ bool attend_rows(const Pools& pools, const Row* rows, int n, int max_pages,
 
 }  // namespace
 
-static ffi::Error DecodeAttention(ffi::ThreadPool thread_pool,
-                                  ffi::Buffer<ffi::F32> q,             // [R, K, G, D]
-                                  ffi::Buffer<ffi::F32> key_cache,     // [L, P, K, D, S]
-                                  ffi::Buffer<ffi::F32> value_cache,   // [L, P, S, K, D]
-                                  ffi::Buffer<ffi::S32> layer,         // []
-                                  ffi::Buffer<ffi::S32> tables,        // [R, M]
-                                  ffi::Buffer<ffi::S32> lens,          // [R]
-                                  ffi::Buffer<ffi::S32> positions,     // [R]
-                                  int32_t window, float soft_cap,
-                                  ffi::ResultBuffer<ffi::F32> max_out,    // [R, K, G]
-                                  ffi::ResultBuffer<ffi::F32> total_out,  // [R, K, G]
-                                  ffi::ResultBuffer<ffi::F32> out) {      // [R, K, G, D]
+// The handlers' body for pools of T (float32 or bfloat16 bits).
+template <typename T, typename PoolBuffer>
+static ffi::Error Attend(ffi::ThreadPool& thread_pool,
+                         ffi::Buffer<ffi::F32>& q,        // [R, K, G, D]
+                         PoolBuffer& key_cache,           // [L, P, K, D, S]
+                         PoolBuffer& value_cache,         // [L, P, S, K, D]
+                         ffi::Buffer<ffi::S32>& layer,    // []
+                         ffi::Buffer<ffi::S32>& tables,   // [R, M]
+                         ffi::Buffer<ffi::S32>& lens,     // [R]
+                         ffi::Buffer<ffi::S32>& positions,  // [R]
+                         int32_t window, float soft_cap,
+                         ffi::ResultBuffer<ffi::F32>& max_out,    // [R, K, G]
+                         ffi::ResultBuffer<ffi::F32>& total_out,  // [R, K, G]
+                         ffi::ResultBuffer<ffi::F32>& out) {      // [R, K, G, D]
   const auto qd = q.dimensions();
   const auto kd = key_cache.dimensions();
   const auto vd = value_cache.dimensions();
@@ -330,9 +355,10 @@ static ffi::Error DecodeAttention(ffi::ThreadPool thread_pool,
   const int32_t l = layer.typed_data()[0];
   if (l < 0 || l >= num_layers)
     return ffi::Error::InvalidArgument("decode attention: layer index out of range");
-  const Pools pools{key_cache.typed_data() + l * num_pages * K * D * S,
-                    value_cache.typed_data() + l * num_pages * S * K * D, num_pages,
-                    static_cast<int>(K)};
+  const int64_t layer_elements = num_pages * K * D * S;
+  const Pools<T> pools{static_cast<const T*>(key_cache.untyped_data()) + l * layer_elements,
+                       static_cast<const T*>(value_cache.untyped_data()) + l * layer_elements,
+                       num_pages, static_cast<int>(K)};
   const int max_pages = static_cast<int>(td[1]);
   const int32_t* len_data = lens.typed_data();
 
@@ -387,18 +413,38 @@ static ffi::Error DecodeAttention(ffi::ThreadPool thread_pool,
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxDecodeAttention, DecodeAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int32_t>("window")
-                                  .Attr<float>("soft_cap")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Pools of float32, and of bfloat16 (a bfloat16 engine's pool, read widened).
+template <ffi::DataType P>
+static ffi::Error DecodeAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q,
+                                  ffi::Buffer<P> key_cache, ffi::Buffer<P> value_cache,
+                                  ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> tables,
+                                  ffi::Buffer<ffi::S32> lens, ffi::Buffer<ffi::S32> positions,
+                                  int32_t window, float soft_cap,
+                                  ffi::ResultBuffer<ffi::F32> max_out,
+                                  ffi::ResultBuffer<ffi::F32> total_out,
+                                  ffi::ResultBuffer<ffi::F32> out) {
+  using T = std::conditional_t<P == ffi::DataType::F32, float, Bf16Bits>;
+  return Attend<T>(thread_pool, q, key_cache, value_cache, layer, tables, lens, positions,
+                   window, soft_cap, max_out, total_out, out);
+}
+
+#define PAGEDJAX_BIND_DECODE_ATTENTION(POOL)       \
+  ffi::Ffi::Bind()                                 \
+      .Ctx<ffi::ThreadPool>()                      \
+      .Arg<ffi::Buffer<ffi::F32>>()                \
+      .Arg<ffi::Buffer<POOL>>()                    \
+      .Arg<ffi::Buffer<POOL>>()                    \
+      .Arg<ffi::Buffer<ffi::S32>>()                \
+      .Arg<ffi::Buffer<ffi::S32>>()                \
+      .Arg<ffi::Buffer<ffi::S32>>()                \
+      .Arg<ffi::Buffer<ffi::S32>>()                \
+      .Attr<int32_t>("window")                     \
+      .Attr<float>("soft_cap")                     \
+      .Ret<ffi::Buffer<ffi::F32>>()                \
+      .Ret<ffi::Buffer<ffi::F32>>()                \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxDecodeAttention, DecodeAttention<ffi::F32>,
+                              PAGEDJAX_BIND_DECODE_ATTENTION(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxDecodeAttentionBF16, DecodeAttention<ffi::BF16>,
+                              PAGEDJAX_BIND_DECODE_ATTENTION(ffi::BF16));

@@ -52,7 +52,8 @@ class PagedAttention:
 
         def write_and_attend(q, k, v, k_cache, v_cache, layer, ragged, window_flag):
             # ragged: the step's arrays named in _RAGGED_FIELDS
-            k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, ragged["slot_mapping"])
+            k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, ragged["slot_mapping"],
+                                        native=self.backend == "native")
 
             def run(window):
                 return attend(

@@ -73,7 +73,6 @@ class Engine:
         self.config = config
         platform = jax.default_backend()
         self.dtype = resolve_dtype(config.dtype, platform)
-        self.kv_dtype = resolve_kv_dtype(self.dtype, platform)
         # Tensor parallel: a mesh and where each param and the KV pool lie on it; the
         # programs then run `step_config`, the model with KV heads copied when tp > K.
         self.mesh = engine_mesh(config.tensor_parallel_size, config.data_parallel_size,
@@ -87,10 +86,15 @@ class Engine:
             _check_multi_process(config, self.mesh)
         self.step_config = model_config if self.layout is None else (
             self.layout.engine_model_config)
+        # The pool the native kernels would read (a bfloat16 one only on one device), then
+        # the pool of the backend that serves.
         self.attention_backend = resolve_attention_backend(
             config.attention_backend, platform, head_dim=model_config.head_dim,
-            block_size=config.block_size, dtype=self.kv_dtype,
+            block_size=config.block_size,
+            dtype=resolve_kv_dtype(self.dtype, platform, native=self.layout is None),
             group=model_config.num_heads // self.step_config.num_kv_heads)
+        self.kv_dtype = resolve_kv_dtype(
+            self.dtype, platform, native=self.attention_backend == "native" and self.layout is None)
         if (self.attention_backend == "native" and self.layout is None
                 and small_matmul.unsupported_reason(platform, self.dtype) is None):
             # Products of a few rows (decode steps of a few sequences) in the CPU kernel

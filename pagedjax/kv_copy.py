@@ -1,4 +1,5 @@
-"""Device-side KV page copies for copy-on-write (parallel sampling forks).
+"""Device-side KV page copies for copy-on-write (parallel sampling forks, prefix-cache
+tails).
 
 One jitted call per step copies every (src, dst) page pair of that step in all layers,
 K and V, donating the cache so the copy is in place. The pair arrays are padded with
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 
 from .input_transfer import put
+from pagedjax.kernels.kv_write import copy_pages_in_kernel
 
 PAGE_AXIS = 1  # KV pools are [layers, pages, slots, kv_heads, head_dim]
 
@@ -26,7 +28,20 @@ def _copy_pages(kv_cache, src, dst):
     return jax.tree.map(copy, kv_cache)
 
 
+def _copy_pages_in_kernel(kv_cache, src, dst):
+    # XLA CPU has no 16-bit scatter (it would widen the whole pool): the kernel copies.
+    (k_cache, v_cache), tree = jax.tree.flatten(kv_cache)  # the pools, keys first
+    return jax.tree.unflatten(tree, copy_pages_in_kernel(k_cache, v_cache, src, dst))
+
+
 _copy_pages_donated = jax.jit(_copy_pages, donate_argnums=(0,))
+_copy_pages_in_kernel_donated = jax.jit(_copy_pages_in_kernel, donate_argnums=(0,))
+
+
+def _bfloat16_on_cpu(kv_cache) -> bool:
+    pool = jax.tree.leaves(kv_cache)[0]
+    return pool.dtype == jax.numpy.bfloat16 and all(
+        device.platform == "cpu" for device in pool.devices())
 
 
 def padded_pairs(pairs: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -49,4 +64,5 @@ def copy_kv_blocks(kv_cache, pairs: Sequence[tuple[int, int]], sharding: Any = N
     if not pairs:
         return kv_cache
     src, dst = (put(pages, sharding) for pages in padded_pairs(pairs))
-    return _copy_pages_donated(kv_cache, src, dst)
+    copy = _copy_pages_in_kernel_donated if _bfloat16_on_cpu(kv_cache) else _copy_pages_donated
+    return copy(kv_cache, src, dst)

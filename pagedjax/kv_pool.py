@@ -19,12 +19,15 @@ def resolve_dtype(dtype: str, platform: str) -> jnp.dtype:
     return jnp.dtype(dtype)
 
 
-def resolve_kv_dtype(dtype: jnp.dtype, platform: str) -> jnp.dtype:
-    """The KV pool's dtype: the engine dtype, except float32 on CPU. XLA CPU has no 16-bit
-    float scatter: it widens a bfloat16 pool to float32 and back around every step's KV
-    write (~100x a float32 step), and the native attention reads float32 pools. K and V
-    keep their values (a 16-bit float widens exactly); the pool takes twice the bytes."""
-    return jnp.dtype(jnp.float32) if platform == "cpu" else jnp.dtype(dtype)
+def resolve_kv_dtype(dtype: jnp.dtype, platform: str, native: bool = False) -> jnp.dtype:
+    """The KV pool's dtype: the engine dtype, except on CPU, where XLA has no 16-bit float
+    scatter (it widens a bfloat16 pool to float32 and back around every step's KV write,
+    ~100x a float32 step). There the pool is float32 (K and V widen exactly: the same
+    values, twice the bytes), but bfloat16 for a bfloat16 engine on the `native` backend,
+    whose kernels write and read it in place (kernels/kv_pool_writes.cc)."""
+    if platform != "cpu":
+        return jnp.dtype(dtype)
+    return jnp.dtype(dtype if native and jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32)
 
 
 def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:

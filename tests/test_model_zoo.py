@@ -114,9 +114,10 @@ def test_half_precision_checkpoints(tmp_path_factory, dtype):
 
     half = LLM(model_dir, dtype=dtype, **ENGINE)
     assert half.engine.runner.params["embed"].dtype == np.dtype(dtype)
-    # On CPU the KV pool stays float32 (XLA CPU has no 16-bit scatter into it), which
-    # lets the native attention serve half-precision models too.
-    assert half.engine.runner.kv_cache.k.dtype == np.float32
+    # On CPU a bfloat16 pool is written and read by the native kernels; float16 K/V go
+    # into a float32 pool (XLA CPU has no 16-bit scatter), which the kernels read too.
+    pool = "bfloat16" if dtype == "bfloat16" else "float32"
+    assert half.engine.runner.kv_cache.k.dtype == np.dtype(pool)
     assert half.engine.attention_backend == "native"
     check_paged_logits(half.engine, hf, atol=HALF_ATOL[dtype], rtol=0)
 

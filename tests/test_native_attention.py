@@ -182,9 +182,11 @@ def test_backend_resolution():
         assert resolve_attention_backend("auto", "cpu", head_dim=64, block_size=64,
                                          dtype=jnp.float32, group=3) == "native"
         assert resolve_attention_backend("native", "cpu") == "native"
-    with pytest.warns(UserWarning, match="bfloat16"):
         assert resolve_attention_backend("auto", "cpu", head_dim=64, block_size=64,
-                                         dtype=jnp.bfloat16, group=3) == "reference"
+                                         dtype=jnp.bfloat16, group=3) == "native"
+    with pytest.warns(UserWarning, match="float16"):
+        assert resolve_attention_backend("auto", "cpu", head_dim=64, block_size=64,
+                                         dtype=jnp.float16, group=3) == "reference"
     with pytest.warns(UserWarning, match="XLA CPU kernel"):
         assert resolve_attention_backend("native", "gpu", head_dim=64, block_size=16,
                                          dtype=jnp.bfloat16, group=3) == "reference"
