@@ -380,3 +380,45 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxSmallMatmulBF16, SmallMatmulBF16,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The product with layer `layer` of stacked weights w [L, O, I] (float32, or bfloat16 read
+// as the BF16 format: I a multiple of 32), read where it lies: a step's matmul cannot read
+// a dynamic slice of a stacked array in place on XLA CPU, so without this every layer's
+// slice would be copied first (a trainer's params reach the engine stacked).
+template <ffi::DataType WT>
+static ffi::Error SmallMatmulLayer(ffi::ThreadPool thread_pool,
+                                   ffi::Buffer<ffi::F32> x,          // [R, I]
+                                   ffi::Buffer<WT> w,                // [L, O, I]
+                                   ffi::Buffer<ffi::S32> layer,      // []
+                                   ffi::ResultBuffer<ffi::F32> y) {  // [R, O]
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  constexpr bool kHalf = WT == ffi::DataType::BF16;
+  if (xd.size() != 2 || wd.size() != 3 || xd[1] != wd[2] || (kHalf && xd[1] % 32))
+    return ffi::Error::InvalidArgument(
+        "small matmul: x must be [R, I] and w [L, O, I] (bfloat16: I a multiple of 32)");
+  const int32_t l = layer.typed_data()[0];
+  if (l < 0 || l >= wd[0])
+    return ffi::Error::InvalidArgument("small matmul: layer index out of range");
+  const int64_t R = xd[0], I = xd[1], O = wd[1];
+  const int64_t row_bytes = kHalf ? Stored<kBF16>::row_bytes(I) : Stored<kF32>::row_bytes(I);
+  const uint8_t* matrix = static_cast<const uint8_t*>(w.untyped_data()) + l * O * row_bytes;
+  if constexpr (kHalf)
+    multiply<kBF16>(thread_pool, x.typed_data(), matrix, y->typed_data(), R, I, O);
+  else
+    multiply<kF32>(thread_pool, x.typed_data(), matrix, y->typed_data(), R, I, O);
+  return ffi::Error::Success();
+}
+
+#define PAGEDJAX_BIND_SMALL_MATMUL_LAYER(WT) \
+  ffi::Ffi::Bind()                           \
+      .Ctx<ffi::ThreadPool>()                \
+      .Arg<ffi::Buffer<ffi::F32>>()          \
+      .Arg<ffi::Buffer<WT>>()                \
+      .Arg<ffi::Buffer<ffi::S32>>()          \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxSmallMatmulLayer, SmallMatmulLayer<ffi::F32>,
+                              PAGEDJAX_BIND_SMALL_MATMUL_LAYER(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxSmallMatmulLayerBF16, SmallMatmulLayer<ffi::BF16>,
+                              PAGEDJAX_BIND_SMALL_MATMUL_LAYER(ffi::BF16));

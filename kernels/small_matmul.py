@@ -32,6 +32,9 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small_matmul.
 _TARGET = "pagedjax_small_matmul"
 _BLOCKS_TARGET = "pagedjax_small_matmul_blocks"
 _BF16_TARGET = "pagedjax_small_matmul_bf16"
+_LAYER_TARGETS = {"float32": ("pagedjax_small_matmul_layer", "PagedjaxSmallMatmulLayer"),
+                  "bfloat16": ("pagedjax_small_matmul_layer_bf16",
+                               "PagedjaxSmallMatmulLayerBF16")}
 MIN_ROWS = 2  # one row: XLA's own matrix-vector dot is as fast
 MAX_ROWS = 16  # beyond, XLA's blocked GEMM wins on float32 and bfloat16 weights
 # Blocks a fifth to half the bytes keep the kernel ahead further: 32 rows of the default
@@ -58,6 +61,13 @@ def load_small_matmul_bf16() -> str:
     return register_kernel(SOURCE, {}, _BF16_TARGET, "PagedjaxSmallMatmulBF16")
 
 
+@functools.cache
+def load_small_matmul_layer(dtype: str) -> str:
+    """Like load_small_matmul, for the handler that reads one layer of stacked weights of
+    `dtype` ("float32" or "bfloat16")."""
+    return register_kernel(SOURCE, {}, *_LAYER_TARGETS[dtype])
+
+
 def unsupported_reason(platform: str, dtype) -> str | None:
     """Why the kernel cannot run these products (None: it can), building it if needed."""
     if platform != "cpu":
@@ -66,6 +76,7 @@ def unsupported_reason(platform: str, dtype) -> str | None:
         return f"dtype {jnp.dtype(dtype).name} (the kernel reads float32 or bfloat16 weights)"
     try:
         load_small_matmul()
+        load_small_matmul_layer(jnp.dtype(dtype).name)
         if jnp.dtype(dtype) == jnp.bfloat16:
             load_small_matmul_bf16()
     except NativeBuildError as e:
@@ -132,3 +143,16 @@ def small_matmul_blocks(x: jax.Array,  # [R, I] float32
     call = jax.ffi.ffi_call(load_small_matmul_blocks(),
                             jax.ShapeDtypeStruct((x.shape[0], m.dense.shape[0]), jnp.float32))
     return call(x, m.dense, m.blocks, m.use_blocks, format=np.int32(m.format))
+
+
+def small_matmul_layer(x: jax.Array,  # [R, I] float32 or bfloat16, as w
+                       w: jax.Array,  # [L, O, I]
+                       layer: jax.Array,  # [] int32
+                       ) -> jax.Array:
+    """x @ w[layer].T as [R, O] in the kernel, reading the layer's matrix where it lies in
+    the stack (no slice copied first); bfloat16 summed in float32 and rounded once. The
+    engine's step only (no VJP)."""
+    call = jax.ffi.ffi_call(load_small_matmul_layer(w.dtype.name),
+                            jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))
+    y = call(x.astype(jnp.float32), w, jnp.asarray(layer, jnp.int32))
+    return y.astype(x.dtype)

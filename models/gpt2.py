@@ -48,7 +48,8 @@ def hidden_states(params: dict, config: ModelConfig, input_ids: jax.Array,
         x = linear(x, params["proj_in"], small_rows=c.small_matmul_rows)
     x = x + jnp.take(params["pos_embed"], positions + c.position_offset, axis=0)
     layer_fn = functools.partial(decoder_layer, attend=attend, config=c)
-    x, kv, _ = scan_layers(layer_fn, params["layers"], (x, kv, jnp.int32(0)))
+    x, kv, _ = scan_layers(layer_fn, params["layers"], (x, kv, jnp.int32(0)),
+                           stacked_matrices=c.small_matmul_rows > 0)
     return x, kv
 
 

@@ -32,17 +32,43 @@ class LayerMatrix:
     index: jax.Array  # [] int32, the layer
 
 
-def linear(x: jax.Array, w: jax.Array | LayerMatrix, b: jax.Array | None = None,
-           small_rows: int = 0) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class StackedMatrix:
+    """One layer's [out, in] matrix of a stacked [L, out, in] array (a trainer's params,
+    which the engine does not copy apart), chosen inside the layer scan by the traced
+    layer index: products the small-matmul kernel takes read it where it lies in the
+    stack; others take XLA's dynamic slice (a copy) as the scan itself would."""
+
+    stacked: jax.Array  # [L, out, in]
+    index: jax.Array  # [] int32, the layer
+
+
+def linear(x: jax.Array, w: jax.Array | LayerMatrix | StackedMatrix,
+           b: jax.Array | None = None, small_rows: int = 0) -> jax.Array:
     """x @ w.T (+ b) for weights stored [out, in].  x: [..., in], w: [out, in]. Float32
     products of MIN_ROWS..`small_rows` rows run in the CPU small-matmul kernel
-    (ModelConfig.small_matmul_rows; 0: never), block-encoded ones up to MAX_BLOCK_ROWS."""
+    (ModelConfig.small_matmul_rows; 0: never), block-encoded ones up to MAX_BLOCK_ROWS,
+    a StackedMatrix's from one row up."""
     matmul = functools.partial(_matmul_transposed, small_rows=small_rows)
     if isinstance(w, LayerMatrix):
         y = jax.lax.switch(w.index, [functools.partial(matmul, w=m) for m in w.matrices], x)
+    elif isinstance(w, StackedMatrix):
+        y = _stacked_matmul(x, w, small_rows)
     else:
         y = matmul(x, w)
     return y if b is None else y + b
+
+
+def _stacked_matmul(x: jax.Array,  # [..., in]
+                    w: StackedMatrix, small_rows: int) -> jax.Array:
+    rows = math.prod(x.shape[:-1])
+    kernel_dtype = x.dtype == w.stacked.dtype and (
+        x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and x.shape[-1] % 32 == 0))
+    if 1 <= rows <= small_rows and kernel_dtype:
+        y = small_matmul.small_matmul_layer(x.reshape(rows, x.shape[-1]), w.stacked, w.index)
+        return y.reshape(*x.shape[:-1], w.stacked.shape[1])
+    matrix = jax.lax.dynamic_index_in_dim(w.stacked, w.index, keepdims=False)  # [out, in]
+    return _matmul_transposed(x, matrix, small_rows)
 
 
 def _matmul_transposed(x: jax.Array,  # [..., in]
@@ -233,22 +259,28 @@ def layer_window(run: Callable, config: ModelConfig, window_flag: jax.Array | No
     return run(config.sliding_window)
 
 
-def scan_layers(layer_fn, stacked: dict, carry, per_layer=None):
+def scan_layers(layer_fn, stacked: dict, carry, per_layer=None,
+                stacked_matrices: bool = False):
     """The carry after `layer_fn(p, carry)` ran over each layer's params p in order; with
     `per_layer` [L], `layer_fn(p, carry, x)` gets that layer's entry x too. A leaf of
-    `stacked` that is a tuple of per-layer matrices reaches layer_fn as a LayerMatrix.
+    `stacked` that is a tuple of per-layer matrices reaches layer_fn as a LayerMatrix;
+    with `stacked_matrices` (the engine's CPU step with the small-matmul kernel on), a
+    [L, out, in] matrix leaf reaches it whole, as a StackedMatrix, not sliced.
 
     A plain `lax.scan` over the stacked arrays rather than flax's `nn.scan`: the params are
     already arrays when the body runs, and flax 0.12.10 with jax 0.11.2 (a GPU image's
     versions) rejects the `nn.scan` form ("broadcasted variable has a data dependency on
     the scan body") where flax 0.12.8 with jax 0.10.2 accepts it."""
     per_layer_matrices = {k: v for k, v in stacked.items() if isinstance(v, tuple)}
-    scanned = {k: v for k, v in stacked.items() if k not in per_layer_matrices}
+    whole = {k: v for k, v in stacked.items()
+             if stacked_matrices and not isinstance(v, tuple) and v.ndim == 3}
+    scanned = {k: v for k, v in stacked.items() if k not in per_layer_matrices | whole}
     num_layers = jax.tree.leaves(scanned)[0].shape[0]  # norms are always stacked
 
     def body(carry, xs):
         p, x, index = xs
-        p = {**p, **{k: LayerMatrix(v, index) for k, v in per_layer_matrices.items()}}
+        p = {**p, **{k: LayerMatrix(v, index) for k, v in per_layer_matrices.items()},
+             **{k: StackedMatrix(v, index) for k, v in whole.items()}}
         return (layer_fn(p, carry) if per_layer is None else layer_fn(p, carry, x)), None
 
     carry, _ = jax.lax.scan(body, carry, (scanned, per_layer, jnp.arange(num_layers)))

@@ -59,7 +59,8 @@ def hidden_states(params: dict, config: ModelConfig, input_ids: jax.Array,
         x = x * jnp.asarray(c.hidden_size ** 0.5, dtype=x.dtype)
     cos, sin = rope_cos_sin(positions, jnp.asarray(rope_inv_freq(c)))
     layer_fn = functools.partial(decoder_layer, attend=attend, cos=cos, sin=sin, config=c)
-    x, kv, _ = scan_layers(layer_fn, params["layers"], (x, kv, jnp.int32(0)), window_flags(c))
+    x, kv, _ = scan_layers(layer_fn, params["layers"], (x, kv, jnp.int32(0)), window_flags(c),
+                           stacked_matrices=c.small_matmul_rows > 0)
     return x, kv
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from pagedjax.kernels import native_build, small_matmul as small_matmul_module
 from pagedjax.kernels.small_matmul import small_matmul
-from pagedjax.models.layers import LayerMatrix, linear
+from pagedjax.models.layers import LayerMatrix, StackedMatrix, linear
 
 needs_compiler = pytest.mark.skipif(native_build.find_compiler() is None,
                                     reason="no C++ compiler on this machine")
@@ -103,3 +103,51 @@ def test_bfloat16_weights_are_read_where_they_lie_and_summed_in_float32():
     assert uses_kernel(jnp.ones((1, 64), jnp.bfloat16), 16)
     assert not uses_kernel(jnp.ones((17, 64), jnp.bfloat16), 16)
     assert not uses_kernel(jnp.ones((1, 64), jnp.float16), 16)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stacked_matrix_is_read_in_place_up_to_small_rows(dtype):
+    """A trainer's stacked [L, out, in] matrix inside the layer scan: 1..small_rows rows
+    read the chosen layer in the kernel (no slice), more rows take XLA's dot of the
+    slice; both give x @ w[layer].T (bfloat16: summed in float32, rounded once)."""
+    rng = np.random.default_rng(5)
+    stacked = jnp.asarray(rng.standard_normal((3, 40, 64)), dtype)
+    b = jnp.arange(40, dtype=dtype)
+    w = StackedMatrix(stacked, jnp.int32(2))
+    for rows, kernel in ((1, True), (16, True), (17, False)):
+        x = jnp.asarray(rng.standard_normal((rows, 64)), dtype)
+        fn = jax.jit(lambda x: linear(x, w, b, small_rows=16))
+        assert ("pagedjax_small_matmul_layer" in fn.lower(x).as_text()) == kernel, rows
+        want = (np.asarray(x, np.float64) @ np.asarray(stacked[2], np.float64).T
+                + np.asarray(b, np.float64))
+        tol = 1e-4 if dtype == jnp.float32 else 0.1
+        np.testing.assert_allclose(np.asarray(fn(x), np.float64), want, rtol=tol, atol=tol)
+
+
+@needs_compiler
+def test_engine_reads_a_trainers_stacked_params_in_place(tiny_llama_dir, monkeypatch):
+    """Device-array params (kept stacked, never copied apart) reach the kernel as
+    StackedMatrix products; tokens equal the reference backend's on the same arrays."""
+    from pagedjax import LLM, SamplingParams
+    from pagedjax.loading import load_model
+    from pagedjax.models import SUPPORTED_ARCHITECTURES
+    from tests.helpers.engines import TINY_ENGINE_SETTINGS, token_ids
+
+    config, params, tokenizer = load_model(str(tiny_llama_dir),
+                                           supported_architectures=SUPPORTED_ARCHITECTURES)
+    params = jax.device_put(params)
+    calls = []
+    kernel = small_matmul_module.small_matmul_layer
+    monkeypatch.setattr(small_matmul_module, "small_matmul_layer",
+                        lambda *a: calls.append(a[1].shape) or kernel(*a))
+    outputs = {}
+    for backend in ("native", "reference"):
+        llm = LLM.from_params(params, config, tokenizer, attention_backend=backend,
+                              **TINY_ENGINE_SETTINGS)
+        assert not llm.engine.per_layer_matrices
+        prompts = [[5, 17, 42, 99, 7, 3, 250], [8, 9, 10, 11, 12], [3, 4]]
+        greedy = SamplingParams(max_tokens=6, temperature=0.0)
+        outputs[backend] = token_ids(llm.generate(prompts, greedy, use_tqdm=False))
+    assert outputs["native"] == outputs["reference"]
+    assert calls and all(len(shape) == 3 for shape in calls)  # whole stacks, traced
