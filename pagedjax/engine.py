@@ -93,8 +93,8 @@ class Engine:
             block_size=config.block_size,
             dtype=resolve_kv_dtype(self.dtype, platform, native=self.layout is None),
             group=model_config.num_heads // self.step_config.num_kv_heads)
-        self.kv_dtype = resolve_kv_dtype(
-            self.dtype, platform, native=self.attention_backend == "native" and self.layout is None)
+        self.kv_dtype = resolve_kv_dtype(self.dtype, platform, native=(
+            self.attention_backend == "native" and self.layout is None))
         if (self.attention_backend == "native" and self.layout is None
                 and small_matmul.unsupported_reason(platform, self.dtype) is None):
             # Products of a few rows (decode steps of a few sequences) in the CPU kernel

@@ -14,8 +14,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from .input_transfer import put
 from pagedjax.kernels.kv_write import copy_pages_in_kernel
+
+from .input_transfer import put
 
 PAGE_AXIS = 1  # KV pools are [layers, pages, slots, kv_heads, head_dim]
 
