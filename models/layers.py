@@ -36,8 +36,9 @@ class LayerMatrix:
 class StackedMatrix:
     """One layer's [out, in] matrix of a stacked [L, out, in] array (a trainer's params,
     which the engine does not copy apart), chosen inside the layer scan by the traced
-    layer index: products the small-matmul kernel takes read it where it lies in the
-    stack; others take XLA's dynamic slice (a copy) as the scan itself would."""
+    layer index: products the small-matmul kernel takes (float32 up to MAX_STACKED_ROWS
+    rows, bfloat16 up to small_matmul_rows) read it where it lies in the stack; others
+    take XLA's dynamic slice (a copy) as the scan itself would."""
 
     stacked: jax.Array  # [L, out, in]
     index: jax.Array  # [] int32, the layer
@@ -48,7 +49,7 @@ def linear(x: jax.Array, w: jax.Array | LayerMatrix | StackedMatrix,
     """x @ w.T (+ b) for weights stored [out, in].  x: [..., in], w: [out, in]. Float32
     products of MIN_ROWS..`small_rows` rows run in the CPU small-matmul kernel
     (ModelConfig.small_matmul_rows; 0: never), block-encoded ones up to MAX_BLOCK_ROWS,
-    a StackedMatrix's from one row up."""
+    a StackedMatrix's from one row up (float32 to MAX_STACKED_ROWS)."""
     matmul = functools.partial(_matmul_transposed, small_rows=small_rows)
     if isinstance(w, LayerMatrix):
         y = jax.lax.switch(w.index, [functools.partial(matmul, w=m) for m in w.matrices], x)
@@ -64,7 +65,10 @@ def _stacked_matmul(x: jax.Array,  # [..., in]
     rows = math.prod(x.shape[:-1])
     kernel_dtype = x.dtype == w.stacked.dtype and (
         x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and x.shape[-1] % 32 == 0))
-    if 1 <= rows <= small_rows and kernel_dtype:
+    # float32 past small_rows: XLA's bfloat16 dots stay ahead even with the slice copy
+    max_rows = (max(small_rows, small_matmul.MAX_STACKED_ROWS)
+                if small_rows and x.dtype == jnp.float32 else small_rows)
+    if 1 <= rows <= max_rows and kernel_dtype:
         y = small_matmul.small_matmul_layer(x.reshape(rows, x.shape[-1]), w.stacked, w.index)
         return y.reshape(*x.shape[:-1], w.stacked.shape[1])
     matrix = jax.lax.dynamic_index_in_dim(w.stacked, w.index, keepdims=False)  # [out, in]

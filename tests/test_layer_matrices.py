@@ -1,12 +1,14 @@
 """Per-layer weight matrices on CPU: params handed in as host arrays keep each layer's
 matrices as their own device arrays (no per-step copy out of the stacked [L, out, in]
-array), device arrays stay stacked and uncopied; both forms give the same tokens."""
+array), device arrays stay stacked and uncopied (the kernel reads a layer in place in
+steps of up to MAX_STACKED_ROWS rows); both forms give the same tokens."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pagedjax import LLM, SamplingParams
+from pagedjax.kernels.small_matmul import MAX_STACKED_ROWS
 from pagedjax.loading import load_model
 from pagedjax.models import split_layer_matrices
 from pagedjax.models.params import LAYER_MATRICES
@@ -29,13 +31,16 @@ def test_split_layer_matrices_slices_each_layer():
     np.testing.assert_array_equal(split["embed"], params["embed"] * 2)
 
 
-def matrix_slices(llm) -> int:
-    """Dynamic slices in a compiled step program that produce a layer's wqkv matrix."""
+def step_programs(llm) -> dict:
+    """Each compiled step program's HLO text, by its token count."""
     runner = llm.engine.runner
-    key = next(iter(runner.compiled_keys))
+    return {key.num_tokens: runner._compiled[key].as_text() for key in runner.compiled_keys}
+
+
+def matrix_slices(llm, hlo: str) -> int:
+    """Dynamic slices in a step program's HLO that produce a layer's wqkv matrix."""
     c = llm.engine.model_config
     out_dim, in_dim = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size
-    hlo = runner._compiled[key].as_text()
     return sum(f"f32[{out_dim},{in_dim}]" in line and "dynamic-slice" in line
                for line in hlo.splitlines())
 
@@ -59,10 +64,16 @@ def test_host_params_run_per_layer_and_device_params_stay_stacked(tiny_llama_dir
 
     want = token_ids(device.generate(PROMPTS, GREEDY, use_tqdm=False))
     assert token_ids(host.generate(PROMPTS, GREEDY, use_tqdm=False)) == want
-    # The stacked program copies each layer's matrix out of the stack; the per-layer one
-    # hands the matrices to the matmuls as they are.
-    assert matrix_slices(device) > 0
-    assert matrix_slices(host) == 0
+    # The stacked programs read each layer's matrix in place in the kernel where it takes
+    # the products, and copy it out of the stack for XLA's dots beyond; the per-layer
+    # ones hand the matrices to the matmuls as they are.
+    stacked = step_programs(device)
+    assert any(tokens <= MAX_STACKED_ROWS for tokens in stacked)
+    for tokens, hlo in stacked.items():
+        in_place = tokens <= MAX_STACKED_ROWS
+        assert ("pagedjax_small_matmul_layer" in hlo) == in_place, tokens
+        assert (matrix_slices(device, hlo) == 0) == in_place, tokens
+    assert all(matrix_slices(host, hlo) == 0 for hlo in step_programs(host).values())
 
 
 def test_new_weights_keep_the_engine_form(tiny_llama_dir):

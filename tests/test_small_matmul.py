@@ -108,16 +108,19 @@ def test_bfloat16_weights_are_read_where_they_lie_and_summed_in_float32():
 @needs_compiler
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_stacked_matrix_is_read_in_place_up_to_small_rows(dtype):
-    """A trainer's stacked [L, out, in] matrix inside the layer scan: 1..small_rows rows
-    read the chosen layer in the kernel (no slice), more rows take XLA's dot of the
-    slice; both give x @ w[layer].T (bfloat16: summed in float32, rounded once)."""
+    """A trainer's stacked [L, out, in] matrix inside the layer scan: 1..MAX_STACKED_ROWS
+    float32 rows (bfloat16: small_rows) read the chosen layer in the kernel (no slice),
+    more rows take XLA's dot of the slice, and none with small_rows=0; all give
+    x @ w[layer].T (bfloat16: summed in float32, rounded once)."""
     rng = np.random.default_rng(5)
     stacked = jnp.asarray(rng.standard_normal((3, 40, 64)), dtype)
     b = jnp.arange(40, dtype=dtype)
     w = StackedMatrix(stacked, jnp.int32(2))
-    for rows, kernel in ((1, True), (16, True), (17, False)):
+    limit = small_matmul_module.MAX_STACKED_ROWS if dtype == jnp.float32 else 16
+    for rows, small_rows, kernel in ((1, 16, True), (limit, 16, True), (limit + 1, 16, False),
+                                     (2, 0, False)):
         x = jnp.asarray(rng.standard_normal((rows, 64)), dtype)
-        fn = jax.jit(lambda x: linear(x, w, b, small_rows=16))
+        fn = jax.jit(lambda x: linear(x, w, b, small_rows=small_rows))
         assert ("pagedjax_small_matmul_layer" in fn.lower(x).as_text()) == kernel, rows
         want = (np.asarray(x, np.float64) @ np.asarray(stacked[2], np.float64).T
                 + np.asarray(b, np.float64))
