@@ -357,34 +357,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxSmallMatmulBlocks, SmallMatmulBlocks,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("format"));
 
-// The product with bfloat16 weights read where they lie (a bfloat16 engine's params): a
-// bfloat16 value's 2 bytes are the BF16 format's, so the same loops widen them in
-// registers and sum in float32. I must be a multiple of 32.
-static ffi::Error SmallMatmulBF16(ffi::ThreadPool thread_pool,
-                                  ffi::Buffer<ffi::F32> x,          // [R, I]
-                                  ffi::Buffer<ffi::BF16> w,         // [O, I]
-                                  ffi::ResultBuffer<ffi::F32> y) {  // [R, O]
-  if (!is_product(x, w) || x.dimensions()[1] % 32)
-    return ffi::Error::InvalidArgument(
-        "small matmul: x must be [R, I] and w [O, I], I a multiple of 32");
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  multiply<kBF16>(thread_pool, x.typed_data(), reinterpret_cast<const uint8_t*>(w.untyped_data()),
-                  y->typed_data(), xd[0], xd[1], wd[0]);
-  return ffi::Error::Success();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedjaxSmallMatmulBF16, SmallMatmulBF16,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
 // The product with layer `layer` of stacked weights w [L, O, I] (float32, or bfloat16 read
 // as the BF16 format: I a multiple of 32), read where it lies: a step's matmul cannot read
 // a dynamic slice of a stacked array in place on XLA CPU, so without this every layer's
-// slice would be copied first (a trainer's params reach the engine stacked).
+// slice would be copied first (a trainer's params reach the engine stacked). A single
+// bfloat16 matrix (a bfloat16 engine's per-layer params) comes as a stack of one: a
+// bfloat16 value's 2 bytes are the BF16 format's, so the same loops widen them in
+// registers and sum in float32.
 template <ffi::DataType WT>
 static ffi::Error SmallMatmulLayer(ffi::ThreadPool thread_pool,
                                    ffi::Buffer<ffi::F32> x,          // [R, I]

@@ -31,7 +31,6 @@ from .native_build import NativeBuildError, register_kernel
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "small_matmul.cc")
 _TARGET = "pagedjax_small_matmul"
 _BLOCKS_TARGET = "pagedjax_small_matmul_blocks"
-_BF16_TARGET = "pagedjax_small_matmul_bf16"
 _LAYER_TARGETS = {"float32": ("pagedjax_small_matmul_layer", "PagedjaxSmallMatmulLayer"),
                   "bfloat16": ("pagedjax_small_matmul_layer_bf16",
                                "PagedjaxSmallMatmulLayerBF16")}
@@ -60,12 +59,6 @@ def load_small_matmul_blocks() -> str:
 
 
 @functools.cache
-def load_small_matmul_bf16() -> str:
-    """Like load_small_matmul, for the handler that reads bfloat16 weights."""
-    return register_kernel(SOURCE, {}, _BF16_TARGET, "PagedjaxSmallMatmulBF16")
-
-
-@functools.cache
 def load_small_matmul_layer(dtype: str) -> str:
     """Like load_small_matmul, for the handler that reads one layer of stacked weights of
     `dtype` ("float32" or "bfloat16")."""
@@ -81,8 +74,6 @@ def unsupported_reason(platform: str, dtype) -> str | None:
     try:
         load_small_matmul()
         load_small_matmul_layer(jnp.dtype(dtype).name)
-        if jnp.dtype(dtype) == jnp.bfloat16:
-            load_small_matmul_bf16()
     except NativeBuildError as e:
         return str(e)
     return None
@@ -114,11 +105,10 @@ small_matmul.defvjp(_forward, _backward)
 def small_matmul_bf16(x: jax.Array,  # [R, I] bfloat16
                       w: jax.Array,  # [O, I] bfloat16, I a multiple of 32
                       ) -> jax.Array:
-    """x @ w.T as [R, O] bfloat16 in the kernel, reading w where it lies: summed in float32
-    and rounded once, bitwise the float32 kernel on the widened values."""
-    call = jax.ffi.ffi_call(load_small_matmul_bf16(),
-                            jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
-    return call(x.astype(jnp.float32), w).astype(x.dtype)
+    """x @ w.T as [R, O] bfloat16 in the kernel, reading w where it lies (as a stack of
+    one): summed in float32 and rounded once, bitwise the float32 kernel on the widened
+    values."""
+    return small_matmul_layer(x, w[None], jnp.int32(0))
 
 
 def _forward_bf16(x, w):

@@ -60,15 +60,21 @@ def linear(x: jax.Array, w: jax.Array | LayerMatrix | StackedMatrix,
     return y if b is None else y + b
 
 
+def _kernel_reads(x: jax.Array,  # [..., in]
+                  weight_dtype) -> bool:
+    """Whether the small-matmul kernel multiplies x by weights of `weight_dtype`: both
+    float32, or both bfloat16 with `in` a multiple of 32 (its BF16 format's blocks)."""
+    return x.dtype == weight_dtype and (
+        x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and x.shape[-1] % 32 == 0))
+
+
 def _stacked_matmul(x: jax.Array,  # [..., in]
                     w: StackedMatrix, small_rows: int) -> jax.Array:
     rows = math.prod(x.shape[:-1])
-    kernel_dtype = x.dtype == w.stacked.dtype and (
-        x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and x.shape[-1] % 32 == 0))
     # float32 past small_rows: XLA's bfloat16 dots stay ahead even with the slice copy
     max_rows = (max(small_rows, small_matmul.MAX_STACKED_ROWS)
                 if small_rows and x.dtype == jnp.float32 else small_rows)
-    if 1 <= rows <= max_rows and kernel_dtype:
+    if 1 <= rows <= max_rows and _kernel_reads(x, w.stacked.dtype):
         y = small_matmul.small_matmul_layer(x.reshape(rows, x.shape[-1]), w.stacked, w.index)
         return y.reshape(*x.shape[:-1], w.stacked.shape[1])
     matrix = jax.lax.dynamic_index_in_dim(w.stacked, w.index, keepdims=False)  # [out, in]
@@ -83,11 +89,11 @@ def _matmul_transposed(x: jax.Array,  # [..., in]
     w = w if blocks is None else blocks.dense
     # One row: XLA's matrix-vector product streams float32 weights as fast as the
     # kernel, but not blocks a fifth their size, nor bfloat16 weights (3x slower).
-    bf16 = x.dtype == w.dtype == jnp.bfloat16 and x.shape[-1] % 32 == 0
+    bf16 = x.dtype == jnp.bfloat16
     min_rows = small_matmul.MIN_ROWS if blocks is None and not bf16 else 1
     max_rows = small_rows if blocks is None or not small_rows else max(
         small_rows, small_matmul.MAX_BLOCK_ROWS)
-    if min_rows <= rows <= max_rows and (bf16 or x.dtype == w.dtype == jnp.float32):
+    if min_rows <= rows <= max_rows and _kernel_reads(x, w.dtype):
         x2 = x.reshape(rows, x.shape[-1])
         y = (small_matmul.small_matmul_blocks(x2, blocks) if blocks is not None
              else small_matmul.small_matmul_bf16(x2, w) if bf16

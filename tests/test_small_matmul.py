@@ -99,7 +99,7 @@ def test_bfloat16_weights_are_read_where_they_lie_and_summed_in_float32():
 
     def uses_kernel(x, small_rows):
         hlo = jax.jit(lambda x: linear(x, w, small_rows=small_rows)).lower(x).as_text()
-        return "pagedjax_small_matmul_bf16" in hlo
+        return "pagedjax_small_matmul_layer_bf16" in hlo
     assert uses_kernel(jnp.ones((1, 64), jnp.bfloat16), 16)
     assert not uses_kernel(jnp.ones((17, 64), jnp.bfloat16), 16)
     assert not uses_kernel(jnp.ones((1, 64), jnp.float16), 16)
