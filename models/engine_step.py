@@ -107,6 +107,10 @@ class CausalLM(nn.Module):
         top = {k: v for k, v in expected_shapes(c).items() if k != "layers"}
         params = {**declare_params(self, top, _init),
                   "layers": StackedLayerParams(c, name="layers")()}
+        if "lm_head" not in top and self.has_variable("params", "lm_head"):
+            # a tied model's logits matrix, block-encoded by the engine (weight_blocks.py):
+            # undeclared, flax would hand the step the float32 embedding instead
+            params["lm_head"] = self.get_variable("params", "lm_head")
         attend = PagedAttention(step, self.attention_backend, c, self.mesh)
         x, (k_cache, v_cache) = self.hidden_states(params, c, step.input_ids, step.positions,
                                                    attend, (kv_cache.k, kv_cache.v))

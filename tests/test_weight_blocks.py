@@ -89,9 +89,10 @@ def test_kernel_reads_the_blocks_while_current_and_the_matrix_after(qtype):
 
 @pytest.fixture(scope="module")
 def q4_1_model(tmp_path_factory):
-    """(path, config, params, tokenizer) of a tiny Llama GGUF with Q4_1 matrices."""
+    """(path, config, params, tokenizer) of a tiny Llama GGUF with Q4_1 matrices and tied
+    embeddings (the default model's shape: the logits matrix is the embedding)."""
     folder = tmp_path_factory.mktemp("q4_1")
-    model_dir = make_tiny_llama(folder / "hf", num_kv_heads=2, tie=False,
+    model_dir = make_tiny_llama(folder / "hf", num_kv_heads=2, tie=True,
                                 intermediate_size=128)
     path = make_tiny_llama_gguf(model_dir, folder / "tiny-q4_1.gguf", qtype="Q4_1")
     return (path, *load_gguf(path))
@@ -108,6 +109,11 @@ def test_engine_decodes_from_blocks_and_drops_them_for_new_weights(q4_1_model):
     assert reference.engine.weight_blocks is None
     before = token_ids(llm.generate(TINY_PROMPTS, GREEDY, use_tqdm=False))
     assert before == token_ids(reference.generate(TINY_PROMPTS, GREEDY, use_tqdm=False))
+    # the steps read the tied logits matrix's blocks, not the float32 embedding (4x the
+    # bytes); XLA prunes a program's unused params, so an unread one is absent
+    runner = llm.engine.runner
+    head_blocks = "u8[{},{}]".format(*blocks.lm_head[1].shape)
+    assert all(head_blocks in runner._compiled[key].as_text() for key in runner.compiled_keys)
 
     compiles = llm.num_compiles
     rng = np.random.default_rng(5)
