@@ -115,15 +115,18 @@ class Engine:
         self.prefix_cache = (PrefixCache(config.block_size, config.prefix_caching_hash_algo)
                              if config.enable_prefix_caching else None)
         self.block_manager = BlockManager(num_blocks, config.block_size, self.prefix_cache)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
-        self.output_processor = OutputProcessor(tokenizer, self.max_model_len)
-        self.grammar_bitmasks = GrammarBitmasks(model_config.vocab_size)
         self.buckets = Buckets.for_limits(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq,
             min_token_bucket=config.min_token_bucket or (1 if platform == "cpu" else 16),
             static_samplers=platform != "cpu")
+        # On CPU a step's padding costs what its tokens do: prompt chunks end steps at
+        # bucket sizes where that saves padding (buckets.bucket_aligned_chunk).
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens,
+                                   self.buckets.tokens if platform == "cpu" else ())
+        self.output_processor = OutputProcessor(tokenizer, self.max_model_len)
+        self.grammar_bitmasks = GrammarBitmasks(model_config.vocab_size)
         # Weights handed in as host arrays are copied to the device anyway: on CPU, copy each
         # layer's matrices to their own arrays then, so no step copies them out of the stack.
         # Device arrays stay as they are (no copy of a caller's params). A sharded engine

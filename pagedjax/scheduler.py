@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from .admission import check_admissible
 from .block_manager import BlockManager
+from .buckets import bucket_aligned_total
 from .request import Request, RequestStatus
 from .scheduler_output import ScheduledRequest, SchedulerOutput
 
@@ -24,12 +25,14 @@ class Scheduler:
     """Decides, step by step, which requests run and how many tokens each one feeds.
 
     `max_num_seqs` caps sequences per step and `max_num_batched_tokens` caps tokens per
-    step (the chunked-prefill budget). Which sequences end, and when, is the output
-    processor's decision (`finish_requests`).
+    step (the chunked-prefill budget). With `token_buckets` (the step shapes, on CPU where
+    padding costs as much as tokens), a step just past a bucket is cut back to it by
+    shortening its newest prompt chunks (buckets.bucket_aligned_total). Which sequences
+    end, and when, is the output processor's decision (`finish_requests`).
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int):
+                 max_num_batched_tokens: int, token_buckets: tuple[int, ...] = ()):
         for name, value in (("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -41,6 +44,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.token_buckets = tuple(token_buckets)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._unfinished: dict[str, Request] = {}
@@ -166,7 +170,6 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
-        forks: list[Request] = []  # parents whose prompt completes this step
 
         # Running requests first: decodes keep their latency low and unfinished prefill
         # chunks make progress before anyone new is admitted.
@@ -194,17 +197,15 @@ class Scheduler:
                 fits = self._reserve(request, target, out)
             if not fits:
                 break
-            chunk = ScheduledRequest(request, num_new, request.num_computed_tokens)
-            out.scheduled.append(chunk)
-            if chunk.samples and request.pending_children:
-                forks.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new,
+                                                  request.num_computed_tokens))
             budget -= num_new
             i += 1
 
         # A preemption means the pool is exhausted: admitting new work now would only be
         # preempted again (vLLM V1 does the same).
         if out.preempted:
-            return self._apply_forks(out, forks)
+            return self._apply_forks(self._end_at_bucket(out))
 
         while self.waiting and budget > 0:
             request = self.waiting[0]
@@ -246,12 +247,10 @@ class Scheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
-            chunk = ScheduledRequest(request, num_new, request.num_computed_tokens)
-            out.scheduled.append(chunk)
-            if chunk.samples and request.pending_children:
-                forks.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new,
+                                                  request.num_computed_tokens))
             budget -= num_new
-        return self._apply_forks(out, forks)
+        return self._apply_forks(self._end_at_bucket(out))
 
     def _num_seats(self) -> int:
         """Sequences running plus the children their parents will fork (reserved seats)."""
@@ -267,11 +266,29 @@ class Scheduler:
         out.copies.extend(copies)
         return self.block_manager.ensure_capacity(request, target)
 
-    def _apply_forks(self, out: SchedulerOutput, forks: list[Request]) -> SchedulerOutput:
+    def _end_at_bucket(self, out: SchedulerOutput) -> SchedulerOutput:
+        """`out` with its newest prompt chunks shortened (each keeps a token) so the step
+        stops at the bucket below it where that saves padding; as it was when it can't.
+        Pages reserved past a shortened chunk's end stay its own, written next step."""
+        total = out.num_batched_tokens
+        cut = total - bucket_aligned_total(total, self.token_buckets) if self.token_buckets else 0
+        if cut <= 0 or cut > sum(c.num_new_tokens - 1 for c in out.scheduled):
+            return out
+        for i in reversed(range(len(out.scheduled))):
+            chunk = out.scheduled[i]
+            take = min(cut, chunk.num_new_tokens - 1)  # decodes feed one token: never cut
+            if take > 0:
+                out.scheduled[i] = ScheduledRequest(chunk.request, chunk.num_new_tokens - take,
+                                                    chunk.start_position)
+                cut -= take
+        return out
+
+    def _apply_forks(self, out: SchedulerOutput) -> SchedulerOutput:
         """Fork the pending children of parents whose prompt completes this step: each
         shares the parent's prompt pages (ref counts) and samples its first token from the
         parent's logits in this very step (a zero-token chunk scheduled last). Also drops
         page copies whose destination a preemption in this step freed again."""
+        forks = [c.request for c in out.scheduled if c.samples and c.request.pending_children]
         for parent in forks:
             prompt_len = len(parent.prompt_token_ids)
             for child in parent.pending_children:

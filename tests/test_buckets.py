@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from pagedjax.buckets import BucketKey, Buckets
+from pagedjax.buckets import BucketKey, Buckets, bucket_aligned_total
 
 
 def test_smallest_bucket_holding_the_step_is_chosen():
@@ -49,3 +49,14 @@ def test_static_samplers_split_decode_calls_only():
         assert set(keys) == set(k for k in plain_keys if not k.decode_call) | {
             replace(k, sampler=s) for k in decode_calls
             for s in ("greedy", "random", "top_k_top_p")}
+
+
+def test_a_step_just_past_a_bucket_stops_at_it():
+    ladder = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    assert bucket_aligned_total(280, ladder) == 256  # 24 past 256, 232 short of 512
+    assert bucket_aligned_total(383, ladder) == 256  # the lower half of the gap
+    assert bucket_aligned_total(384, ladder) == 384  # the middle: padding is the cheaper
+    assert bucket_aligned_total(256, ladder) == 256
+    assert bucket_aligned_total(40, ladder) == 32
+    assert bucket_aligned_total(20, ladder) == 20  # small steps: an extra one costs more
+    assert bucket_aligned_total(600, ladder) == 600  # past the ladder: nothing to stop at

@@ -577,3 +577,25 @@ def test_random_workload_with_tiny_pool():
     assert saw_chunk  # long prompts really were chunked
     assert bm.num_free_blocks == bm.num_blocks - 1
     bm.check_no_leak()
+
+
+def test_with_token_buckets_a_step_past_a_bucket_is_cut_back_to_it():
+    """Decodes and older chunks keep their tokens; the newest prompt chunk gives up the
+    excess and finishes next step; a step in the upper half of a gap is left to pad."""
+    bm = BlockManager(num_blocks=256, block_size=4)
+    sched = StepLoop(Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=128,
+                               token_buckets=(1, 2, 4, 8, 16, 32, 64, 128)), 256)
+    sched.add_request(make_request("decoding", 6, max_tokens=8))
+    step(sched)
+    for name, length in (("old", 30), ("new", 10)):
+        sched.add_request(make_request(name, length))
+    out, _ = step(sched)  # 1 + 30 + 10 = 41 tokens: 9 past 32, 23 short of 64
+    assert summary(out) == [("decoding", 6, 1, True), ("old", 0, 30, True),
+                            ("new", 0, 1, False)]
+    out, _ = step(sched)
+    assert ("new", 1, 9, True) in summary(out)
+    sched.add_request(make_request("long", 60))
+    out, _ = step(sched)  # 3 decodes + 60 = 63: upper half of 32..64, padded instead
+    assert out.num_batched_tokens == 63
+    run_all(sched)
+    assert bm.num_free_blocks == bm.num_blocks - 1
