@@ -11,7 +11,9 @@ Systems, all on the same weights:
   dense      (b) the static-batch sampler JAX training codebases write (dense_sampler.py):
              prompts padded to 512, a dense [B, L, 512 + G, K, D] KV cache, greedy decode in
              a lax.while_loop until the batch's longest budget; fixed shapes, one compile
-Then the sync time alone (`update_params`, median of 5) for the default model and for a
+The gemma library's own sampler, a third anchor, runs in gemma_sampler.py (it needs the
+gemma package and a Gemma-shaped model). Then the sync time alone (`update_params`, median
+of 5) for the default model and for a
 ~1.2B-parameter Llama-3.2-1B-shaped model (constant weights: sync does not read values).
 
     python benchmarks/train_eval.py                            # --rounds 3 --scale 1
