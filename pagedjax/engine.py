@@ -121,7 +121,7 @@ class Engine:
             min_token_bucket=config.min_token_bucket or (1 if platform == "cpu" else 16),
             static_samplers=platform != "cpu")
         # On CPU a step's padding costs what its tokens do: prompt chunks end steps at
-        # bucket sizes where that saves padding (buckets.bucket_aligned_chunk).
+        # bucket sizes where that saves padding (buckets.bucket_aligned_total).
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens,
                                    self.buckets.tokens if platform == "cpu" else ())

@@ -34,7 +34,7 @@ def test_split_layer_matrices_slices_each_layer():
 def step_programs(llm) -> dict:
     """Each compiled step program's HLO text, by its token count."""
     runner = llm.engine.runner
-    return {key.num_tokens: runner._compiled[key].as_text() for key in runner.compiled_keys}
+    return {key.num_tokens: runner.program_text(key) for key in runner.compiled_keys}
 
 
 def matrix_slices(llm, hlo: str) -> int:

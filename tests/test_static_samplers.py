@@ -21,7 +21,7 @@ def with_static_samplers(llm):
 
 def conditionals(runner, key) -> int:
     runner.compile(key)
-    return runner._compiled[key].as_text().count("conditional(")
+    return runner.program_text(key).count("conditional(")
 
 
 def test_static_sampler_is_the_choice_the_run_time_conds_make():

@@ -113,7 +113,7 @@ def test_engine_decodes_from_blocks_and_drops_them_for_new_weights(q4_1_model):
     # bytes); XLA prunes a program's unused params, so an unread one is absent
     runner = llm.engine.runner
     head_blocks = "u8[{},{}]".format(*blocks.lm_head[1].shape)
-    assert all(head_blocks in runner._compiled[key].as_text() for key in runner.compiled_keys)
+    assert all(head_blocks in runner.program_text(key) for key in runner.compiled_keys)
 
     compiles = llm.num_compiles
     rng = np.random.default_rng(5)
