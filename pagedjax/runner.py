@@ -132,11 +132,6 @@ class ModelRunner:
         """Bucket shapes that have a compiled program."""
         return list(self._compiled)
 
-    def program_text(self, key: BucketKey) -> str:
-        """The compiled program of bucket `key` as XLA's optimized HLO text (what a step
-        runs: which params it reads, which kernels it calls)."""
-        return self._compiled[key].as_text()
-
     def compile(self, key: BucketKey) -> None:
         """Build the program for bucket `key` if it isn't built yet."""
         if key in self._compiled:
