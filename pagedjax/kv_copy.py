@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from pagedjax.kernels.kv_write import copy_pages_in_kernel
+from pagedjax.kernels.kv_write import copy_pages_in_kernel, writes_in_kernel
 
 from .input_transfer import put
 
@@ -39,10 +39,10 @@ _copy_pages_donated = jax.jit(_copy_pages, donate_argnums=(0,))
 _copy_pages_in_kernel_donated = jax.jit(_copy_pages_in_kernel, donate_argnums=(0,))
 
 
-def _bfloat16_on_cpu(kv_cache) -> bool:
+def _written_in_kernel(kv_cache) -> bool:
+    # on CPU a pool is the native backend's or float32 (kv_pool.resolve_kv_dtype)
     pool = jax.tree.leaves(kv_cache)[0]
-    return pool.dtype == jax.numpy.bfloat16 and all(
-        device.platform == "cpu" for device in pool.devices())
+    return writes_in_kernel(pool, native=all(d.platform == "cpu" for d in pool.devices()))
 
 
 def padded_pairs(pairs: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -65,5 +65,5 @@ def copy_kv_blocks(kv_cache, pairs: Sequence[tuple[int, int]], sharding: Any = N
     if not pairs:
         return kv_cache
     src, dst = (put(pages, sharding) for pages in padded_pairs(pairs))
-    copy = _copy_pages_in_kernel_donated if _bfloat16_on_cpu(kv_cache) else _copy_pages_donated
+    copy = _copy_pages_in_kernel_donated if _written_in_kernel(kv_cache) else _copy_pages_donated
     return copy(kv_cache, src, dst)
