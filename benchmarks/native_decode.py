@@ -68,7 +68,7 @@ def main():
     defines = {"GROUP": args.group, "HEAD_DIM": args.head_dim, "PAGE_SIZE": args.page_size}
     sources = [native_attention.SOURCE] + args.source
     targets = [register_kernel(source, defines, f"pagedjax_bench_decode_{i}",
-                               native_attention.SYMBOL)
+                               native_attention.SYMBOLS["float32"])
                for i, source in enumerate(sources)]
     q, tables, lens, k_cache, v_cache, nbytes = make_step(
         args.rows, args.kv_heads, args.group, args.head_dim, args.page_size, *args.context)
