@@ -19,8 +19,9 @@ needs_compiler = pytest.mark.skipif(native_build.find_compiler() is None,
 @pytest.mark.parametrize("out_features,in_features", [(130, 13), (64, 576), (5, 8)])
 def test_products_match_numpy(rows, out_features, in_features):
     """Odd output counts (not a multiple of the weight rows read together nor of the
-    64-row blocks), input lengths with a scalar tail, and every way x rows are grouped
-    (1-8 rows in one pass, more in blocks of 8 and a tail)."""
+    rows a work item takes, a multiple of 8), input lengths with a scalar tail,
+    and every way x rows are grouped (1-8 rows in one pass, more in blocks of 8 and a
+    tail)."""
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, in_features)).astype(np.float32)
     w = rng.standard_normal((out_features, in_features)).astype(np.float32)
