@@ -3,9 +3,12 @@
 Names: "auto" (Pallas on GPU / TPU, "native" on CPU), "reference" (plain jnp,
 jnp_attention; runs anywhere), "pallas" ("pallas" on CPU runs the kernel in Pallas
 interpret mode: slow, for tests), "native" (the jnp backend with decode rows in a C++ XLA
-FFI kernel, CPU only, built on first use). A combination a kernel cannot run (say a head
-dim the GPU kernel does not tile, a bfloat16 pool for the native kernel, or no C++
-compiler on the machine) falls back to "reference" with a one-line warning, never an error.
+FFI kernel, CPU only, built on first use), "exact" (numerics that do not depend on the
+program: attention in float64 rounded once, kernels/exact_attention.py, with the rest of
+ModelConfig.exact; CPU and GPU). A combination a kernel cannot run (say a head dim the GPU
+kernel does not tile, a bfloat16 pool for the native kernel, or no C++ compiler on the
+machine) falls back to "reference" with a one-line warning, never an error; "exact" is
+never swapped.
 
 Every backend function takes jnp_attention.paged_attention's arguments plus `slot_mapping`
 (only the TPU adapter needs it: it rebuilds page tables that cover this step's tokens).
@@ -16,22 +19,27 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
-ATTENTION_BACKENDS = ("auto", "reference", "pallas", "native")
+ATTENTION_BACKENDS = ("auto", "reference", "pallas", "native", "exact")
 
 
 def resolve_attention_backend(name: str, platform: str, *, head_dim: int | None = None,
                               block_size: int | None = None, dtype=None,
                               group: int | None = None) -> str:
     """Map a requested backend ("auto" included) to the one that runs on `platform`:
-    "reference", "pallas" or "native" (group: query heads per KV head). Shape arguments
-    left None are not checked; with all of them given, "native" is built here, so a
-    machine without a C++ compiler falls back now rather than at the first step."""
+    "reference", "pallas", "native" or "exact" (group: query heads per KV head). Shape
+    arguments left None are not checked; with all of them given, "native" is built here,
+    so a machine without a C++ compiler falls back now rather than at the first step."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(
             f"attention_backend={name!r} is not supported; choose one of "
             f"{', '.join(ATTENTION_BACKENDS)}")
     if name == "reference":
         return "reference"
+    if name == "exact":  # a choice of numerics, so never swapped for another backend
+        if platform == "tpu":
+            raise ValueError("attention_backend='exact' computes in float64, which TPUs "
+                             "do not have; use 'auto'")
+        return "exact"
     if name == "native" or (name == "auto" and platform not in ("gpu", "tpu")):
         reason = _native_unsupported(platform, group, head_dim, block_size, dtype)
         if reason is not None:
@@ -68,11 +76,14 @@ def _pallas_unsupported(platform, head_dim, block_size, dtype) -> str | None:
 
 
 def get_paged_attention(backend: str) -> Callable:
-    """The attention function of a resolved backend ("reference", "pallas" or "native");
-    "pallas" picks the TPU op, the Triton kernel or the interpreted kernel by JAX's
-    platform."""
+    """The attention function of a resolved backend ("reference", "pallas", "native" or
+    "exact"); "pallas" picks the TPU op, the Triton kernel or the interpreted kernel by
+    JAX's platform."""
     if backend == "reference":
         return _jnp
+    if backend == "exact":
+        from .exact_attention import paged_attention as exact_paged_attention
+        return exact_paged_attention
     if backend == "native":
         from .native_attention import paged_attention as native_paged_attention
         return native_paged_attention

@@ -89,6 +89,10 @@ class ModelConfig:
     # Set by the engine only (CPU, one device, float32): float32 products of 2 to this many
     # rows run in the small-matmul kernel (kernels/small_matmul.py); 0 never.
     small_matmul_rows: int = 0
+    # Numerics that do not depend on the program (set by the engine's "exact" attention
+    # backend and by pagedjax.forward(exact=True)): attention, norms, RoPE and activations
+    # in float64, rounded once (kernels/exact_attention.py, models/exact_numerics.py).
+    exact: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -143,6 +147,8 @@ class ModelConfig:
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise ValueError(f"ModelConfig.small_matmul_rows must be an int >= 0, got "
                              f"{self.small_matmul_rows!r}")
+        if not isinstance(self.exact, bool):
+            raise ValueError(f"ModelConfig.exact must be a bool, got {self.exact!r}")
 
     @property
     def o_bias(self) -> bool:

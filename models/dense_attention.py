@@ -15,6 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pagedjax.kernels import exact_attention
+
 from .config import ModelConfig
 from .layers import layer_window
 
@@ -29,21 +31,24 @@ def dense_causal_attention(
     scale: float,
     sliding_window: int | None = None,  # keys fewer than this many tokens back only
     soft_cap: float | None = None,  # scores -> soft_cap * tanh(scores / soft_cap)
+    exact: bool = False,  # float64 sums rounded once (kernels/exact_attention.py)
 ) -> jax.Array:  # [T, H, D] in q's dtype
     """softmax(q k^T * scale) v over the same-segment keys at or before each query;
     query head h reads KV head h // (H / K)."""
     num_tokens, num_heads, head_dim = q.shape
+    index = jnp.arange(num_tokens)
+    visible = ((segment_ids[:, None] == segment_ids[None, :])
+               & (index[None, :] <= index[:, None]))  # [T, T]; the diagonal always
+    if sliding_window is not None:
+        visible &= index[:, None] - index[None, :] < sliding_window
+    if exact:
+        return exact_attention.dense_attention(q, k, v, visible, scale, soft_cap)
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     qg = (q.astype(jnp.float32) * scale).reshape(num_tokens, num_kv_heads, group, head_dim)
     scores = jnp.einsum("tkgd,skd->kgts", qg, k.astype(jnp.float32))  # [K, G, T, T]
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
-    index = jnp.arange(num_tokens)
-    visible = ((segment_ids[:, None] == segment_ids[None, :])
-               & (index[None, :] <= index[:, None]))  # [T, T]; the diagonal always
-    if sliding_window is not None:
-        visible &= index[:, None] - index[None, :] < sliding_window
     weights = jax.nn.softmax(jnp.where(visible, scores, NEG_INF), axis=-1)
     out = jnp.einsum("kgts,skd->tkgd", weights, v.astype(jnp.float32))
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
@@ -73,6 +78,6 @@ class DenseAttention:
 
         def run(window):
             return dense_causal_attention(q, k, v, self.segment_ids, c.attention_scale,
-                                          window, c.attn_logit_softcap)
+                                          window, c.attn_logit_softcap, c.exact)
 
         return layer_window(run, c, window_flag), kv

@@ -8,6 +8,7 @@ a batch of rows, differentiable and jit-able, for `jax.grad` and optax.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -22,7 +23,8 @@ from .registry import model_class
 
 
 def forward(params: Any, config: ModelConfig, token_ids: Any, *, positions: Any = None,
-            segment_ids: Any = None, logits_dtype: Any = jnp.float32) -> jax.Array:
+            segment_ids: Any = None, logits_dtype: Any = jnp.float32,
+            exact: bool = False) -> jax.Array:
     """Logits [B, T, V] of every token of token_ids [B, T] (dense causal attention).
 
     `params`: what `pagedjax.generate` accepts as a pytree (a params dict, stacked or
@@ -32,11 +34,19 @@ def forward(params: Any, config: ModelConfig, token_ids: Any, *, positions: Any 
     tokens with its own id (pad with an id of its own). `positions` [B, T] default to each
     token's index within its segment (with no segment_ids: 0..T-1 in every row).
     `logits_dtype`: the returned logits' dtype (float32 by default).
+    `exact`: attention, norms, RoPE and activations in float64, each rounded once to the
+    params' dtype (CPU and GPU; slower): the logits then do not depend on how the rows are
+    padded or batched, and equal, to the bit, those of an engine with
+    `attention_backend="exact"` at the same tokens (ModelConfig.exact).
     """
     from pagedjax.flax_params import params_from_flax  # models/ is imported by pagedjax
 
     if not isinstance(config, ModelConfig):
         raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+    if not isinstance(exact, bool):
+        raise ValueError(f"exact must be a bool, got {exact!r}")
+    if exact:
+        config = dataclasses.replace(config, exact=True)
     params = params_from_flax(params)
     check_params(params, config)
     token_ids = _int_array("token_ids", token_ids)

@@ -16,6 +16,7 @@ import numpy as np
 
 from pagedjax.kernels import small_matmul
 
+from . import exact_numerics
 from .config import ModelConfig
 
 
@@ -196,7 +197,13 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
 
 
 def norm(x: jax.Array, p: dict, name: str, config: ModelConfig) -> jax.Array:
-    """The config's norm (config.norm_type) with weight p[name] (and bias p[name + "_b"])."""
+    """The config's norm (config.norm_type) with weight p[name] (and bias p[name + "_b"]);
+    in float64, rounded once, under config.exact."""
+    if config.exact:
+        if config.norm_type == "layer":
+            return exact_numerics.layer_norm(x, p[name], p[name + "_b"], config.rms_norm_eps)
+        return exact_numerics.rms_norm(x, p[name], config.rms_norm_eps,
+                                       plus_one=config.norm_type == "rms_plus_one")
     if config.norm_type == "rms":
         return rms_norm(x, p[name], config.rms_norm_eps)
     if config.norm_type == "rms_plus_one":
@@ -212,11 +219,13 @@ def mlp(x: jax.Array, p: dict, config: ModelConfig) -> jax.Array:
         # rows [gate_s, up_s] per shard s (config.fused_shards; one shard: [gate, up])
         gate_up = gate_up.reshape(*gate_up.shape[:-1], config.fused_shards, -1)
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        hidden = activation(gate, config.hidden_act) * up
+        hidden = (exact_numerics.activation(gate, config.hidden_act, up) if config.exact
+                  else activation(gate, config.hidden_act) * up)
         hidden = hidden.reshape(*hidden.shape[:-2], -1)  # [..., F]
     else:
-        hidden = activation(linear(x, p["w_up"], p.get("b_up"), config.small_matmul_rows),
-                            config.hidden_act)
+        hidden = linear(x, p["w_up"], p.get("b_up"), config.small_matmul_rows)
+        hidden = (exact_numerics.activation(hidden, config.hidden_act) if config.exact
+                  else activation(hidden, config.hidden_act))
     return linear(hidden, p["w_down"], p.get("b_down"), config.small_matmul_rows)
 
 
@@ -240,12 +249,14 @@ def attention_qkv(x: jax.Array, p: dict, config: ModelConfig, cos: jax.Array | N
     q = qkv[..., : H // n * D].reshape(T, H, D)
     k = qkv[..., H // n * D: (H + K) // n * D].reshape(T, K, D)
     v = qkv[..., (H + K) // n * D:].reshape(T, K, D)
+    head_norm = exact_numerics.rms_norm if c.exact else rms_norm
+    rope = exact_numerics.apply_rope if c.exact else apply_rope
     if c.qk_norm:
-        q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
-        k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+        q = head_norm(q, p["q_norm"], c.rms_norm_eps)
+        k = head_norm(k, p["k_norm"], c.rms_norm_eps)
     if cos is not None:
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q = rope(q, cos, sin)
+        k = rope(k, cos, sin)
     return q, k, v
 
 

@@ -91,11 +91,13 @@ class Buckets:
     @classmethod
     def for_limits(cls, *, max_num_batched_tokens: int, max_num_seqs: int,
                    max_pages_per_seq: int, min_token_bucket: int = 16,
-                   static_samplers: bool = False) -> "Buckets":
-        """Ladders from the smallest bucket up to the first power of two covering each limit."""
+                   static_samplers: bool = False, min_rows: int = 1) -> "Buckets":
+        """Ladders from the smallest bucket up to the first power of two covering each limit;
+        `min_rows` is the smallest of both (2: no step runs a one-row product)."""
         return cls(
-            tokens=_powers(min(min_token_bucket, max_num_batched_tokens), max_num_batched_tokens),
-            seqs=_powers(1, max_num_seqs),
+            tokens=_powers(min(max(min_token_bucket, min_rows), max_num_batched_tokens),
+                           max_num_batched_tokens),
+            seqs=_powers(min_rows, max_num_seqs),
             pages_per_seq=max_pages_per_seq,
             static_samplers=static_samplers,
         )

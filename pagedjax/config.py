@@ -28,6 +28,8 @@ class EngineConfig:
     16 elsewhere). On CPU a step's matmuls cost in proportion to its padded rows, so a
     decode step of one sequence padded to 16 tokens took 2.6x as long as one of 1 token; an
     accelerator reads the weights once for either, and fewer shapes compile fewer programs.
+    `attention_backend` names the kernels (kernels/backend.py); "exact" also sets the
+    numerics that make logits equal `pagedjax.forward(..., exact=True)`'s to the bit.
     `num_scheduler_steps` > 1 runs that many decode steps per device call when every
     scheduled sequence is decoding and needs no host work between tokens (multi_step.py):
     it pays where the host's per-step work is comparable to the device's, as on a GPU.

@@ -101,6 +101,8 @@ class Engine:
             # that reads each weight once; "reference" stays pure XLA.
             self.step_config = dataclasses.replace(self.step_config,
                                                    small_matmul_rows=small_matmul.MAX_ROWS)
+        if self.attention_backend == "exact":  # pagedjax.forward(exact=True)'s numerics
+            self.step_config = dataclasses.replace(self.step_config, exact=True)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = resolve_max_model_len(config, model_config)
         self.max_pages_per_seq = math.ceil(self.max_model_len / config.block_size)
@@ -119,6 +121,10 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, max_pages_per_seq=self.max_pages_per_seq,
             min_token_bucket=config.min_token_bucket or (1 if platform == "cpu" else 16),
+            # XLA sums a one-row product (a matrix-vector one) in another order than
+            # products of 2+ rows, which agree row by row whatever the row count: the
+            # exact backend's steps, like a forward of rows of 2+ tokens, never run one.
+            min_rows=2 if self.attention_backend == "exact" else 1,
             static_samplers=platform != "cpu")
         # On CPU a step's padding costs what its tokens do: prompt chunks end steps at
         # bucket sizes where that saves padding (buckets.bucket_aligned_total).
@@ -148,7 +154,8 @@ class Engine:
         self.runner = ModelRunner(lambda p, s, kv, **kw: model.apply({"params": p}, s, kv, **kw),
                                   self.cast_params(params), kv_cache, self.max_pages_per_seq,
                                   logprobs_mode=config.logprobs_mode, mesh=self.mesh,
-                                  plan_channel=self.plan_channel)
+                                  plan_channel=self.plan_channel,
+                                  exact_logprobs=self.step_config.exact)
         self.decode_calls = DecodeCallPipeline(
             self.scheduler, self.runner, num_scheduler_steps=config.num_scheduler_steps,
             async_scheduling=config.async_scheduling, max_model_len=self.max_model_len,

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pagedjax.models import ModelConfig
+from pagedjax.models import ModelConfig, exact_numerics
 
 from .api import EngineCache, resolve_llm
 from .llm import LLM
@@ -81,14 +81,18 @@ class Rollout:
         return {"token_ids": token_ids, "segment_ids": segment_ids}
 
 
-def completion_logprobs(logits: jax.Array, completion_ids: jax.Array) -> jax.Array:
+def completion_logprobs(logits: jax.Array, completion_ids: jax.Array,
+                        exact: bool = False) -> jax.Array:
     """float32 logprobs [N, G] of completion_ids [N, G] under logits [N, S, V] of rows
     whose last G tokens are the completions (`Rollout.forward_inputs`): the logits one
-    position before each token give its distribution. Differentiable and jit-able."""
+    position before each token give its distribution (G = S - 1: every next token's).
+    Differentiable and jit-able. `exact`: the float64 log_softmax rounded once, as an
+    engine with attention_backend="exact" computes its logprobs."""
     gen_width = completion_ids.shape[1]
     seq_len = logits.shape[1]
     before = logits[:, seq_len - gen_width - 1: seq_len - 1].astype(jnp.float32)  # [N, G, V]
-    logprobs = jax.nn.log_softmax(before, axis=-1)
+    logprobs = (exact_numerics.log_softmax(before) if exact
+                else jax.nn.log_softmax(before, axis=-1))
     return jnp.take_along_axis(logprobs, completion_ids[..., None].astype(jnp.int32),
                                axis=-1)[..., 0]
 
@@ -104,7 +108,9 @@ def rollout(model: Union[None, str, LLM, Any], prompt_token_ids: Sequence[Sequen
     take new weights without recompiling). `sampling_params` is one SamplingParams for
     every prompt or one per prompt; the sampled tokens' logprobs are returned whether or
     not `logprobs` is set. Extra keyword arguments configure a newly built engine (e.g.
-    `logprobs_mode="processed_logprobs"`, `max_num_batched_tokens`).
+    `logprobs_mode="processed_logprobs"`, `max_num_batched_tokens`;
+    `attention_backend="exact"` for logprobs equal to `pagedjax.forward(..., exact=True)`'s
+    to the bit).
     """
     llm = resolve_llm(model, config, tokenizer, cache, engine_kwargs)
     prompts = _token_lists(prompt_token_ids)

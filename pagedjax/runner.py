@@ -72,7 +72,7 @@ class ModelRunner:
 
     def __init__(self, apply_fn: Callable, params: Any, kv_cache: KVCache, pages_per_seq: int,
                  logprobs_mode: str = "raw_logprobs", mesh: Optional[Mesh] = None,
-                 plan_channel: Optional[PlanChannel] = None):
+                 plan_channel: Optional[PlanChannel] = None, exact_logprobs: bool = False):
         self.params = params  # None after drop_params (sleep level 2)
         self.pages_per_seq = pages_per_seq  # block-table width of every step
         self.kv_cache = kv_cache  # None after free_kv_cache (sleep)
@@ -104,7 +104,8 @@ class ModelRunner:
                 # Prompt tokens are not sampled: their values are the model's (logits
                 # in the *_logits modes).
                 prompt_logprobs = compute_logprobs(token_logits, prompt_targets,
-                                                   normalize=logprobs_mode.endswith("logprobs"))
+                                                   logprobs_mode.endswith("logprobs"),
+                                                   exact_logprobs)
             else:
                 logits, kv_cache = apply_fn(params, step_input, kv_cache)
             # Logprobs only in programs compiled for them: the default path does no extra
@@ -112,7 +113,7 @@ class ModelRunner:
             if with_logprobs:
                 tokens, logprobs = sample_with_logprobs(logits, step_input.sampling,
                                                         step_input.penalties, sampler,
-                                                        logprobs_mode)
+                                                        logprobs_mode, exact_logprobs)
             else:
                 tokens = sample(logits, step_input.sampling, step_input.penalties, sampler)
                 logprobs = None

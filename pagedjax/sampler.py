@@ -13,6 +13,8 @@ from typing import Iterable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from pagedjax.models import exact_numerics
+
 from .sampling_params import MAX_LOGPROBS
 from .step_input import (PENALTY_ALLOWED, PENALTY_BANNED, PENALTY_IN_CONTEXT, PenaltyTensors,
                          SamplingTensors)
@@ -90,14 +92,15 @@ def sample(logits: jax.Array, sampling: SamplingTensors,
 
 def sample_with_logprobs(logits: jax.Array, sampling: SamplingTensors,
                          penalties: Optional[PenaltyTensors], sampler: str,
-                         mode: str) -> tuple[jax.Array, StepLogprobs]:
+                         mode: str, exact: bool = False) -> tuple[jax.Array, StepLogprobs]:
     """`sample`, plus the StepLogprobs of the drawn tokens [B] in logprobs `mode`
-    (LOGPROBS_MODES): of the model's logits [B, V] or of the processed ones."""
+    (LOGPROBS_MODES): of the model's logits [B, V] or of the processed ones (`exact`:
+    compute_logprobs')."""
     if mode.startswith("processed"):
         tokens, processed = sample(logits, sampling, penalties, sampler, with_processed=True)
-        return tokens, compute_logprobs(processed, tokens, mode == "processed_logprobs")
+        return tokens, compute_logprobs(processed, tokens, mode == "processed_logprobs", exact)
     tokens = sample(logits, sampling, penalties, sampler)
-    return tokens, compute_logprobs(logits, tokens, mode == "raw_logprobs")
+    return tokens, compute_logprobs(logits, tokens, mode == "raw_logprobs", exact)
 
 
 ARGMAX_BLOCK = 512  # vocabulary entries per block of argmax_rows
@@ -130,14 +133,16 @@ class StepLogprobs(NamedTuple):
 
 
 def compute_logprobs(logits: jax.Array, tokens: jax.Array,
-                     normalize: bool = True) -> StepLogprobs:
+                     normalize: bool = True, exact: bool = False) -> StepLogprobs:
     """log_softmax of logits [B, V] (the model's: RAW logprobs, vLLM v1's default, before
     penalties, logit bias, allowed/bad words and temperature) at tokens [B] and the top
-    ones; with `normalize` False the logits themselves. The rank is 1 + the number of
-    tokens with a strictly higher value."""
+    ones; with `normalize` False the logits themselves; `exact`: the float64 log_softmax
+    rounded once (models/exact_numerics.py). The rank is 1 + the number of tokens with a
+    strictly higher value."""
     logprobs = logits.astype(jnp.float32)
     if normalize:
-        logprobs = jax.nn.log_softmax(logprobs, axis=-1)
+        logprobs = (exact_numerics.log_softmax(logprobs) if exact
+                    else jax.nn.log_softmax(logprobs, axis=-1))
     sampled = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)  # [B, 1]
     rank = 1 + jnp.sum(logprobs > sampled, axis=-1).astype(jnp.int32)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_LOGPROBS, logits.shape[-1]))

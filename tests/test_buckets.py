@@ -20,6 +20,10 @@ def test_smallest_bucket_holding_the_step_is_chosen():
         buckets.key_for(513, 1)
     with pytest.raises(ValueError, match="sequences"):
         buckets.key_for(64, 65)
+    # The exact numerics' ladders (min_rows=2): no one-row step, no one-row logits.
+    two = Buckets.for_limits(max_num_batched_tokens=512, max_num_seqs=64,
+                             max_pages_per_seq=64, min_token_bucket=1, min_rows=2)
+    assert two.tokens[0] == 2 and two.seqs[0] == 2 and two.key_for(1, 1) == BucketKey(2, 2)
 
 
 def test_compiled_shapes_do_not_grow_with_max_model_len():

@@ -41,6 +41,31 @@ def test_logits_match_hf_and_packed_segments_match_separate_runs(tmp_path, name)
     np.testing.assert_allclose(logits[1, 12:], hf_logits(hf, second), atol=ATOL, rtol=1e-4)
 
 
+# Layer norms, GELU and learned positions; plus-one norms, soft-caps and windows; q/k norms.
+@pytest.mark.parametrize("name", ["gpt2_mha_tied", "gemma2_softcap_window", "qwen3_qknorm_mha"])
+def test_exact_logits_do_not_depend_on_what_shares_the_row(tmp_path, name):
+    """exact=True (float64 attention, norms, RoPE and activations, each rounded once): a
+    sequence's logits are the same bits alone or packed after another one (their float32
+    sums would follow the row's shape), and HF's within the usual tolerance; gradients
+    flow."""
+    arch, overrides = VARIANTS[name]
+    model_dir = make_tiny_model(tmp_path, arch, **overrides)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config, params, _ = load_hf_checkpoint(model_dir)
+    rng = np.random.default_rng(5)
+    first, second = (rng.integers(3, config.vocab_size, size=n).tolist() for n in (7, 13))
+
+    alone = np.asarray(pagedjax.forward(params, config, np.array([second]), exact=True))
+    packed = np.asarray(pagedjax.forward(params, config, np.array([first + second]),
+                                         segment_ids=np.array([[0] * 7 + [1] * 13]),
+                                         exact=True))
+    np.testing.assert_array_equal(packed[0, 7:], alone[0])
+    np.testing.assert_allclose(alone[0], hf_logits(hf, second), atol=ATOL, rtol=1e-4)
+    grads = jax.grad(lambda p: jnp.sum(pagedjax.forward(
+        p, config, np.array([second]), exact=True)[0, -1] ** 2))(params)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(grads))
+
+
 def test_matches_engine_prompt_logprobs_with_the_engines_params(llm):
     """The engine's own params (its per-layer CPU form) and linen's {"params": ...}
     wrapping are accepted; log_softmax of the logits equals the engine's prompt
@@ -122,3 +147,5 @@ def test_bad_inputs_name_the_field(tiny_llama_dir):
         pagedjax.forward({k: v for k, v in params.items() if k != "lm_head"}, config, ids)
     with pytest.raises(ValueError, match="config"):
         pagedjax.forward(params, config.__dict__, ids)
+    with pytest.raises(ValueError, match="exact"):
+        pagedjax.forward(params, config, ids, exact="yes")
