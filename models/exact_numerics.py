@@ -1,4 +1,4 @@
-"""Float32 model arithmetic that rounds once: the norms, RoPE and activations of
+"""Float32 model arithmetic that rounds once: the norms, RoPE, activations and logprobs of
 ModelConfig.exact (the engine's "exact" backend and `pagedjax.forward(..., exact=True)`),
 computed in float64 and rounded to the input's dtype at the end.
 
