@@ -17,12 +17,15 @@ would not see the switch). Float64 runs on CPU and GPU; TPUs have none.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from .jnp_attention import IN_STEP_BLOCK, chunk_query_blocks
 
 F64 = np.dtype(np.float64)
 NEG = -1e300  # an invisible key's score (finite: a row that sees nothing stays NaN-free)
@@ -100,59 +103,133 @@ def paged_attention(
     slot_mapping: jax.Array | None = None,  # [T] unused: the step's K/V come as k_new
 ) -> jax.Array:  # [T, H, D] in q's dtype
     """jnp_attention.paged_attention's ragged attention (cached context through the block
-    tables, then the step's own tokens of the same sequence), rounded once: every token
-    reads its sequence's pages one at a time up to the longest context, the float64 parts
-    merged as it goes."""
+    tables, then the step's own tokens of the same sequence), rounded once. As there, a
+    sequence's one-token row (a decode) reads its pages alone and a multi-token chunk
+    with context reads them once per query block of its tokens (chunk_query_blocks), page
+    by page up to the longest context, the float64 parts merged as they come."""
     del slot_mapping
     num_tokens, num_heads, head_dim = q.shape
-    page_size = v_cache.shape[2]
+    num_seqs = block_tables.shape[0]
     valid = token_seq >= 0
     seq = jnp.where(valid, token_seq, 0)
-    cached = jnp.where(valid, context_lens[seq], 0)  # [T] keys each token reads from pages
-    tables = block_tables[seq]  # [T, M]
-    num_pages = (jnp.max(cached) + page_size - 1) // page_size
-    # In-step keys: same sequence, causal by position (padding tokens see each other, so
-    # every row has a key and a finite result).
-    in_step = ((token_seq[:, None] == token_seq[None, :])
-               & (positions[None, :] <= positions[:, None]))  # [T, T]
-    if sliding_window is not None:
-        in_step &= positions[:, None] - positions[None, :] < sliding_window
-
-    def page_keys(page):  # page index -> keys [T, K, D, S], values [T, S, K, D], seen [T, S]
-        pages = tables[:, page]
-        key_positions = page * page_size + jnp.arange(page_size)
-        seen = key_positions[None, :] < cached[:, None]
-        if sliding_window is not None:
-            seen &= positions[:, None] - key_positions[None, :] < sliding_window
-        return k_cache[layer, pages], v_cache[layer, pages], seen
+    query_lens = jax.ops.segment_sum(valid.astype(jnp.int32), seq, num_segments=num_seqs)
+    single = valid & (query_lens[seq] == 1)  # [T] decodes and one-token chunks
+    last_token = jnp.clip(jax.ops.segment_max(jnp.where(valid, jnp.arange(num_tokens), 0),
+                                              seq, num_segments=num_seqs), 0, num_tokens - 1)
+    blocks = chunk_query_blocks(valid, seq, query_lens,
+                                (query_lens > 1) & (context_lens > 0))
+    block_lens = jnp.where(blocks.used, context_lens[blocks.owner], 0)  # [Nb]
+    read = functools.partial(_read_context, k_cache=k_cache, v_cache=v_cache, layer=layer,
+                             sliding_window=sliding_window, soft_cap=soft_cap)
 
     with jax.enable_x64(True):
         qg = _scaled_queries(q, k_new.shape[1], scale)  # [T, K, G, D]
-        scores = _cap(lax.dot_general(qg, _f64(k_new), (((3,), (2,)), ((1,), (1,)))),
-                      soft_cap)  # [K, T, G, T]
-        step_part = _part(scores, lax.broadcast_in_dim(in_step, scores.shape, (1, 3)),
-                          lambda w: lax.dot_general(w, _f64(v_new),
-                                                    (((3,), (0,)), ((0,), (1,)))))
-        step_part = _Part(lax.transpose(step_part.max, (1, 0, 2)),
-                          lax.transpose(step_part.total, (1, 0, 2)),
-                          lax.transpose(step_part.out, (1, 0, 2, 3)))  # token rows first
-
-        def read_page(page, merged: _Part) -> _Part:
-            keys, values, seen = page_keys(page)
-            page_scores = _cap(lax.dot_general(qg, _f64(keys), (((3,), (2,)), ((0, 1), (0, 1)))),
-                               soft_cap)  # [T, K, G, S]
-            part = _part(page_scores, lax.broadcast_in_dim(seen, page_scores.shape, (0, 3)),
-                         lambda w: lax.dot_general(w, _f64(values),
-                                                   (((3,), (1,)), ((0, 1), (0, 2)))))
-            return _combine(merged, part)
-
-        rows = step_part.max.shape
-        nothing = _Part(lax.full(rows, NEG, F64), lax.full(rows, 0.0, F64),
+        step_part = _in_step(qg, k_new, v_new, token_seq, positions, sliding_window,
+                             soft_cap)  # [T, K, G(, D)]
+        rows = read(qg[last_token][:, None], block_tables, context_lens,
+                    positions[last_token][:, None])  # [B, 1, ...]
+        chunks = read(qg[blocks.tokens], block_tables[blocks.owner], block_lens,
+                      positions[blocks.tokens])  # [Nb, Q, ...]
+        nothing = _Part(lax.full(step_part.max.shape, NEG, F64),
+                        lax.full(step_part.max.shape, 0.0, F64),
                         lax.full(step_part.out.shape, 0.0, F64))
-        context = lax.fori_loop(0, num_pages, read_page, nothing)
+        context = _Part(*(
+            _pick(single, row[seq, 0],
+                  _pick(blocks.in_chunk, chunk[blocks.token_block, blocks.token_offset], none))
+            for row, chunk, none in zip(rows, chunks, nothing)))  # [T, K, G(, D)]
         out = _normalised(_combine(context, step_part))  # [T, K, G, D]
         return lax.convert_element_type(
             lax.reshape(out, (num_tokens, num_heads, head_dim)), q.dtype)
+
+
+def _in_step(qg: jax.Array,  # [T, K, G, D] float64
+             k_new: jax.Array, v_new: jax.Array,  # [T, K, D]
+             token_seq: jax.Array, positions: jax.Array,  # [T]
+             sliding_window: int | None, soft_cap: float | None) -> _Part:
+    """The step's own tokens of the same sequence, causal by position (padding tokens see
+    each other, so every row has a key): parts [T, K, G(, D)] (inside the float64 scope).
+    As jnp_attention's in-step blocks: query block i reads key blocks only from the one
+    holding its earliest sequence's first token, lax.switch choosing how many."""
+    num_tokens, num_kv_heads, group, head_dim = qg.shape
+    block = min(IN_STEP_BLOCK, num_tokens)
+    num_blocks = -(-num_tokens // block)
+    pad = num_blocks * block - num_tokens
+    keys, values = _f64(k_new), _f64(v_new)
+    if pad:
+        qg = lax.pad(qg, lax.full((), 0.0, F64), ((0, pad, 0),) + ((0, 0, 0),) * 3)
+        keys, values = (lax.pad(x, lax.full((), 0.0, F64), ((0, pad, 0),) + ((0, 0, 0),) * 2)
+                        for x in (keys, values))
+        token_seq = jnp.pad(token_seq, (0, pad), constant_values=-1)
+        positions = jnp.pad(positions, (0, pad))
+    index = jnp.arange(num_blocks * block)
+    starts_sequence = jnp.concatenate([jnp.ones(1, bool), token_seq[1:] != token_seq[:-1]])
+    first_of_sequence = lax.cummax(jnp.where(starts_sequence, index, 0))  # [T']
+
+    def attend(num_key_blocks: int, i: int) -> _Part:  # query block i, its last key blocks
+        rows = slice(i * block, (i + 1) * block)
+        cols = slice((i + 1 - num_key_blocks) * block, (i + 1) * block)
+        seen = (token_seq[rows, None] == token_seq[None, cols]) & (
+            positions[None, cols] <= positions[rows, None])  # [Q, N]
+        if sliding_window is not None:
+            seen &= positions[rows, None] - positions[None, cols] < sliding_window
+        scores = _cap(lax.dot_general(qg[rows], keys[cols], (((3,), (2,)), ((1,), (1,)))),
+                      soft_cap)  # [K, Q, G, N]
+        part = _part(scores, lax.broadcast_in_dim(seen, scores.shape, (1, 3)),
+                     lambda w: lax.dot_general(w, values[cols],
+                                               (((3,), (0,)), ((0,), (1,)))))
+        return _Part(lax.transpose(part.max, (1, 0, 2)), lax.transpose(part.total, (1, 0, 2)),
+                     lax.transpose(part.out, (1, 0, 2, 3)))  # [Q, K, G(, D)]
+
+    parts = []
+    for i in range(num_blocks):
+        first = first_of_sequence[i * block] // block
+        parts.append(lax.switch(i - first, [functools.partial(attend, n, i)
+                                            for n in range(1, i + 2)]))
+    return _Part(*(lax.slice_in_dim(lax.concatenate(list(x), 0), 0, num_tokens)
+                   for x in zip(*parts)))
+
+
+def _read_context(qg: jax.Array,  # [N, Q, K, G, D] float64: N groups of Q queries
+                  tables: jax.Array,  # [N, M] the pages each group reads
+                  lens: jax.Array,  # [N] cached tokens each group sees
+                  query_positions: jax.Array,  # [N, Q]
+                  *, k_cache: jax.Array, v_cache: jax.Array, layer: jax.Array,
+                  sliding_window: int | None, soft_cap: float | None) -> _Part:
+    """Each group's float64 part [N, Q, K, G(, D)] over its cached keys, one page of
+    every group per loop step, up to the longest `lens` (inside the float64 scope)."""
+    groups, queries, num_kv_heads, group, head_dim = qg.shape
+    page_size = v_cache.shape[2]
+
+    def read_page(page, merged: _Part) -> _Part:
+        pages = tables[:, page]
+        keys, values = k_cache[layer, pages], v_cache[layer, pages]  # [N, K, D, S], [N, S, K, D]
+        key_positions = page * page_size + jnp.arange(page_size)  # [S]
+        seen = key_positions[None, None, :] < lens[:, None, None]  # [N, 1, S]
+        if sliding_window is not None:
+            seen = seen & (query_positions[:, :, None] - key_positions < sliding_window)
+        seen = jnp.broadcast_to(seen, (groups, queries, page_size))
+        scores = _cap(lax.dot_general(qg, _f64(keys), (((4,), (2,)), ((0, 2), (0, 1)))),
+                      soft_cap)  # [N, K, Q, G, S]
+        part = _part(scores, lax.broadcast_in_dim(seen, scores.shape, (0, 2, 4)),
+                     lambda w: lax.dot_general(w, _f64(values),
+                                               (((4,), (1,)), ((0, 1), (0, 2)))))
+        # [N, K, Q, G(, D)] -> [N, Q, K, G(, D)]
+        part = _Part(lax.transpose(part.max, (0, 2, 1, 3)),
+                     lax.transpose(part.total, (0, 2, 1, 3)),
+                     lax.transpose(part.out, (0, 2, 1, 3, 4)))
+        return _combine(merged, part)
+
+    rows = (groups, queries, num_kv_heads, group)
+    nothing = _Part(lax.full(rows, NEG, F64), lax.full(rows, 0.0, F64),
+                    lax.full(rows + (head_dim,), 0.0, F64))
+    num_pages = (jnp.max(lens) + page_size - 1) // page_size
+    return lax.fori_loop(0, num_pages, read_page, nothing)
+
+
+def _pick(take: jax.Array,  # [T] bool
+          a: jax.Array, b: jax.Array) -> jax.Array:  # [T, ...] each
+    """Row-wise a where `take`, else b."""
+    return lax.select(lax.broadcast_in_dim(take, a.shape, (0,)), a, b)
 
 
 def _f64(x: jax.Array) -> jax.Array:

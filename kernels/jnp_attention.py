@@ -19,7 +19,7 @@ computed only for the query / key blocks that can share a sequence.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -126,14 +126,41 @@ def _chunks_over_context(pages: PagedContext, qg, seq, valid, positions, query_l
                          context_lens, block_tables, chunks_with_context) -> PartialSoftmax:
     """Every multi-token chunk with cached context (a prompt after a prefix-cache hit, a
     continuing chunked prefill) over its own sequence's pages: qg [K, T, G, D] ->
-    PartialSoftmax [K, T, G], nothing visible for the step's other tokens.
+    PartialSoftmax [K, T, G], nothing visible for the step's other tokens. The chunks are
+    read in query blocks (chunk_query_blocks), all blocks together
+    (PagedContext.attend_blocks)."""
+    blocks = chunk_query_blocks(valid, seq, query_lens, chunks_with_context)
+    parts = pages.attend_blocks(jnp.moveaxis(qg[:, blocks.tokens], 0, 1),  # [Nb, K, Q, G, D]
+                                block_tables[blocks.owner],
+                                jnp.where(blocks.used, context_lens[blocks.owner], 0),
+                                positions[blocks.tokens])
+    rows = PartialSoftmax(*(jnp.swapaxes(x[blocks.token_block, :, blocks.token_offset], 0, 1)
+                            for x in parts))  # [K, T, G]
+    return rows.select(blocks.in_chunk[None, :, None], PartialSoftmax.empty(qg.shape))
 
-    Each chunk is cut into blocks of CHUNK_QUERY_BLOCK of its tokens and all blocks are
-    read together (PagedContext.attend_blocks). A chunk has at least 2 tokens, so T // Q
-    + min(B, T // 2) blocks always suffice; the unused ones have no context and cost
-    almost nothing."""
-    num_kv_heads, num_tokens, group, head_dim = qg.shape
-    num_seqs = block_tables.shape[0]
+
+class ChunkBlocks(NamedTuple):
+    """A step's multi-token chunks with cached context cut into query blocks of Q tokens
+    (CHUNK_QUERY_BLOCK), so each block reads its sequence's pages once for its tokens."""
+
+    tokens: jax.Array  # [Nb, Q] step tokens of each block (clipped past the chunk's end)
+    owner: jax.Array  # [Nb] the sequence each block reads
+    used: jax.Array  # [Nb] bool: the block holds chunk tokens (else: no context to read)
+    token_block: jax.Array  # [T] the block of each chunk token (0 for the others)
+    token_offset: jax.Array  # [T] its index within that block
+    in_chunk: jax.Array  # [T] bool: the token belongs to such a chunk
+
+
+def chunk_query_blocks(valid: jax.Array,  # [T] bool: a real token
+                       seq: jax.Array,  # [T] its sequence (padding: 0)
+                       query_lens: jax.Array,  # [B] tokens of each sequence in the step
+                       chunks_with_context: jax.Array,  # [B] bool
+                       ) -> ChunkBlocks:
+    """The query blocks of the chunks with context (a sequence's tokens are contiguous):
+    a chunk has at least 2 tokens, so T // Q + min(B, T // 2) blocks always suffice; the
+    unused ones hold no context and cost almost nothing."""
+    num_tokens = valid.shape[0]
+    num_seqs = query_lens.shape[0]
     block = min(CHUNK_QUERY_BLOCK, num_tokens)
     num_blocks = num_tokens // block + min(num_seqs, num_tokens // 2)
     index = jnp.arange(num_tokens)
@@ -149,16 +176,10 @@ def _chunks_over_context(pages: PagedContext, qg, seq, valid, positions, query_l
     owner = jnp.minimum(owner, num_seqs - 1)
     start = first_token[owner] + (ids - first_block[owner]) * block
     tokens = jnp.clip(start[:, None] + jnp.arange(block), 0, num_tokens - 1)  # [Nb, Q]
-    parts = pages.attend_blocks(jnp.moveaxis(qg[:, tokens], 0, 1),  # [Nb, K, Q, G, D]
-                                block_tables[owner], jnp.where(used, context_lens[owner], 0),
-                                positions[tokens])
-
     in_chunk = valid & chunks_with_context[seq]  # [T]
     offset = index - first_token[seq]
     token_block = jnp.where(in_chunk, first_block[seq] + offset // block, 0)
-    rows = PartialSoftmax(*(jnp.swapaxes(x[token_block, :, offset % block], 0, 1)
-                            for x in parts))  # [K, T, G]
-    return rows.select(in_chunk[None, :, None], PartialSoftmax.empty(qg.shape))
+    return ChunkBlocks(tokens, owner, used, token_block, offset % block, in_chunk)
 
 
 def _in_step_blocks(qg, k_step, v_step, token_seq, positions, cap, sliding_window):
