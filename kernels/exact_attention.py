@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .jnp_attention import IN_STEP_BLOCK, chunk_query_blocks
+from .jnp_attention import (IN_STEP_BLOCK, chunk_query_blocks, in_step_visible,
+                            sequence_starts)
 
 F64 = np.dtype(np.float64)
 NEG = -1e300  # an invisible key's score (finite: a row that sees nothing stays NaN-free)
@@ -161,17 +162,12 @@ def _in_step(qg: jax.Array,  # [T, K, G, D] float64
                         for x in (keys, values))
         token_seq = jnp.pad(token_seq, (0, pad), constant_values=-1)
         positions = jnp.pad(positions, (0, pad))
-    index = jnp.arange(num_blocks * block)
-    starts_sequence = jnp.concatenate([jnp.ones(1, bool), token_seq[1:] != token_seq[:-1]])
-    first_of_sequence = lax.cummax(jnp.where(starts_sequence, index, 0))  # [T']
+    first_of_sequence = sequence_starts(token_seq)  # [T']
 
     def attend(num_key_blocks: int, i: int) -> _Part:  # query block i, its last key blocks
         rows = slice(i * block, (i + 1) * block)
         cols = slice((i + 1 - num_key_blocks) * block, (i + 1) * block)
-        seen = (token_seq[rows, None] == token_seq[None, cols]) & (
-            positions[None, cols] <= positions[rows, None])  # [Q, N]
-        if sliding_window is not None:
-            seen &= positions[rows, None] - positions[None, cols] < sliding_window
+        seen = in_step_visible(token_seq, positions, rows, cols, sliding_window)  # [Q, N]
         scores = _cap(lax.dot_general(qg[rows], keys[cols], (((3,), (2,)), ((1,), (1,)))),
                       soft_cap)  # [K, Q, G, N]
         part = _part(scores, lax.broadcast_in_dim(seen, scores.shape, (1, 3)),

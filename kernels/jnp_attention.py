@@ -202,17 +202,12 @@ def _in_step_blocks(qg, k_step, v_step, token_seq, positions, cap, sliding_windo
         token_seq = jnp.pad(token_seq, (0, pad), constant_values=-1)
         positions = jnp.pad(positions, (0, pad))
     keys_t = jnp.swapaxes(k_step, 1, 2)  # [K, D, T']: scores as a plain [M, K] x [K, N]
-    index = jnp.arange(num_blocks * block)
-    starts_sequence = jnp.concatenate([jnp.ones(1, bool), token_seq[1:] != token_seq[:-1]])
-    first_of_sequence = jax.lax.cummax(jnp.where(starts_sequence, index, 0))  # [T']
+    first_of_sequence = sequence_starts(token_seq)  # [T']
 
     def attend(num_key_blocks, i):  # query block i over key blocks i+1-num_key_blocks..i
         rows = slice(i * block, (i + 1) * block)
         keys = slice((i + 1 - num_key_blocks) * block, (i + 1) * block)
-        visible = (token_seq[rows, None] == token_seq[None, keys]) & (
-            positions[None, keys] <= positions[rows, None])  # [block, N]
-        if sliding_window is not None:
-            visible &= positions[rows, None] - positions[None, keys] < sliding_window
+        visible = in_step_visible(token_seq, positions, rows, keys, sliding_window)
         return PartialSoftmax.of(
             cap(jnp.einsum("ktgd,kdn->ktgn", qg[:, rows], keys_t[:, :, keys])),
             visible[None, :, None, :],
@@ -224,3 +219,23 @@ def _in_step_blocks(qg, k_step, v_step, token_seq, positions, cap, sliding_windo
         branches = [functools.partial(attend, n, i) for n in range(1, i + 2)]
         parts.append(jax.lax.switch(i - first, branches))
     return PartialSoftmax(*(jnp.concatenate(x, axis=1)[:, :num_tokens] for x in zip(*parts)))
+
+
+def sequence_starts(token_seq: jax.Array) -> jax.Array:  # [T] -> [T] int
+    """The index of the first step token of each token's sequence (a sequence's tokens are
+    contiguous)."""
+    index = jnp.arange(token_seq.shape[0])
+    starts = jnp.concatenate([jnp.ones(1, bool), token_seq[1:] != token_seq[:-1]])
+    return jax.lax.cummax(jnp.where(starts, index, 0))
+
+
+def in_step_visible(token_seq: jax.Array, positions: jax.Array,  # [T] each
+                    rows: slice, cols: slice,
+                    sliding_window: int | None) -> jax.Array:  # [rows, cols] bool
+    """Which in-step keys `cols` the queries `rows` see: same sequence, causal by position
+    (padding, sequence -1, sees padding), within the sliding window."""
+    visible = (token_seq[rows, None] == token_seq[None, cols]) & (
+        positions[None, cols] <= positions[rows, None])
+    if sliding_window is not None:
+        visible &= positions[rows, None] - positions[None, cols] < sliding_window
+    return visible
