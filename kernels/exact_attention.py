@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 
 from .jnp_attention import (IN_STEP_BLOCK, chunk_query_blocks, in_step_visible,
-                            sequence_starts)
+                            sequence_starts, step_rows)
 
 F64 = np.dtype(np.float64)
 NEG = -1e300  # an invisible key's score (finite: a row that sees nothing stays NaN-free)
@@ -76,10 +76,10 @@ def dense_attention(
     def attend(q, k, v, visible):
         num_tokens, num_heads, head_dim = q.shape
         qg = _scaled_queries(q, k.shape[1], scale)  # [T, K, G, D]
-        scores = _cap(lax.dot_general(qg, _f64(k), (((3,), (2,)), ((1,), (1,)))),
+        scores = _cap(lax.dot_general(qg, as_float64(k), (((3,), (2,)), ((1,), (1,)))),
                       soft_cap)  # [K, T, G, S]
         part = _part(scores, lax.broadcast_in_dim(visible, scores.shape, (1, 3)),
-                     lambda w: lax.dot_general(w, _f64(v), (((3,), (0,)), ((0,), (1,)))))
+                     lambda w: lax.dot_general(w, as_float64(v), (((3,), (0,)), ((0,), (1,)))))
         out = lax.transpose(_normalised(part), (1, 0, 2, 3))  # [T, K, G, D]
         return lax.convert_element_type(
             lax.reshape(out, (num_tokens, num_heads, head_dim)), q.dtype)
@@ -110,15 +110,10 @@ def paged_attention(
     by page up to the longest context, the float64 parts merged as they come."""
     del slot_mapping
     num_tokens, num_heads, head_dim = q.shape
-    num_seqs = block_tables.shape[0]
-    valid = token_seq >= 0
-    seq = jnp.where(valid, token_seq, 0)
-    query_lens = jax.ops.segment_sum(valid.astype(jnp.int32), seq, num_segments=num_seqs)
-    single = valid & (query_lens[seq] == 1)  # [T] decodes and one-token chunks
-    last_token = jnp.clip(jax.ops.segment_max(jnp.where(valid, jnp.arange(num_tokens), 0),
-                                              seq, num_segments=num_seqs), 0, num_tokens - 1)
-    blocks = chunk_query_blocks(valid, seq, query_lens,
-                                (query_lens > 1) & (context_lens > 0))
+    layout = step_rows(token_seq, context_lens)
+    seq, last_token = layout.seq, layout.last_token
+    blocks = chunk_query_blocks(layout.valid, seq, layout.query_lens,
+                                layout.chunks_with_context)
     block_lens = jnp.where(blocks.used, context_lens[blocks.owner], 0)  # [Nb]
     read = functools.partial(_read_context, k_cache=k_cache, v_cache=v_cache, layer=layer,
                              sliding_window=sliding_window, soft_cap=soft_cap)
@@ -131,11 +126,9 @@ def paged_attention(
                     positions[last_token][:, None])  # [B, 1, ...]
         chunks = read(qg[blocks.tokens], block_tables[blocks.owner], block_lens,
                       positions[blocks.tokens])  # [Nb, Q, ...]
-        nothing = _Part(lax.full(step_part.max.shape, NEG, F64),
-                        lax.full(step_part.max.shape, 0.0, F64),
-                        lax.full(step_part.out.shape, 0.0, F64))
+        nothing = _empty(step_part.out.shape)
         context = _Part(*(
-            _pick(single, row[seq, 0],
+            _pick(layout.single, row[seq, 0],
                   _pick(blocks.in_chunk, chunk[blocks.token_block, blocks.token_offset], none))
             for row, chunk, none in zip(rows, chunks, nothing)))  # [T, K, G(, D)]
         out = _normalised(_combine(context, step_part))  # [T, K, G, D]
@@ -155,7 +148,7 @@ def _in_step(qg: jax.Array,  # [T, K, G, D] float64
     block = min(IN_STEP_BLOCK, num_tokens)
     num_blocks = -(-num_tokens // block)
     pad = num_blocks * block - num_tokens
-    keys, values = _f64(k_new), _f64(v_new)
+    keys, values = as_float64(k_new), as_float64(v_new)
     if pad:
         qg = lax.pad(qg, lax.full((), 0.0, F64), ((0, pad, 0),) + ((0, 0, 0),) * 3)
         keys, values = (lax.pad(x, lax.full((), 0.0, F64), ((0, pad, 0),) + ((0, 0, 0),) * 2)
@@ -198,16 +191,17 @@ def _read_context(qg: jax.Array,  # [N, Q, K, G, D] float64: N groups of Q queri
 
     def read_page(page, merged: _Part) -> _Part:
         pages = tables[:, page]
-        keys, values = k_cache[layer, pages], v_cache[layer, pages]  # [N, K, D, S], [N, S, K, D]
+        keys = k_cache[layer, pages]  # [N, K, D, S]
+        values = v_cache[layer, pages]  # [N, S, K, D]
         key_positions = page * page_size + jnp.arange(page_size)  # [S]
         seen = key_positions[None, None, :] < lens[:, None, None]  # [N, 1, S]
         if sliding_window is not None:
             seen = seen & (query_positions[:, :, None] - key_positions < sliding_window)
         seen = jnp.broadcast_to(seen, (groups, queries, page_size))
-        scores = _cap(lax.dot_general(qg, _f64(keys), (((4,), (2,)), ((0, 2), (0, 1)))),
+        scores = _cap(lax.dot_general(qg, as_float64(keys), (((4,), (2,)), ((0, 2), (0, 1)))),
                       soft_cap)  # [N, K, Q, G, S]
         part = _part(scores, lax.broadcast_in_dim(seen, scores.shape, (0, 2, 4)),
-                     lambda w: lax.dot_general(w, _f64(values),
+                     lambda w: lax.dot_general(w, as_float64(values),
                                                (((4,), (1,)), ((0, 1), (0, 2)))))
         # [N, K, Q, G(, D)] -> [N, Q, K, G(, D)]
         part = _Part(lax.transpose(part.max, (0, 2, 1, 3)),
@@ -215,11 +209,16 @@ def _read_context(qg: jax.Array,  # [N, Q, K, G, D] float64: N groups of Q queri
                      lax.transpose(part.out, (0, 2, 1, 3, 4)))
         return _combine(merged, part)
 
-    rows = (groups, queries, num_kv_heads, group)
-    nothing = _Part(lax.full(rows, NEG, F64), lax.full(rows, 0.0, F64),
-                    lax.full(rows + (head_dim,), 0.0, F64))
+    nothing = _empty((groups, queries, num_kv_heads, group, head_dim))
     num_pages = (jnp.max(lens) + page_size - 1) // page_size
     return lax.fori_loop(0, num_pages, read_page, nothing)
+
+
+def _empty(out_shape: tuple[int, ...]) -> _Part:  # out_shape [..., D]
+    """The part of a key set with nothing visible."""
+    rows = out_shape[:-1]
+    return _Part(lax.full(rows, NEG, F64), lax.full(rows, 0.0, F64),
+                 lax.full(out_shape, 0.0, F64))
 
 
 def _pick(take: jax.Array,  # [T] bool
@@ -228,14 +227,15 @@ def _pick(take: jax.Array,  # [T] bool
     return lax.select(lax.broadcast_in_dim(take, a.shape, (0,)), a, b)
 
 
-def _f64(x: jax.Array) -> jax.Array:
+def as_float64(x: jax.Array) -> jax.Array:
+    """x converted to float64 (inside the float64 scope)."""
     return lax.convert_element_type(x, F64)
 
 
 def _scaled_queries(q: jax.Array,  # [T, H, D]
                     num_kv_heads: int, scale: float) -> jax.Array:  # [T, K, G, D] float64
     num_tokens, num_heads, head_dim = q.shape
-    scaled = _f64(q) * lax.full((), scale, F64)
+    scaled = as_float64(q) * lax.full((), scale, F64)
     return lax.reshape(scaled, (num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim))
 
 

@@ -67,17 +67,14 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
     group = num_heads // num_kv_heads
-    num_seqs = block_tables.shape[0]
     q_tokens = (q.astype(jnp.float32) * scale).reshape(
         num_tokens, num_kv_heads, group, head_dim)  # [T, K, G, D]
     qg = jnp.swapaxes(q_tokens, 0, 1)  # [K, T, G, D]
     cap = soft_cap_fn(soft_cap)
 
-    valid = token_seq >= 0
-    seq = jnp.where(valid, token_seq, 0)
-    query_lens = jax.ops.segment_sum(valid.astype(jnp.int32), seq, num_segments=num_seqs)
-    chunks_with_context = (query_lens > 1) & (context_lens > 0)  # [B]
-    token_is_single = valid & (query_lens[seq] == 1)  # [T] decodes and 1-token chunks
+    layout = step_rows(token_seq, context_lens)
+    valid, seq, query_lens = layout.valid, layout.seq, layout.query_lens
+    chunks_with_context, token_is_single = layout.chunks_with_context, layout.single
     k_step, v_step = (jnp.swapaxes(x.astype(jnp.float32), 0, 1) for x in (k_new, v_new))
 
     # In-step tokens of the same sequence, causal by absolute position. The diagonal is
@@ -99,9 +96,7 @@ def paged_attention(
     pages = PagedContext(k_cache, v_cache, layer, cap, sliding_window, row_attention)
 
     # Single-token rows: each sequence's last query against that sequence's pages.
-    last_token = jax.ops.segment_max(jnp.where(valid, jnp.arange(num_tokens), 0), seq,
-                                     num_segments=num_seqs)
-    last_token = jnp.clip(last_token, 0, num_tokens - 1)  # empty (padded) sequences
+    last_token = layout.last_token
     decode = pages.attend_rows(q_tokens[last_token], block_tables, context_lens,
                                positions[last_token])  # [K, B, G]
     decode = PartialSoftmax(*(x[:, seq] for x in decode))  # back to token rows [K, T, G]
@@ -137,6 +132,32 @@ def _chunks_over_context(pages: PagedContext, qg, seq, valid, positions, query_l
     rows = PartialSoftmax(*(jnp.swapaxes(x[blocks.token_block, :, blocks.token_offset], 0, 1)
                             for x in parts))  # [K, T, G]
     return rows.select(blocks.in_chunk[None, :, None], PartialSoftmax.empty(qg.shape))
+
+
+class StepRows(NamedTuple):
+    """Where a ragged step's tokens belong (its sequences' tokens are contiguous)."""
+
+    valid: jax.Array  # [T] bool: a real token (not padding)
+    seq: jax.Array  # [T] its sequence (padding: 0)
+    query_lens: jax.Array  # [B] tokens of each sequence in the step
+    single: jax.Array  # [T] bool: the only token of its sequence (decodes, 1-token chunks)
+    last_token: jax.Array  # [B] each sequence's last token (empty sequences: clipped)
+    chunks_with_context: jax.Array  # [B] bool: 2+ tokens after cached ones
+
+
+def step_rows(token_seq: jax.Array,  # [T] sequence of each token; padding -1
+              context_lens: jax.Array) -> StepRows:  # [B] cached tokens of each sequence
+    """The step's token layout every paged backend reads its context by."""
+    num_tokens = token_seq.shape[0]
+    num_seqs = context_lens.shape[0]
+    valid = token_seq >= 0
+    seq = jnp.where(valid, token_seq, 0)
+    query_lens = jax.ops.segment_sum(valid.astype(jnp.int32), seq, num_segments=num_seqs)
+    last_token = jax.ops.segment_max(jnp.where(valid, jnp.arange(num_tokens), 0), seq,
+                                     num_segments=num_seqs)
+    return StepRows(valid, seq, query_lens, valid & (query_lens[seq] == 1),
+                    jnp.clip(last_token, 0, num_tokens - 1),
+                    (query_lens > 1) & (context_lens > 0))
 
 
 class ChunkBlocks(NamedTuple):

@@ -16,9 +16,7 @@ import jax
 import numpy as np
 from jax import lax
 
-from pagedjax.kernels.exact_attention import in_float64
-
-F64 = np.dtype(np.float64)
+from pagedjax.kernels.exact_attention import F64, as_float64, in_float64
 
 
 def rms_norm(x: jax.Array,  # [..., E]
@@ -27,9 +25,9 @@ def rms_norm(x: jax.Array,  # [..., E]
     """x / rms(x) * weight (Gemma: * (1 + weight)) in float64, rounded once to x's dtype."""
 
     def normed(x, weight):
-        x64 = _f64(x)
+        x64 = as_float64(x)
         inv = lax.rsqrt(_row_mean(x64 * x64) + _full(x, eps))
-        w = _f64(weight)
+        w = as_float64(weight)
         if plus_one:
             w = w + _full(weight, 1.0)
         return lax.convert_element_type(x64 * inv * _along_last(w, x), x.dtype)
@@ -43,11 +41,11 @@ def layer_norm(x: jax.Array,  # [..., E]
     """LayerNorm with affine weight and bias in float64, rounded once to x's dtype."""
 
     def normed(x, weight, bias):
-        x64 = _f64(x)
+        x64 = as_float64(x)
         centred = x64 - _row_mean(x64)
         inv = lax.rsqrt(_row_mean(centred * centred) + _full(x, eps))
-        return lax.convert_element_type(
-            centred * inv * _along_last(_f64(weight), x) + _along_last(_f64(bias), x), x.dtype)
+        w, b = (_along_last(as_float64(a), x) for a in (weight, bias))
+        return lax.convert_element_type(centred * inv * w + b, x.dtype)
 
     return in_float64(normed)(x, weight, bias)
 
@@ -58,9 +56,9 @@ def apply_rope(x: jax.Array,  # [T, N, D]
 
     def rotate(x, cos, sin):
         half = x.shape[-1] // 2
-        x64 = _f64(x)
+        x64 = as_float64(x)
         rotated = lax.concatenate([lax.neg(x64[..., half:]), x64[..., :half]], x.ndim - 1)
-        cos, sin = (lax.broadcast_in_dim(_f64(a), x.shape, (0, 2)) for a in (cos, sin))
+        cos, sin = (lax.broadcast_in_dim(as_float64(a), x.shape, (0, 2)) for a in (cos, sin))
         return lax.convert_element_type(x64 * cos + rotated * sin, x.dtype)
 
     return in_float64(rotate)(x, cos, sin)
@@ -73,7 +71,7 @@ def activation(x: jax.Array, name: str, times: jax.Array | None = None) -> jax.A
         raise ValueError(f"unknown activation {name!r}")
 
     def act(x, *times):
-        x64 = _f64(x)
+        x64 = as_float64(x)
         one, half = _full(x, 1.0), _full(x, 0.5)
         if name == "silu":
             y = x64 * lax.logistic(x64)
@@ -85,15 +83,28 @@ def activation(x: jax.Array, name: str, times: jax.Array | None = None) -> jax.A
         else:  # relu, as a select: lax.max's gradient would build float32 arrays
             y = lax.select(x64 > _full(x, 0.0), x64, _full(x, 0.0))
         if times:
-            y = y * _f64(times[0])
+            y = y * as_float64(times[0])
         return lax.convert_element_type(y, x.dtype)
 
     return in_float64(act)(x, *(() if times is None else (times,)))
 
 
-def _f64(x: jax.Array) -> jax.Array:
-    return lax.convert_element_type(x, F64)
+def log_softmax(logits: jax.Array) -> jax.Array:  # [..., V] -> [..., V] in logits' dtype
+    """log_softmax over the last axis in float64, rounded once (the exact numerics'
+    logprobs: an engine's with attention_backend="exact", pagedjax.completion_logprobs'
+    with exact=True). -inf logits stay -inf."""
 
+    def normalised(logits):
+        x64 = as_float64(logits)
+        last = x64.ndim - 1
+        top = lax.reduce_max(lax.stop_gradient(x64), (last,))
+        shifted = x64 - lax.broadcast_in_dim(top, x64.shape, tuple(range(last)))
+        total = lax.reduce_sum(lax.exp(shifted), (last,))
+        return lax.convert_element_type(
+            shifted - lax.broadcast_in_dim(lax.log(total), x64.shape, tuple(range(last))),
+            logits.dtype)
+
+    return in_float64(normalised)(logits)
 
 def _full(like: jax.Array, value: float) -> jax.Array:
     return lax.full(like.shape, value, F64)
@@ -110,20 +121,3 @@ def _row_mean(x: jax.Array) -> jax.Array:  # [..., E] float64 -> [..., E] (each 
     mean = total / lax.full(total.shape, x.shape[-1], F64)
     return lax.broadcast_in_dim(mean, x.shape, tuple(range(last)))
 
-
-def log_softmax(logits: jax.Array) -> jax.Array:  # [..., V] -> [..., V] in logits' dtype
-    """log_softmax over the last axis in float64, rounded once (the exact numerics'
-    logprobs: an engine's with attention_backend="exact", pagedjax.completion_logprobs'
-    with exact=True). -inf logits stay -inf."""
-
-    def normalised(logits):
-        x64 = _f64(logits)
-        last = x64.ndim - 1
-        top = lax.reduce_max(lax.stop_gradient(x64), (last,))
-        shifted = x64 - lax.broadcast_in_dim(top, x64.shape, tuple(range(last)))
-        total = lax.reduce_sum(lax.exp(shifted), (last,))
-        return lax.convert_element_type(
-            shifted - lax.broadcast_in_dim(lax.log(total), x64.shape, tuple(range(last))),
-            logits.dtype)
-
-    return in_float64(normalised)(logits)
